@@ -84,6 +84,11 @@ def test_normalisation_shares_evidence(scene):
     assert float(total.max()) <= 1 + 1e-6 and float(total.min()) >= 0
     assert torch.allclose(maps["a"], maps["twin"]) and float(maps["a"].max()) == pytest.approx(0.5, abs=0.01)
 
+    cfg = LocateConfig()
+    raw = similarity_maps(feats, {"a": refs["a"]}, (GH, GW))["a"]
+    alone = normalise_across_concepts({"a": raw}, cfg)["a"]
+    assert torch.allclose(alone, torch.sigmoid((raw - cfg.background) / cfg.temperature), atol=1e-6)
+
 
 @pytest.fixture()
 def located(scene):

@@ -84,10 +84,10 @@ def similarity_maps(
 ) -> dict[str, torch.Tensor]:
     """Raw location maps: cosine of every visual token with each reference, averaged over references -> [gh, gw]."""
     _check_inputs(features, references, grid)
-    feats = F.normalize(features.float(), dim=-1)
+    feats = F.normalize(features.detach().float(), dim=-1)
     maps = {}
     for cid, ref in references.items():
-        refs = F.normalize(ref.to(feats.device, torch.float32), dim=-1)
+        refs = F.normalize(ref.detach().to(feats.device, torch.float32), dim=-1)
         maps[cid] = (feats @ refs.T).mean(dim=1).reshape(grid).cpu()
     return maps
 
