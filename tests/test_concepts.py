@@ -141,6 +141,16 @@ def test_image_limits(tmp_path):
     assert str(tmp_path / "set" / "bo" / "train" / "2.png") in str(err) and len(err.problems) == 1
 
 
+def test_only_expected_formats_are_decoded(tmp_path):
+    path = tmp_path / "disguised.png"
+    Image.new("RGB", (16, 16)).save(path, format="TIFF")
+    with pytest.raises(ConceptError, match="cannot read image"):
+        load_image(path)
+    jpeg_named_png = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(jpeg_named_png, format="JPEG")
+    assert load_image(jpeg_named_png).size == (16, 16)
+
+
 def test_decompression_bomb(tmp_path, monkeypatch):
     path = img(tmp_path / "bomb.png", size=(100, 100))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own guard, below our limit

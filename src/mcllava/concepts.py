@@ -29,6 +29,8 @@ from PIL import Image, ImageOps
 from .errors import ConceptError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Decoders Pillow may use, whatever the file name says: never EPS (Ghostscript), PSD, TIFF and other exotica.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # JPEG also covers MPO (phone photos)
 MASK_SUFFIX = "_mask.png"
 MULTI_DIR = "_multi"
 YAML_NAME = "concept.yaml"
@@ -66,7 +68,7 @@ def _open_decoded(path: Path, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
                 w, h = im.size
                 if w * h > limits.max_pixels:
                     raise ConceptError(
