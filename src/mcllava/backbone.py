@@ -1,0 +1,304 @@
+"""The frozen base model: loading, visual tokens and the one chat formatter.
+
+Everything that touches the base vision-language model goes through `Backbone`: training, inference and
+evaluation all build prompts with `Backbone.encode` and embed images with `Backbone.embed`, so the three
+can never disagree about where the image tokens sit or how a turn is closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import McLlavaError
+
+SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+PROVING_GROUND = "proving-ground"
+
+# Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
+FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
+
+
+class UnsupportedModelError(McLlavaError, ValueError):
+    """The checkpoint is not of a model family that mcllava can personalise."""
+
+
+@dataclass
+class VisualTokens:
+    """Projected visual tokens of a batch of images, as the language model sees them.
+
+    features: [B, N, D] tokens fed to the language model (N includes a CLS token for the "full" strategy).
+    grid: (gh, gw) patch grid; the last gh*gw tokens of each image are the patches, row-major.
+    coverage: [B, gh*gw] fraction of each patch inside the mask (1.0 everywhere without a mask).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    coverage: torch.Tensor
+
+    @property
+    def patches(self) -> torch.Tensor:
+        gh, gw = self.grid
+        return self.features[:, -gh * gw :]
+
+
+@dataclass
+class Encoded:
+    """A tokenised turn: input ids with the image placeholder expanded, and labels on the answer only."""
+
+    input_ids: list[int]
+    labels: list[int]
+    has_image: bool
+
+
+def _check_architecture(config) -> None:
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", "")
+    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
+        return
+    raise UnsupportedModelError(
+        f"unsupported model family {archs or model_type!r}: mcllava supports {', '.join(SUPPORTED_ARCHITECTURES)} "
+        "(the LLaVA-1.5 layout, e.g. llava-hf/llava-1.5-7b-hf). LLaVA-NeXT and LLaVA-OneVision tile images into a "
+        "variable number of tokens and are not supported yet."
+    )
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (where bf16 matmuls are slow on many chips)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Backbone:
+    """A frozen LLaVA-family model with its processor, and the prompt/visual-token plumbing around it."""
+
+    def __init__(self, model, processor, name: str):
+        _check_architecture(model.config)
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self.model.requires_grad_(False)
+        self.model.eval()
+        cfg = model.config
+        self.image_token_id: int = cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index
+        self.image_token: str = getattr(processor, "image_token", "<image>")
+        vcfg = cfg.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        self.grid: tuple[int, int] = (side, side)
+        self.strategy: str = cfg.vision_feature_select_strategy
+        self.num_image_tokens: int = side * side + (1 if self.strategy == "full" else 0)
+        self.image_size: int = vcfg.image_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, name_or_path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> "Backbone":
+        """Load a base model and processor by Hugging Face id, local folder, or `proving-ground`.
+
+        Weights go to the GPU when there is one (`accelerate` places them, spilling to CPU if they do not fit).
+        """
+        name = str(name_or_path)
+        if name == PROVING_GROUND:
+            from .proving_base import load as load_proving_ground
+
+            model, processor = load_proving_ground()
+            return cls(model, processor, PROVING_GROUND)
+
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except OSError as exc:
+            raise McLlavaError(f"cannot load base model {name!r}: {exc}") from exc
+        _check_architecture(config)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        kwargs = {"dtype": dtype}
+        if device.type == "cuda":
+            kwargs["device_map"] = "auto"  # accelerate: fill the GPU(s), offload the rest
+        model = LlavaForConditionalGeneration.from_pretrained(name, **kwargs)
+        if device.type != "cuda":
+            model.to(device)
+        processor = AutoProcessor.from_pretrained(name)
+        return cls(model, processor, name)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    # ------------------------------------------------------------------ images
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> normalised pixel tensor [B, 3, H, W] in the processor's geometry (resize + centre crop)."""
+        out = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+        return out["pixel_values"]
+
+    def mask_coverage(self, masks: Sequence[np.ndarray | None], images: Sequence[Image.Image]) -> torch.Tensor:
+        """Fraction of each patch inside each mask, after the same resize/crop as the image ([B, gh*gw])."""
+        gh, gw = self.grid
+        out = torch.ones(len(images), gh * gw)
+        for i, (mask, image) in enumerate(zip(masks, images)):
+            if mask is None:
+                continue
+            as_image = Image.fromarray((mask.astype(np.uint8) * 255)).convert("RGB")
+            px = self.processor.image_processor(
+                [as_image], do_normalize=False, do_rescale=True, return_tensors="pt"
+            )["pixel_values"][0, 0]
+            out[i] = torch.nn.functional.adaptive_avg_pool2d(px[None, None].float(), (gh, gw)).flatten()
+        return out
+
+    @torch.no_grad()
+    def visual_tokens(
+        self, images: Sequence[Image.Image], masks: Sequence[np.ndarray | None] | None = None, batch_size: int = 16
+    ) -> VisualTokens:
+        """Run the frozen vision tower and projector: the visual tokens the language model would see."""
+        feats = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            px = self.pixel_values(chunk).to(self.device, self.dtype)
+            out = self.model.get_image_features(
+                pixel_values=px,
+                vision_feature_layer=self.model.config.vision_feature_layer,
+                vision_feature_select_strategy=self.strategy,
+            )
+            pooled = out.pooler_output if hasattr(out, "pooler_output") else out
+            feats.append(torch.stack(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled)
+        features = torch.cat(feats)
+        coverage = self.mask_coverage(masks if masks is not None else [None] * len(images), images)
+        return VisualTokens(features=features, grid=self.grid, coverage=coverage)
+
+    # ------------------------------------------------------------------ text
+    def format_prompt(self, question: str, system: str | None = None, image: bool = True) -> str:
+        """The one chat formatter: system text, a user turn (image placeholder + question), the assistant cue."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if template is None:
+            head = f"{system}\n" if system else ""
+            text = FALLBACK_FORMAT.format(system=head, question=question)
+            return text if image else text.replace("<image>\n", "")
+        user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def end_of_turn(self) -> str:
+        """The token that closes an assistant answer (ChatML's <|im_end|>, Llama's </s>)."""
+        return self.tokenizer.eos_token or ""
+
+    def encode(self, prompt: str, answer: str | None = None) -> Encoded:
+        """Tokenise a formatted prompt (+ answer): expand the image placeholder to N tokens, label the answer only."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n_image = ids.count(self.image_token_id)
+        if n_image > 1:
+            raise McLlavaError(f"prompt has {n_image} image placeholders; mcllava uses one image per question")
+        if n_image == 1:
+            at = ids.index(self.image_token_id)
+            ids = ids[:at] + [self.image_token_id] * self.num_image_tokens + ids[at + 1 :]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        labels = [-100] * len(ids)
+        if answer is not None:
+            ans = self.tokenizer(self.answer_prefix + answer + self.end_of_turn, add_special_tokens=False)["input_ids"]
+            ids = ids + ans
+            labels = labels + ans
+        return Encoded(input_ids=ids, labels=labels, has_image=n_image == 1)
+
+    @property
+    def answer_prefix(self) -> str:
+        """LLaVA-1.5's fallback format ends in 'ASSISTANT:' and expects a space before the answer."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        return " " if template is None or "ASSISTANT:" in str(template) else ""
+
+    def answer_token_id(self, word: str) -> int:
+        """Id of the first token of an answer starting with `word` (e.g. 'Yes'), as `encode` tokenises answers."""
+        return self.tokenizer(self.answer_prefix + word, add_special_tokens=False)["input_ids"][0]
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings with each image's visual tokens written over its placeholder positions.
+
+        image_features: [n_images, N, D] in batch order, one per row of input_ids that has an image.
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if image_features is None:
+            return embeds
+        slots = (input_ids == self.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(slots, image_features.to(embeds.dtype).reshape(-1))
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the language model (the LM head is applied by the caller, where needed)."""
+        out = self.model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    def answer_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over answer tokens only.
+
+        The LM head runs only at the positions that predict an answer token: with a 32k-50k vocabulary, the
+        logits of every prompt position would cost more than the rest of a small model's step.
+        """
+        hidden = self.hidden_states(self.embed(input_ids, image_features), attention_mask)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+    def image_features_with_grad(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Visual tokens with gradients flowing into the vision tower (for building base models, not personalising)."""
+        px = self.pixel_values(images).to(self.device, self.dtype)
+        out = self.model.get_image_features(
+            pixel_values=px,
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.strategy,
+        )
+        return torch.stack(list(out.pooler_output))
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: str, image_features: torch.Tensor | None = None, max_new_tokens: int = 64
+    ) -> str:
+        """Greedy answer to one formatted prompt, given the image's visual tokens ([N, D]) if it has an image."""
+        enc = self.encode(prompt)
+        if enc.has_image and image_features is None:
+            raise McLlavaError("prompt has an image placeholder but no image was given")
+        ids = torch.tensor([enc.input_ids], device=self.device)
+        feats = image_features[None] if enc.has_image else None
+        embeds = self.embed(ids, feats)
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -1,0 +1,133 @@
+"""Concept tokens, k-means initialisation and training-sample construction (no training of the model)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mcllava.kmeans_init import kmeans_rows, masked_tokens, random_rows
+from mcllava.tokens import add_concept_tokens, head_is_tied, make_trainable, trained_rows, word_embedding_norm, write_rows
+from mcllava.training_data import (
+    NO_ANSWERS,
+    RECOGNITION_QUESTIONS,
+    YES_ANSWERS,
+    CatalogEntry,
+    ConceptFacts,
+    DataOptions,
+    build_epoch,
+)
+
+
+def test_add_tokens_grows_never_shrinks_and_pads(tiny_backbone):
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    n_before = len(tok)
+    tokens = add_concept_tokens(model, tok, ["bo", "ana"], k=4)
+    assert len(tok) == n_before + 10
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows >= rows_before and rows >= len(tok) and rows % 64 == 0
+    assert tokens.ids["bo"] == tok.convert_tokens_to_ids(["<bo>", "<bo_1>", "<bo_2>", "<bo_3>", "<bo_4>"])
+    # Each concept token is a single token inside ordinary text.
+    ids = tok("Is <bo> with <ana_2>?", add_special_tokens=False)["input_ids"]
+    assert tokens.ids["bo"][0] in ids and tokens.ids["ana"][2] in ids
+    assert tokens.system_text(["bo"]) == "<bo> is <bo_1><bo_2><bo_3><bo_4>."
+
+
+def test_kmeans_rows_have_word_norm_and_are_deterministic(tiny_backbone):
+    feats = torch.randn(200, 64) * 3 + 1
+    norm = word_embedding_norm(tiny_backbone.model, len(tiny_backbone.tokenizer))
+    a = kmeans_rows(feats, k=8, norm=norm, seed=3)
+    b = kmeans_rows(feats, k=8, norm=norm, seed=3)
+    assert a.shape == (9, 64)
+    assert torch.equal(a, b)
+    assert torch.allclose(a.norm(dim=-1), torch.full((9,), norm), rtol=1e-4)
+    # Row 0 points along the mean of the centres.
+    cos = torch.nn.functional.cosine_similarity(a[0], a[1:].mean(0), dim=0)
+    assert cos > 0.999
+    # Fewer tokens than k still gives k distinct centres.
+    few = kmeans_rows(torch.randn(3, 64), k=8, norm=norm, seed=0)
+    assert few.shape == (9, 64) and torch.isfinite(few).all()
+    r = random_rows(8, 64, norm, seed=1)
+    assert torch.allclose(r.norm(dim=-1), torch.full((9,), norm), rtol=1e-4)
+
+
+def test_masked_tokens_keep_covered_patches():
+    patches = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
+    coverage = torch.tensor([[1.0, 0.6, 0.2, 0.0], [0.1, 0.3, 0.0, 0.0]])
+    out = masked_tokens(patches, coverage)
+    # image 0: patches 0 and 1; image 1: nothing reaches 0.5, so its best-covered patch (1) alone
+    assert torch.equal(out, torch.stack([patches[0, 0], patches[0, 1], patches[1, 1]]))
+
+
+def test_only_new_rows_train(tiny_backbone):
+    """After optimiser steps through PEFT trainable tokens, every other parameter is bit-identical."""
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    tokens = add_concept_tokens(model, tok, ["bo"], k=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert not head_is_tied(model)
+    params = make_trainable(model, tokens)
+    assert len(params) == 2  # embedding rows and (untied) head rows
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    bb = tiny_backbone
+    enc = bb.encode(bb.format_prompt("Is <bo> here?", system=tokens.system_text(), image=False), "Yes.")
+    ids = torch.tensor([enc.input_ids])
+    for _ in range(3):
+        loss = bb.answer_loss(ids, torch.ones_like(ids), torch.tensor([enc.labels]), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        new = after.get(name) if name in after else after[name.replace(".weight", ".base_layer.weight")]
+        assert torch.equal(old, new), f"{name} changed"
+    input_rows, head_rows = trained_rows(model, tokens)
+    emb_old = before["model.language_model.embed_tokens.weight"][tokens.all_ids]
+    assert not torch.allclose(input_rows.reshape(-1, 64), emb_old)
+    assert head_rows is not None and head_rows.shape == (1, 4, 64)
+
+
+def test_write_rows_round_trip(tiny_backbone):
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    tokens = add_concept_tokens(model, tok, ["bo", "ana"], k=2)
+    rows = torch.randn(2, 3, 64)
+    head = torch.randn(2, 3, 64)
+    write_rows(model, tokens, rows, head)
+    got_rows, got_head = trained_rows(model, tokens)
+    assert torch.equal(got_rows, rows) and torch.equal(got_head, head)
+
+
+def _catalog():
+    cat = []
+    for cid, n in (("bo", 5), ("ana", 3), ("kiki", 2)):
+        cat += [CatalogEntry(f"{cid}/{i}", f"{cid}{i}.png", None, frozenset([cid])) for i in range(n)]
+    cat.append(CatalogEntry("_multi/0", "m.png", None, frozenset(["bo", "ana"])))
+    cat += [CatalogEntry(f"_neg/{i}", f"n{i}.png", None, frozenset()) for i in range(2)]
+    return cat
+
+
+def test_epoch_is_balanced_and_uses_other_concepts_as_negatives():
+    concepts = [ConceptFacts("bo", "a dog", [{"question": "How old is <bo>?", "answer": "<bo> is 3."}]), ConceptFacts("ana"), ConceptFacts("kiki")]
+    samples = build_epoch(_catalog(), concepts, random.Random(0))
+    for cid in ("bo", "ana", "kiki"):
+        rec = [s for s in samples if s.kind in ("positive", "negative") and s.concepts == (cid,)]
+        yes = [s for s in rec if s.answer.startswith("Yes")]
+        no = [s for s in rec if s.answer.startswith("No")]
+        assert len(yes) == len(no) > 0
+        # negatives never show the concept
+        assert all(cid not in s.image.key.split("/")[0] or s.image.key.startswith("_") for s in no)
+    assert sum(s.kind == "group" for s in samples) == 2  # one Yes and one No on the group photo
+    texts = [s for s in samples if s.kind == "text"]
+    assert {s.answer for s in texts} == {"<bo> is a dog", "<bo> is 3."}
+    # deterministic for the seed, and flips happen
+    again = build_epoch(_catalog(), concepts, random.Random(0))
+    assert [(s.question, s.answer, s.image) for s in samples] == [(s.question, s.answer, s.image) for s in again]
+    assert any(s.image and s.image.flip for s in samples) and any(s.image and not s.image.flip for s in samples)
+    unbalanced = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(balance=False, flip=False))
+    assert sum(s.kind == "negative" for s in unbalanced) > sum(s.kind == "positive" for s in unbalanced)
+
+
+def test_template_counts():
+    assert len(set(RECOGNITION_QUESTIONS)) >= 20
+    assert len(set(YES_ANSWERS)) >= 20 and all(a.startswith("Yes") for a in YES_ANSWERS)
+    assert len(set(NO_ANSWERS)) >= 20 and all(a.startswith("No") for a in NO_ANSWERS)
