@@ -1,0 +1,116 @@
+"""PersonalAssistant: a base model plus a concept bank, answering questions about new photos.
+
+`answer` follows the MC-LLaVA inference path: the question's image is embedded once; each concept's location
+confidence map is computed from those visual tokens; concepts that pass the threshold get numbered marks
+drawn on the photo, and the system text gains `Mark n is <c>.`; the marked photo is embedded and answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from .backbone import Backbone
+from .bank import ConceptBank
+from .errors import McLlavaError
+from .locate import Location, LocateConfig, draw_marks, locate, mark_prompt
+from .tokens import ConceptTokens, add_concept_tokens, write_rows
+
+CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
+MAX_QUESTION_CHARS = 4000
+
+
+@dataclass
+class Answer:
+    """An answer with what led to it: the prompt's system text, the locations and the marked image."""
+
+    text: str
+    system: str
+    locations: list[Location] = field(default_factory=list)
+    marks: dict[int, str] = field(default_factory=dict)
+    marked_image: Image.Image | None = None
+
+
+class PersonalAssistant:
+    """Answers questions that name personal concepts as `<id>`, with or without a photo."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        bank: ConceptBank,
+        reference: Literal["tokens", "features"] = "features",
+        locate_config: LocateConfig | None = None,
+    ):
+        from .bank import config_hash
+
+        self.backbone = backbone
+        self.bank = bank
+        bank.check_base(config_hash(backbone.model.config), len(backbone.tokenizer))
+        self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
+        write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
+        self.reference = reference
+        self.locate_config = locate_config or LocateConfig()
+        self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
+
+    @classmethod
+    def load(
+        cls, bank: str | Path | ConceptBank, base: str | Backbone | None = None, **kwargs
+    ) -> "PersonalAssistant":
+        """Load a bank and the base model it remembers (or `base`, which must be the same model)."""
+        bank = bank if isinstance(bank, ConceptBank) else ConceptBank.load(bank)
+        backbone = base if isinstance(base, Backbone) else Backbone.load(base or bank.base_model)
+        return cls(backbone, bank, **kwargs)
+
+    # ------------------------------------------------------------------ locating
+    def references(self) -> dict[str, torch.Tensor]:
+        """Per-concept reference vectors for location maps: learned soft tokens, or masked training features."""
+        if self.reference == "tokens" or not self.bank.locator_refs:
+            return {cid: self.bank.input_rows[i, 1:] for i, cid in enumerate(self.bank.concept_ids)}
+        return {cid: self.bank.locator_refs[cid] for cid in self.bank.concept_ids}
+
+    def locations(self, image: Image.Image, features: torch.Tensor | None = None) -> list[Location]:
+        """Each concept's presence score, peak and box in this image."""
+        if features is None:
+            features = self.backbone.visual_tokens([image]).features[0]
+        gh, gw = self.backbone.grid
+        return locate(features[-gh * gw :].float().cpu(), self.references(), (gh, gw), image.size, self.locate_config)
+
+    def locate(self, image: Image.Image) -> dict[str, tuple[float, float] | None]:
+        """Predicted point of each concept (None where it looks absent) — the evaluation runner's grounding hook."""
+        return {loc.concept_id: (loc.peak if loc.present else None) for loc in self.locations(image)}
+
+    # ------------------------------------------------------------------ answering
+    def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> Answer:
+        """Answer with details (system text, locations, marks)."""
+        question = (question or "").strip()
+        if not question:
+            raise McLlavaError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise McLlavaError(f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
+        if image is None:
+            system = self.tokens.system_text()
+            text = self.backbone.generate(self.backbone.format_prompt(question, system, image=False), None, max_new_tokens)
+            return Answer(text=text, system=system)
+        image = image.convert("RGB")
+        features = self.backbone.visual_tokens([image]).features[0]
+        locations, marks, marked = [], {}, None
+        if visual_prompt:
+            locations = self.locations(image, features)
+            if any(loc.present for loc in locations):
+                marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
+                features = self.backbone.visual_tokens([marked]).features[0]
+        system = self.tokens.system_text(extra=mark_prompt(marks, self.tokens.token))
+        text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens)
+        return Answer(text=text, system=system, locations=locations, marks=marks, marked_image=marked)
+
+    def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
+        """The answer text to a question about a photo (or about the concepts alone, with no photo)."""
+        return self.respond(image, question, visual_prompt, max_new_tokens).text
+
+    def caption(self, image: Image.Image, visual_prompt: bool = True) -> str:
+        """A caption that names the personal concepts it recognises."""
+        return self.answer(image, CAPTION_QUESTION, visual_prompt)

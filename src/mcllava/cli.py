@@ -1,0 +1,188 @@
+"""`mcllava` command line: personalize, ask, eval, info (and the proving ground's `world`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import McLlavaError
+
+app = typer.Typer(help="Personalise LLaVA-family vision-language models with several concepts at once.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def personalize(
+    concepts_dir: Path = typer.Argument(..., help="Folder with one sub-folder per concept (see README)."),
+    base: str = typer.Option(..., "--base", help="HF id, local folder (save_pretrained), or 'proving-ground'."),
+    out: Path = typer.Option(..., "--out", help="Where to write the concept bank (a folder)."),
+    k: int = typer.Option(16, "--k", min=1, help="Soft tokens per concept."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 1e-3."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 8 (fast) or 1 (paper)."),
+    init: str = typer.Option("kmeans", "--init", help="kmeans | random"),
+    recipe: str = typer.Option("fast", "--recipe", help="fast | paper (the MC-LLaVA code's choices, for comparison)"),
+    negatives: Optional[Path] = typer.Option(None, "--negatives", help="Optional folder of generic images without any concept."),
+    holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train one concept bank for every concept in CONCEPTS_DIR, jointly."""
+    from .backbone import Backbone
+    from .concepts import ConceptSet
+    from .train import TrainConfig, personalize as run
+
+    if init not in ("kmeans", "random"):
+        _fail(ValueError(f"--init must be kmeans or random, not {init!r}"))
+    if recipe not in ("fast", "paper"):
+        _fail(ValueError(f"--recipe must be fast or paper, not {recipe!r}"))
+    overrides = {k_: v for k_, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+    common = {"k": k, "init": init, "seed": seed, "holdout": holdout, **overrides}
+    config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
+    try:
+        backbone = Backbone.load(base)
+        concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
+        result = run(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    last = result.history[-1] if result.history else {}
+    console.print(f"[green]saved[/] {out} ({len(concept_set)} concepts, k={k}); final loss {last.get('loss', float('nan')):.4f}")
+
+
+@app.command()
+def ask(
+    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    question: str = typer.Argument(..., help="The question; name concepts as <id>."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Photo to ask about."),
+    no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt", help="Do not draw location marks."),
+    marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
+) -> None:
+    """Answer a question about a photo (or about the concepts alone)."""
+    from .assistant import PersonalAssistant
+    from .concepts import load_image
+
+    try:
+        pil = load_image(image) if image else None
+        assistant = PersonalAssistant.load(bank, base)
+        result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    if marks is not None and result.marked_image is not None:
+        result.marked_image.save(marks)
+    if as_json:
+        payload = {
+            "answer": result.text,
+            "marks": {str(n): c for n, c in result.marks.items()},
+            "locations": [
+                {"concept": loc.concept_id, "score": loc.score, "present": loc.present, "peak": loc.peak, "box": loc.box}
+                for loc in result.locations
+            ],
+        }
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(result.text + "\n")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    tests: Path = typer.Argument(..., help="tests.jsonl, or an MC-LLaVA / Yo'LLaVA release folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
+    no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
+    base: Optional[str] = typer.Option(None, "--base"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Evaluate a bank on a test set: recognition, choice, VQA, caption and grounding metrics."""
+    from .assistant import PersonalAssistant
+    from .evaluate import evaluate, print_table
+    from .datasets import read_any
+
+    try:
+        records = read_any(tests)
+        if limit:
+            records = records[:limit]
+        assistant = PersonalAssistant.load(bank, base)
+        answerer = _Answerer(assistant, visual_prompt=not no_visual_prompt)
+        report = evaluate(records, answerer, progress=not quiet)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    print_table(report, console)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(out)
+        console.print(f"report written to {out}")
+    if html:
+        from .report import write_html
+
+        path = write_html(report, html)
+        console.print(f"HTML report: {path}")
+
+
+class _Answerer:
+    """Adapts PersonalAssistant to the evaluation runner's Answerer protocol (visual prompt on or off)."""
+
+    def __init__(self, assistant, visual_prompt: bool):
+        self.assistant, self.visual_prompt, self.names = assistant, visual_prompt, assistant.names
+
+    def answer(self, image, question: str) -> str:
+        return self.assistant.answer(image, question, visual_prompt=self.visual_prompt)
+
+    def locate(self, image):
+        return self.assistant.locate(image)
+
+
+@app.command()
+def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> None:
+    """Show what a bank holds: base model, concepts, k, size, recipe and training metrics."""
+    from rich.table import Table
+
+    from .bank import ConceptBank
+
+    try:
+        b = ConceptBank.load(bank)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    console.print(f"[bold]{bank}[/]: {len(b.concept_ids)} concepts on base [cyan]{b.base_model}[/] (config {b.base_config_hash})")
+    console.print(f"k={b.k}, hidden size {b.hidden_size}, head {'tied' if b.tied_head else 'untied'}, {ConceptBank.size_bytes(bank) / 1024:.1f} KiB on disk")
+    table = Table("id", "name", "category", "tokens")
+    for cid in b.concept_ids:
+        d = b.display.get(cid) or {}
+        table.add_row(cid, str(d.get("name") or cid), str(d.get("category") or ""), f"{b.k + 1}")
+    console.print(table)
+    hist = (b.metrics or {}).get("history") or []
+    if hist:
+        last = hist[-1]
+        probe = last.get("probe", {}).get("weighted_accuracy")
+        console.print(f"trained {last['epoch']} epochs; final loss {last['loss']:.4f}" + (f"; held-out recognition {probe:.3f}" if probe is not None else ""))
+
+
+def _mount_subapps() -> None:
+    try:
+        from .world.cli import world_app
+    except ImportError:  # the proving-ground world is optional
+        return
+    app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
+
+
+_mount_subapps()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,318 @@
+"""The personalisation loop: all concepts at once, only their token rows train.
+
+Read top to bottom: load the base, add concept tokens, embed every training image once (and its mirror),
+initialise the rows with k-means, then loop over balanced epochs with AdamW, checkpointing after each epoch
+so that `resume=True` continues an interrupted run to the same result. `recipe="paper"` reproduces the
+MC-LLaVA code's choices (batch 1, full embedding/head matrices in the optimizer with the other rows restored
+after each step, vision tower run at every step) so that speed and memory can be compared on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .bank import ConceptBank, config_hash
+from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
+from .errors import McLlavaError
+from .kmeans_init import kmeans_rows, masked_tokens, random_rows
+from .tokens import ConceptTokens, add_concept_tokens, head_is_tied, make_trainable, trained_rows, word_embedding_norm, write_rows
+from .training_data import (
+    PROBE_QUESTION,
+    CatalogEntry,
+    ConceptFacts,
+    DataOptions,
+    ImageRef,
+    build_epoch,
+    collate,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a personalisation run (saved in the bank's manifest as its recipe)."""
+
+    k: int = 16
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 8
+    init: Literal["kmeans", "random"] = "kmeans"
+    recipe: Literal["fast", "paper"] = "fast"
+    seed: int = 0
+    holdout: int = 1  # training images per concept kept aside for the per-epoch recognition check (if >= 3)
+    data: DataOptions = field(default_factory=DataOptions)
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """The MC-LLaVA code's recipe: batch 1, 15 epochs, lr 1e-3."""
+        return cls(**{"batch_size": 1, "epochs": 15, "lr": 1e-3, "recipe": "paper", **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    bank: ConceptBank
+    history: list[dict]  # one entry per epoch: loss, probe accuracy, seconds
+
+
+# ------------------------------------------------------------------------------------------------ images
+class ImageStore:
+    """The training images by catalogue key, loaded once; visual tokens cached per (key, flip) for the fast recipe."""
+
+    def __init__(self, backbone: Backbone, entries: list[CatalogEntry], limits: ImageLimits):
+        self.backbone = backbone
+        self.entries = {e.key: e for e in entries}
+        self.images: dict[str, Image.Image] = {}
+        self.masks: dict[str, object] = {}
+        for e in entries:
+            image = load_image(Path(e.path), limits)
+            self.images[e.key] = image
+            self.masks[e.key] = load_mask(Path(e.mask_path), image.size) if e.mask_path else None
+        self.cache: dict[ImageRef, torch.Tensor] = {}
+
+    def image(self, ref: ImageRef) -> Image.Image:
+        im = self.images[ref.key]
+        return ImageOps.mirror(im) if ref.flip else im
+
+    def fill_cache(self, refs: list[ImageRef], progress: bool) -> None:
+        """Run the frozen vision tower and projector once per image (and mirror) used in training."""
+        todo = [r for r in dict.fromkeys(refs) if r not in self.cache]
+        bs = 16
+        for start in tqdm(range(0, len(todo), bs), desc="embedding images", disable=not progress, leave=False):
+            chunk = todo[start : start + bs]
+            feats = self.backbone.visual_tokens([self.image(r) for r in chunk]).features
+            for r, f in zip(chunk, feats):
+                self.cache[r] = f
+
+    def features(self, refs: list[ImageRef], cached: bool) -> torch.Tensor:
+        if cached:
+            return torch.stack([self.cache[r] for r in refs])
+        return self.backbone.visual_tokens([self.image(r) for r in refs]).features
+
+
+def build_catalog(concepts: ConceptSet, negatives: Path | None, holdout: int) -> tuple[list[CatalogEntry], list[CatalogEntry]]:
+    """Training and probe entries: each concept's photos (a few held out), group photos, generic negatives."""
+    train, probe = [], []
+    for c in concepts:
+        n_hold = holdout if len(c.images) >= 3 else 0
+        for i, im in enumerate(c.images):
+            entry = CatalogEntry(f"{c.id}/{i}", str(im.path), str(im.mask_path) if im.mask_path else None, frozenset([c.id]))
+            (probe if i >= len(c.images) - n_hold else train).append(entry)
+    for j, m in enumerate(concepts.multi):
+        train.append(CatalogEntry(f"_multi/{j}", str(m.path), None, frozenset(m.present)))
+    if negatives is not None:
+        files = sorted(p for p in Path(negatives).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+        if not files:
+            raise McLlavaError(f"negatives folder {negatives} has no images")
+        train += [CatalogEntry(f"_neg/{j}", str(p), None, frozenset()) for j, p in enumerate(files)]
+    return train, probe
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _ckpt_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Trainable tensors + AdamW moments (safetensors) and progress (JSON), swapped in atomically."""
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    steps = {}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        if state:
+            tensors[f"exp_avg.{i}"] = state["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq.{i}"] = state["exp_avg_sq"].cpu().contiguous()
+            steps[i] = float(state["step"])
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(path / "state.safetensors"))
+    meta = json.loads((path / "state.json").read_text())
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    for i, p in enumerate(params):
+        if f"exp_avg.{i}" in tensors:
+            optimizer.state[p] = {
+                "step": torch.tensor(meta["steps"][str(i)]),
+                "exp_avg": tensors[f"exp_avg.{i}"].to(p.device),
+                "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device),
+            }
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ probe
+@torch.no_grad()
+def yes_no_margin(backbone: Backbone, system: str, question: str, features: torch.Tensor) -> float:
+    """logit(Yes) - logit(No) for the first answer token: the model's recognition decision, without generating."""
+    enc = backbone.encode(backbone.format_prompt(question, system=system))
+    ids = torch.tensor([enc.input_ids], device=backbone.device)
+    hidden = backbone.hidden_states(backbone.embed(ids, features[None]), torch.ones_like(ids))[:, -1]
+    logits = backbone.model.get_output_embeddings()(hidden)[0]
+    return (logits[backbone.answer_token_id("Yes")] - logits[backbone.answer_token_id("No")]).item()
+
+
+def probe_accuracy(backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry]) -> dict | None:
+    """Recognition weighted accuracy on held-out training images, every concept asked about every image."""
+    if not probe:
+        return None
+    system = tokens.system_text()
+    pos, neg = [], []
+    for e in probe:
+        feats = store.backbone.visual_tokens([store.images[e.key]]).features[0]
+        for cid in tokens.concept_ids:
+            yes = yes_no_margin(backbone, system, PROBE_QUESTION.format(c=tokens.token(cid)), feats) > 0
+            (pos if cid in e.present else neg).append(yes if cid in e.present else not yes)
+    pr = sum(pos) / max(len(pos), 1)
+    nr = sum(neg) / max(len(neg), 1)
+    return {"positive_recall": pr, "negative_recall": nr, "weighted_accuracy": (pr + nr) / 2}
+
+
+# ------------------------------------------------------------------------------------------------ main loop
+def personalize(
+    concepts: ConceptSet,
+    base: str | Backbone,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    negatives: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limits: ImageLimits = ImageLimits(),
+    log=print,
+) -> TrainResult:
+    """Train one bank for all concepts of `concepts` on a frozen base model and save it to `out`."""
+    out = Path(out)
+    torch.manual_seed(config.seed)
+    backbone = base if isinstance(base, Backbone) else Backbone.load(base)
+    model, tokenizer = backbone.model, backbone.tokenizer
+    base_hash = config_hash(model.config)  # before the vocabulary grows
+    n_ordinary = len(tokenizer)
+    for c in concepts:
+        validate_concept_id(c.id, tokenizer, c.root)
+
+    tokens = add_concept_tokens(model, tokenizer, concepts.ids, config.k)
+    train_entries, probe = build_catalog(concepts, Path(negatives) if negatives else None, config.holdout)
+    store = ImageStore(backbone, train_entries + probe, limits)
+
+    # k-means (or random) initialisation of every concept's rows.
+    norm = word_embedding_norm(model, n_ordinary)
+    init_rows, refs = [], {}
+    for i, c in enumerate(concepts):
+        keys = [e.key for e in train_entries if e.key.startswith(f"{c.id}/")]
+        vt = backbone.visual_tokens([store.images[k] for k in keys], [store.masks[k] for k in keys])
+        feats = masked_tokens(vt.patches, vt.coverage)
+        refs[c.id] = kmeans_rows(feats, min(config.k, len(feats)), 1.0, seed=config.seed)[1:]  # locator references
+        if config.init == "kmeans":
+            init_rows.append(kmeans_rows(feats, config.k, norm, seed=config.seed + i))
+        else:
+            init_rows.append(random_rows(config.k, backbone.hidden_size, norm, seed=config.seed + i))
+    write_rows(model, tokens, torch.stack(init_rows))
+
+    # Trainable state: PEFT trainable-token rows (fast), or the full matrices (paper).
+    tied = head_is_tied(model)
+    if config.recipe == "fast":
+        params = make_trainable(model, tokens)
+    else:
+        params = list(dict.fromkeys([model.get_input_embeddings().weight, model.get_output_embeddings().weight]))
+        for p in params:
+            p.requires_grad_(True)
+        index = torch.tensor(tokens.all_ids, device=backbone.device)
+        originals = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+    facts = [ConceptFacts(c.id, c.description, c.facts) for c in concepts]
+    system = tokens.system_text()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ckpt = _ckpt_dir(out)
+    meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
+    start_epoch, history = 0, []
+    if resume and (ckpt / "state.json").exists():
+        meta = load_checkpoint(ckpt, params, optimizer)
+        if {k: meta.get(k) for k in meta_key} != json.loads(json.dumps(meta_key)):
+            raise McLlavaError(f"checkpoint {ckpt} belongs to another run (different settings or concepts); remove it or drop --resume")
+        start_epoch, history = meta["epoch"], meta["history"]
+        log(f"resuming from {ckpt} after epoch {start_epoch}")
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        rng = random.Random(config.seed * 100_003 + epoch)
+        samples = build_epoch(train_entries, facts, rng, config.data)
+        if config.recipe == "fast":
+            store.fill_cache([s.image for s in samples if s.image is not None], progress)
+        bs = config.batch_size
+        bar = tqdm(range(0, len(samples), bs), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        losses = []
+        for start in bar:
+            chunk = samples[start : start + bs]
+            encoded = [backbone.encode(backbone.format_prompt(s.question, system=system, image=s.image is not None), s.answer) for s in chunk]
+            batch = collate(encoded, [s.image for s in chunk], pad_id)
+            refs_with_image = [s.image for s in chunk if s.image is not None]
+            feats = store.features(refs_with_image, cached=config.recipe == "fast") if refs_with_image else None
+            loss = backbone.answer_loss(
+                batch.input_ids.to(backbone.device), batch.attention_mask.to(backbone.device), batch.labels.to(backbone.device), feats
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if config.recipe == "paper":  # only concept rows may change: put every other row back
+                with torch.no_grad():
+                    for p, orig in zip(params, originals):
+                        keep = p[index].clone()
+                        p.copy_(orig)
+                        p[index] = keep
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0, "steps": len(losses)}
+        acc = probe_accuracy(backbone, tokens, store, probe)
+        if acc:
+            entry["probe"] = acc
+        history.append(entry)
+        log(
+            f"epoch {epoch + 1}: loss {entry['loss']:.4f}, {entry['seconds']:.1f}s"
+            + (f", held-out recognition {acc['weighted_accuracy']:.3f}" if acc else "")
+        )
+        save_checkpoint(ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history})
+
+    input_rows, head_rows = trained_rows(model, tokens)
+    bank = ConceptBank(
+        base_model=backbone.name,
+        base_config_hash=base_hash,
+        tokenizer_len_before=n_ordinary,
+        concept_ids=list(concepts.ids),
+        k=config.k,
+        hidden_size=backbone.hidden_size,
+        tied_head=tied,
+        input_rows=input_rows,
+        head_rows=head_rows,
+        locator_refs=refs,
+        display={c.id: {"name": c.name, "category": c.category, "description": c.description, "facts": c.facts} for c in concepts},
+        recipe=config.to_dict(),
+        metrics={"history": history},
+    )
+    bank.save(out)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return TrainResult(bank=bank, history=history)

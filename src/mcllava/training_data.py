@@ -1,0 +1,223 @@
+"""Joint multi-concept training samples: what each epoch asks, and how a batch is collated.
+
+All concepts train together. A concept's positives are its own photos (and group photos it is in); its
+negatives come from the *other* concepts' photos, group photos without it and, optionally, generic images,
+so no external negative set is needed. Yes and No are balanced every epoch: a small model trained on an
+unbalanced set learns to answer "No" to everything. The wording below is ours.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+RECOGNITION_QUESTIONS = [
+    "Is {c} in this photo?",
+    "Can you see {c} in this image?",
+    "Does this picture show {c}?",
+    "Is {c} anywhere in this picture?",
+    "Do you spot {c} here?",
+    "Is {c} visible in this image?",
+    "Does {c} appear in this photo?",
+    "Look at the image. Is {c} there?",
+    "Would you say {c} is in this picture?",
+    "Is this a photo with {c} in it?",
+    "Can {c} be seen in this shot?",
+    "Is {c} part of this scene?",
+    "Check the photo: is {c} present?",
+    "Does the image contain {c}?",
+    "Is {c} shown here?",
+    "Can you find {c} in this photo?",
+    "Is there {c} in the picture?",
+    "Does {c} show up in this image?",
+    "Tell me whether {c} is in this photo.",
+    "Is {c} among what this picture shows?",
+    "Has this photo captured {c}?",
+    "Do I see {c} in this image?",
+    "Answer yes or no: is {c} in the photo?",
+    "Is {c} in the scene?",
+]
+YES_ANSWERS = [
+    "Yes, {c} is in this photo.",
+    "Yes, I can see {c}.",
+    "Yes, {c} is there.",
+    "Yes, this picture shows {c}.",
+    "Yes, {c} appears in the image.",
+    "Yes, {c} is visible here.",
+    "Yes.",
+    "Yes, that is {c}.",
+    "Yes, {c} is in the scene.",
+    "Yes, I spot {c} in the picture.",
+    "Yes, the photo contains {c}.",
+    "Yes, {c} can be seen.",
+    "Yes, {c} is part of this scene.",
+    "Yes, {c} shows up in this image.",
+    "Yes, {c} is present.",
+    "Yes, I found {c}.",
+    "Yes, {c} is right there.",
+    "Yes, this is a photo with {c}.",
+    "Yes, {c} is shown.",
+    "Yes, the image has {c} in it.",
+]
+NO_ANSWERS = [
+    "No, {c} is not in this photo.",
+    "No, I cannot see {c}.",
+    "No, {c} is not there.",
+    "No, this picture does not show {c}.",
+    "No, {c} does not appear in the image.",
+    "No, {c} is not visible here.",
+    "No.",
+    "No, that is not {c}.",
+    "No, {c} is not in the scene.",
+    "No, I do not spot {c} in the picture.",
+    "No, the photo does not contain {c}.",
+    "No, {c} cannot be seen.",
+    "No, {c} is not part of this scene.",
+    "No, {c} does not show up in this image.",
+    "No, {c} is absent.",
+    "No, I did not find {c}.",
+    "No, {c} is missing from this photo.",
+    "No, this photo has no {c} in it.",
+    "No, {c} is not shown.",
+    "No, the image does not have {c} in it.",
+]
+GROUP_QUESTIONS = [
+    "Are {cs} all in this photo?",
+    "Can you see {cs} in this image?",
+    "Does this picture show {cs} together?",
+    "Are {cs} both here?",
+]
+DESCRIBE_QUESTIONS = ["Who is {c}?", "What is {c}?", "Tell me about {c}.", "Describe {c}."]
+
+# The fixed check question of the per-epoch recognition probe and of evaluation's yes/no scoring.
+PROBE_QUESTION = RECOGNITION_QUESTIONS[0]
+
+
+def join_names(tokens: list[str]) -> str:
+    return tokens[0] if len(tokens) == 1 else ", ".join(tokens[:-1]) + " and " + tokens[-1]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A training image by catalogue key, possibly mirrored (horizontal-flip augmentation)."""
+
+    key: str
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    key: str
+    path: str
+    mask_path: str | None
+    present: frozenset[str]  # concept ids shown in the image (empty for generic negatives)
+
+
+@dataclass
+class Sample:
+    question: str
+    answer: str
+    image: ImageRef | None
+    kind: str  # "positive" | "negative" | "group" | "text"
+    concepts: tuple[str, ...] = ()
+
+
+@dataclass
+class DataOptions:
+    flip: bool = True  # horizontal-flip augmentation
+    balance: bool = True  # as many No as Yes for every concept, every epoch
+    text: bool = True  # text-only questions from descriptions and facts
+    group: bool = True  # "are A and B both here?" on group photos
+
+
+@dataclass
+class ConceptFacts:
+    cid: str
+    description: str | None = None
+    facts: list[dict[str, str]] = field(default_factory=list)
+
+
+def build_epoch(
+    catalog: list[CatalogEntry],
+    concepts: list[ConceptFacts],
+    rng: random.Random,
+    options: DataOptions = DataOptions(),
+) -> list[Sample]:
+    """All samples of one epoch, shuffled. Deterministic for the state of `rng`."""
+    samples: list[Sample] = []
+    for concept in concepts:
+        cid, tok = concept.cid, f"<{concept.cid}>"
+        pos = [e for e in catalog if cid in e.present]
+        neg_pool = [e for e in catalog if cid not in e.present]
+        n_neg = len(pos) if options.balance else len(neg_pool)
+        if neg_pool and n_neg:
+            neg = rng.sample(neg_pool, n_neg) if n_neg <= len(neg_pool) else rng.choices(neg_pool, k=n_neg)
+        else:
+            neg = []
+        for entries, answers, kind in ((pos, YES_ANSWERS, "positive"), (neg, NO_ANSWERS, "negative")):
+            for e in entries:
+                samples.append(
+                    Sample(
+                        question=rng.choice(RECOGNITION_QUESTIONS).format(c=tok),
+                        answer=rng.choice(answers).format(c=tok),
+                        image=ImageRef(e.key, options.flip and rng.random() < 0.5),
+                        kind=kind,
+                        concepts=(cid,),
+                    )
+                )
+        if options.text:
+            if concept.description:
+                samples.append(
+                    Sample(rng.choice(DESCRIBE_QUESTIONS).format(c=tok), f"{tok} is {concept.description}", None, "text", (cid,))
+                )
+            for fact in concept.facts:
+                samples.append(Sample(fact["question"], fact["answer"], None, "text", (cid,)))
+    if options.group:
+        samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
+    rng.shuffle(samples)
+    return samples
+
+
+def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
+    """For each group photo: 'are A and B both here?' -> Yes, and the same about a pair that is not -> No."""
+    out = []
+    known = set(cids)
+    for e in catalog:
+        shown = sorted(e.present & known)
+        if len(shown) < 2:
+            continue
+        toks = [f"<{c}>" for c in shown]
+        q = rng.choice(GROUP_QUESTIONS)
+        out.append(Sample(q.format(cs=join_names(toks)), "Yes.", ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(shown)))
+        absent = sorted(known - e.present)
+        if absent and options.balance:
+            pair = [rng.choice(shown), rng.choice(absent)]
+            rng.shuffle(pair)
+            out.append(
+                Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), "No.", ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(pair))
+            )
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T], -100 outside answers
+    images: list[ImageRef | None]  # per row
+
+
+def collate(encoded: list, images: list[ImageRef | None], pad_id: int) -> Batch:
+    """Right-pad a list of `Encoded` turns into one batch (labels -100 on padding)."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return Batch(ids, mask, labels, images)
