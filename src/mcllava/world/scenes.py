@@ -68,18 +68,20 @@ class SceneSpec:
     light: tuple[float, float, float]
     actors: list[Actor] = field(default_factory=list)
     occluders: list[dict[str, Any]] = field(default_factory=list)
+    shadows: bool = True  # ground shadows under characters (part of the background, not of any mask)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "setting": self.setting, "size": self.size, "seed": self.seed, "variant": self.variant,
             "light": list(self.light), "actors": [a.to_dict() for a in self.actors], "occluders": self.occluders,
+            "shadows": self.shadows,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SceneSpec":
         return cls(setting=d["setting"], size=d["size"], seed=d["seed"], variant=d["variant"],
                    light=tuple(d["light"]), actors=[Actor.from_dict(a) for a in d["actors"]],
-                   occluders=d["occluders"])
+                   occluders=d["occluders"], shadows=d.get("shadows", True))
 
 
 @dataclass
@@ -303,7 +305,7 @@ def render_scene(spec: SceneSpec) -> RenderedScene:
     full = []
     jump = [0.12 * a.height if a.action == "jumping" else 0.0 for a in spec.actors]
     # ground shadows first (part of the background)
-    for a in spec.actors:
+    for a in spec.actors if spec.shadows else []:
         cx, cy, rx, ry = int(a.x), int(a.y), int(a.height * 0.22), max(1, int(a.height * 0.04))
         y0, y1, x0, x1 = max(0, cy - ry), min(s, cy + ry), max(0, cx - rx), min(s, cx + rx)
         if y1 > y0 and x1 > x0:
