@@ -174,6 +174,48 @@ def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> Non
         console.print(f"trained {last['epoch']} epochs; final loss {last['loss']:.4f}" + (f"; held-out recognition {probe:.3f}" if probe is not None else ""))
 
 
+@app.command()
+def serve(
+    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help="Require this key on every route but /health."),
+    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
+    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
+) -> None:
+    """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md)."""
+    try:
+        import uvicorn
+
+        from .assistant import PersonalAssistant
+        from .server import create_app
+    except ImportError as exc:
+        _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
+    try:
+        server_app = create_app(PersonalAssistant.load(bank, base), api_key=api_key, concepts_dir=concepts)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    uvicorn.run(server_app, host=host, port=port, log_level="info")
+
+
+@app.command("export")
+def export_cmd(
+    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face checkpoint (a new folder)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
+) -> None:
+    """Write base model + concepts as a standard HF checkpoint (vLLM, SGLang, TGI, transformers serve it as is)."""
+    from .export import export
+
+    try:
+        path = export(bank, out_dir, base)
+    except (McLlavaError, OSError) as exc:
+        _fail(exc)
+    console.print(f"[green]exported[/] {path}: the concept introductions are the chat template's default system text")
+
+
 def _mount_subapps() -> None:
     try:
         from .world.cli import world_app

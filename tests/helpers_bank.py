@@ -1,0 +1,94 @@
+"""Cheap concept banks for server, web and export tests: an untrained tiny base plus random concept rows.
+
+Nothing is trained. The locator references of the first concept are the visual tokens of `red_photo()`, so
+the locator finds that concept in that photo and the assistant draws a mark; the others get random references.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+CONCEPTS = {"bo": {"name": "Bo", "category": "dog"}, "ana": {"name": "Ana", "category": "person"}}
+
+
+def red_photo(size: int = 64) -> Image.Image:
+    """A photo with a red square on grey: the first concept of `make_bank` is 'in' it."""
+    im = Image.new("RGB", (size, size), (120, 120, 120))
+    ImageDraw.Draw(im).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 40, 40))
+    return im
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def make_base(tokenizer_dir: Path, out: Path, tied: bool = False) -> Path:
+    """An untrained tiny LLaVA saved as a checkpoint folder (model + processor)."""
+    from mcllava.tiny import build_tiny_llava, smollm2_tokenizer
+
+    model, processor = build_tiny_llava(smollm2_tokenizer(tokenizer_dir), tied=tied)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def make_bank(base_dir: Path, out: Path, k: int = 2, concepts: dict = CONCEPTS, seed: int = 0) -> Path:
+    """A concept bank of random rows for the base at `base_dir`, saved at `out`."""
+    from mcllava.backbone import Backbone
+    from mcllava.bank import ConceptBank, config_hash
+    from mcllava.tokens import head_is_tied, word_embedding_norm
+
+    bb = Backbone.load(base_dir, dtype=torch.float32, device="cpu")
+    n, d, ids = len(bb.tokenizer), bb.hidden_size, list(concepts)
+    g = torch.Generator().manual_seed(seed)
+    scale = word_embedding_norm(bb.model, n) / d**0.5
+    rows = torch.randn(len(ids), k + 1, d, generator=g) * scale
+    tied = head_is_tied(bb.model)
+    head = None if tied else torch.randn(len(ids), k + 1, d, generator=g) * scale
+    refs = {cid: torch.randn(3, d, generator=g) for cid in ids}
+    refs[ids[0]] = bb.visual_tokens([red_photo()]).patches[0].float()
+    bank = ConceptBank(
+        base_model=str(base_dir), base_config_hash=config_hash(bb.model.config), tokenizer_len_before=n,
+        concept_ids=ids, k=k, hidden_size=d, tied_head=tied, input_rows=rows, head_rows=head,
+        locator_refs=refs, display={cid: dict(info) for cid, info in concepts.items()},
+    )
+    return bank.save(out)
+
+
+@contextmanager
+def serving(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
