@@ -93,6 +93,7 @@ function choosePhoto(file) {
     $("preview").hidden = false;
     $("drop-text").textContent = `${file.name} · drop or click to change`;
     $("clear-photo").hidden = false;
+    $("no-photo-hint").hidden = true;
     showError("");
   };
   reader.onerror = () => showError("The photo could not be read.");
@@ -106,6 +107,7 @@ function clearPhoto() {
   $("preview").removeAttribute("src");
   $("drop-text").textContent = "Drop a photo here, or choose one";
   $("clear-photo").hidden = true;
+  $("no-photo-hint").hidden = false;
 }
 
 async function ask(event) {
