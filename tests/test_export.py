@@ -89,3 +89,25 @@ def test_export_refuses_a_non_empty_folder(exported, tmp_path):
         export(bank, tmp_path / "taken")
     assert (tmp_path / "taken" / "file.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_cli_export_and_serve(exported, tmp_path, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from mcllava.cli import app
+
+    bank, _ = exported
+    result = CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / EXPORT_INFO).exists()
+    assert CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out")]).exit_code == 2  # not empty now
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: served.update(app=server_app, **kw))
+    result = CliRunner().invoke(app, ["serve", str(bank), "--port", "8123", "--api-key", "k"])
+    assert result.exit_code == 0, result.output
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    client = TestClient(served["app"])
+    assert client.get("/v1/concepts").status_code == 401 and client.get("/v1/concepts", headers={"X-API-Key": "k"}).status_code == 200
