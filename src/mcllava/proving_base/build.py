@@ -1,0 +1,524 @@
+"""`mcllava base build`: the proving-ground base, in resumable stages.
+
+1. vision  - a CLIP ViT trained from scratch on world scenes with multi-label heads (per slot of the scene:
+             category, colour, pattern, ears, head, eyes, build, accessory and its colour).
+2. align   - LLaVA's MLP projector fitted (with the language model untouched) so that each patch's visual token
+             points where the word embeddings of its character's description point: the language model first
+             meets image tokens that already "read" like words.
+3. lm      - projector + LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in two curriculum
+             phases: (a) one definition, easy negatives, many text-only comparisons; (b) one or two definitions,
+             look-alike negatives. Generic captions and colour/category/position questions throughout.
+4. export  - vision tower + projector + the LoRA factors (the language-model delta) as fp16 safetensors, and
+             the processor, into a folder that `proving_base.load()` reads.
+
+Each stage checkpoints into `work/<stage>/` and is skipped once its `done.json` exists; an interrupted stage
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import N_SLOTS, SLOT_TRAITS, Curriculum, lm_sample, scene_pool, slot_classes, to_pixels
+from .model import VisionSpec
+
+DEFAULT_WORK = Path("~/.cache/mcllava/proving-base-build").expanduser()
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class VisionStage:
+    scenes: int = 8000
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class AlignStage:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class LMStage:
+    steps_a: int = 250  # phase (a): one definition, easy negatives
+    steps_b: int = 650  # phase (b): one or two definitions, look-alikes
+    pool: int = 2400  # pre-encoded samples per phase
+    batch_size: int = 16
+    lora_rank: int = 32
+    lora_alpha: int = 32
+    lr_lora: float = 4e-4
+    lr_projector: float = 2e-4
+    warmup: int = 30
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    phase_a: Curriculum = field(default_factory=lambda: Curriculum(1, 0.0, (0.15, 0.2, 0.25, 0.4)))
+    phase_b: Curriculum = field(default_factory=lambda: Curriculum(2, 0.6, (0.1, 0.2, 0.15, 0.55)))
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides a build (written to work/config.json and the model card's figures)."""
+
+    work: Path = DEFAULT_WORK
+    seed: int = 0
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    vision_stage: VisionStage = field(default_factory=VisionStage)
+    align: AlignStage = field(default_factory=AlignStage)
+    lm: LMStage = field(default_factory=LMStage)
+    autocast: bool = True  # bf16 autocast on CPU: ~4x faster steps through SmolLM2 here
+    progress: bool = True
+    text_model: Callable | None = None  # tests: a factory (tokenizer -> small Llama) instead of SmolLM2
+
+
+def _jsonable(cfg: BuildConfig) -> dict:
+    d = asdict(cfg)
+    d["work"] = str(cfg.work)
+    d.pop("text_model")
+    return d
+
+
+def _log(work: Path, stage: str, record: dict) -> None:
+    with open(work / stage / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _done(work: Path, stage: str) -> dict | None:
+    p = work / stage / "done.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _finish(work: Path, stage: str, info: dict) -> dict:
+    (work / stage / "done.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _save_ckpt(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _autocast(cfg: BuildConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast)
+
+
+def normalise(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> CLIP-normalised [B, 3, H, W] float (what CLIPImageProcessor produces)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    return (pixels_uint8.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+# ============================================================================================ 1. vision
+class SlotHeads(torch.nn.Module):
+    """Linear read-outs of every trait of every slot from the flattened patch tokens."""
+
+    def __init__(self, tokens: int, hidden: int):
+        super().__init__()
+        self.classes = slot_classes()
+        self.head = torch.nn.Linear(tokens * hidden, N_SLOTS * sum(self.classes))
+
+    def forward(self, patches: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over labelled (slot, trait) pairs, and per-pair correctness."""
+        out = self.head(patches.flatten(1)).view(len(patches), N_SLOTS, -1)
+        losses, correct = [], []
+        start = 0
+        for j, n in enumerate(self.classes):
+            logits, y = out[..., start : start + n], labels[..., j]
+            start += n
+            keep = y != -100
+            if keep.any():
+                losses.append(F.cross_entropy(logits[keep], y[keep]))
+                correct.append((logits[keep].argmax(-1) == y[keep]).float())
+        return torch.stack(losses).mean(), torch.cat(correct)
+
+
+def vision_model(spec: VisionSpec):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=spec.hidden, intermediate_size=spec.hidden * 4, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.hidden,
+    ))
+
+
+def patch_tokens(tower, pixels: torch.Tensor) -> torch.Tensor:
+    """The tokens LLaVA takes from the tower: last layer, CLS dropped (vision_feature_layer=-1, "default")."""
+    return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+
+
+def stage_vision(cfg: BuildConfig) -> dict:
+    st, work = cfg.vision_stage, cfg.work / "vision"
+    if (info := _done(cfg.work, "vision")) is not None:
+        return info
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    pool_path = work / "pool.pt"
+    if pool_path.exists():
+        pool = torch.load(pool_path, weights_only=False)
+    else:
+        pool = scene_pool(cfg.seed, st.scenes, cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size,
+                          progress=cfg.progress)
+        _save_ckpt(pool_path, pool.__dict__)
+        pool = pool.__dict__
+    n_val = max(64, st.scenes // 20)
+    tower, heads = vision_model(cfg.vision), SlotHeads(cfg.vision.tokens, cfg.vision.hidden)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=st.steps, pct_start=0.05)
+    step = 0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():
+        s = torch.load(ckpt, weights_only=False)
+        tower.load_state_dict(s["tower"]), heads.load_state_dict(s["heads"]), opt.load_state_dict(s["opt"])
+        sched.load_state_dict(s["sched"])
+        step = s["step"]
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    t0 = time.time()
+    bar = tqdm(total=st.steps, initial=step, desc="1/4 vision tower", disable=not cfg.progress)
+    while step < st.steps:
+        idx = torch.randint(n_val, st.scenes, (st.batch_size,), generator=gen)
+        loss, correct = heads(patch_tokens(tower, normalise(pool["pixels"][idx])), pool["labels"][idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.mean().item():.3f}")
+        if step % 100 == 0 or step == st.steps:
+            val = _vision_val(tower, heads, pool, n_val)
+            _log(cfg.work, "vision", {"step": step, "loss": loss.item(), "train_acc": correct.mean().item(),
+                                      **val, "seconds": time.time() - t0})
+            _save_ckpt(ckpt, {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                              "sched": sched.state_dict(), "step": step})
+    bar.close()
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
+    return _finish(cfg.work, "vision", {"steps": step, **_vision_val(tower, heads, pool, n_val),
+                                         "seconds": time.time() - t0})
+
+
+@torch.no_grad()
+def _vision_val(tower, heads, pool, n_val: int) -> dict:
+    """Held-out accuracy per trait over labelled (slot, trait) pairs (category includes empty slots)."""
+    tower.eval()
+    feats = torch.cat([patch_tokens(tower, normalise(pool["pixels"][i : i + 64])) for i in range(0, n_val, 64)])
+    tower.train()
+    out = heads.head(feats.flatten(1)).view(n_val, N_SLOTS, -1)
+    labels, res, start = pool["labels"][:n_val], {}, 0
+    for j, n in enumerate(heads.classes):
+        y, keep = labels[..., j], labels[..., j] != -100
+        res[f"val_{SLOT_TRAITS[j]}"] = (out[..., start : start + n][keep].argmax(-1) == y[keep]).float().mean().item()
+        start += n
+    res["val_mean"] = float(np.mean(list(res.values())))
+    return res
+
+
+# ============================================================================================ shared
+def tokenizer_for(cfg: BuildConfig):
+    from .model import proving_tokenizer
+
+    return proving_tokenizer(cfg.work / "tokenizer")
+
+
+def assemble(cfg: BuildConfig, tokenizer=None):
+    """The LLaVA model of this build with its trained vision tower (and projector, once aligned)."""
+    from .model import build_llava, load_smollm2
+
+    tokenizer = tokenizer or tokenizer_for(cfg)
+    text = cfg.text_model(tokenizer) if cfg.text_model is not None else load_smollm2()
+    model, processor = build_llava(text, tokenizer, cfg.vision, seed=cfg.seed)
+    model.model.vision_tower.load_state_dict(load_file(cfg.work / "vision" / "tower.safetensors"))
+    proj = cfg.work / "align" / "projector.safetensors"
+    if proj.exists():
+        model.model.multi_modal_projector.load_state_dict(load_file(proj))
+    return model, processor
+
+
+@torch.no_grad()
+def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Frozen vision-tower patch tokens of uint8 images ([B, N, hidden]); the projector runs later, with grads."""
+    tower = model.model.vision_tower
+    return torch.cat([patch_tokens(tower, normalise(pixels_uint8[i : i + batch])) for i in range(0, len(pixels_uint8), batch)])
+
+
+# ============================================================================================ 2. align
+def description_targets(model, tokenizer, descs: list[list[str]]) -> list[torch.Tensor]:
+    """Per scene, per character: the mean word embedding of its description, rescaled to a word's norm."""
+    emb = model.get_input_embeddings().weight.detach()
+    norm = emb[: len(tokenizer) - 1].norm(dim=-1).mean()
+    out = []
+    for scene in descs:
+        rows = []
+        for d in scene:
+            v = emb[tokenizer(d, add_special_tokens=False)["input_ids"]].mean(0)
+            rows.append(v / v.norm() * norm)
+        out.append(torch.stack(rows))
+    return out
+
+
+def _start(cfg: BuildConfig, stage: str):
+    """Seed, make the stage folder, and assemble the model: (tokenizer, model, processor)."""
+    (cfg.work / stage).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tok = tokenizer_for(cfg)
+    return (tok, *assemble(cfg, tok))
+
+
+def stage_align(cfg: BuildConfig) -> dict:
+    st, work = cfg.align, cfg.work / "align"
+    if (info := _done(cfg.work, "align")) is not None:
+        return info
+    tok, model, _ = _start(cfg, "align")
+    pool = torch.load(cfg.work / "vision" / "pool.pt", weights_only=False)
+    feats = tower_features(model, pool["pixels"])
+    targets = description_targets(model, tok, pool["descs"])
+    owner = pool["owner"]
+    dim = targets[0].shape[-1]
+    tgt = torch.zeros(*owner.shape, dim)  # per patch target (zeros where background: not in the loss)
+    for i, t in enumerate(targets):
+        m = owner[i] >= 0
+        tgt[i, m] = t[owner[i][m]]
+    proj = model.model.multi_modal_projector
+    proj.requires_grad_(True)
+    opt = torch.optim.AdamW(proj.parameters(), lr=st.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=st.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_val = max(64, len(owner) // 20)
+    t0 = time.time()
+    for step in tqdm(range(st.steps), desc="2/4 projector alignment", disable=not cfg.progress):
+        idx = torch.randint(n_val, len(owner), (st.batch_size,), generator=gen)
+        loss = _align_loss(proj(feats[idx]), tgt[idx], owner[idx] >= 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            with torch.no_grad():
+                val = _align_loss(proj(feats[:n_val]), tgt[:n_val], owner[:n_val] >= 0).item()
+            _log(cfg.work, "align", {"step": step + 1, "loss": loss.item(), "val_loss": val})
+    save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
+    with torch.no_grad():
+        val = _align_loss(proj(feats[:n_val]), tgt[:n_val], owner[:n_val] >= 0).item()
+    return _finish(cfg.work, "align", {"steps": st.steps, "val_loss": val, "seconds": time.time() - t0})
+
+
+def _align_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """1 - cosine to the description embedding, plus a relative norm term, on patches a character owns."""
+    p, t = pred[keep], target[keep]
+    cos = F.cosine_similarity(p, t, dim=-1)
+    rel = (p.norm(dim=-1) - t.norm(dim=-1)) / t.norm(dim=-1)
+    return (1 - cos).mean() + 0.1 * (rel**2).mean()
+
+
+# ============================================================================================ 3. lm
+def add_lora(model, rank: int, alpha: int):
+    """LoRA on every attention and MLP matrix of the language model (in place; nothing else trains)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lm = model.model.language_model
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)), lm)
+    model.requires_grad_(False)
+    for n, p in lm.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class EncodedPool:
+    """A pre-encoded pool: padded ids, masks, labels, frozen tower features and per-sample facts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor  # [n, N, hidden] (zeros for text-only samples)
+    has_image: torch.Tensor
+    kinds: list[str]
+    answers: list[str]
+
+
+def encode_pool(bb, model, samples: list[dict], size: int) -> EncodedPool:
+    from ..training_data import collate
+
+    enc = [bb.encode(bb.format_prompt(s["question"], image=s["image"] is not None), s["answer"]) for s in samples]
+    batch = collate(enc, [None] * len(enc), bb.tokenizer.pad_token_id)
+    pixels = torch.from_numpy(np.stack([to_pixels(s["image"], size) for s in samples]))
+    return EncodedPool(batch.input_ids, batch.attention_mask, batch.labels, tower_features(model, pixels),
+                       torch.tensor([s["image"] is not None for s in samples]), [s["kind"] for s in samples],
+                       [s["answer"] for s in samples])
+
+
+def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, seed: int, half: str = "base",
+              desc: str = "pool") -> EncodedPool:
+    samples = [lm_sample(seed, start + i, cur, cfg.vision.image_size, half)
+               for i in tqdm(range(n), desc=desc, disable=not cfg.progress, mininterval=5)]
+    return encode_pool(bb, model, samples, cfg.vision.image_size)
+
+
+def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor) -> torch.Tensor:
+    width = int(pool.attention_mask[idx].sum(1).max())
+    ids, mask, labels = (t[idx, :width] for t in (pool.input_ids, pool.attention_mask, pool.labels))
+    has = pool.has_image[idx]
+    feats = bb.model.model.multi_modal_projector(pool.features[idx][has]) if has.any() else None
+    return bb.answer_loss(ids, mask, labels, feats)
+
+
+@torch.no_grad()
+def yes_no_scores(bb, pool: EncodedPool, batch: int = 32) -> torch.Tensor:
+    """logit(Yes) - logit(No) at the first answer position of every sample of a pool."""
+    yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
+    out = []
+    for i in range(0, len(pool.kinds), batch):
+        idx = torch.arange(i, min(i + batch, len(pool.kinds)))
+        prompt_len = (pool.labels[idx] == -100).logical_and(pool.attention_mask[idx] == 1).sum(1)
+        width = int(prompt_len.max())
+        ids, mask = pool.input_ids[idx, :width], (torch.arange(width)[None] < prompt_len[:, None]).long()
+        has = pool.has_image[idx]
+        feats = bb.model.model.multi_modal_projector(pool.features[idx][has]) if has.any() else None
+        h = bb.hidden_states(bb.embed(ids * mask + bb.tokenizer.pad_token_id * (1 - mask), feats), mask)
+        last = h[torch.arange(len(idx)), prompt_len - 1]
+        logits = bb.model.get_output_embeddings()(last).float()
+        out.append(logits[:, yes] - logits[:, no])
+    return torch.cat(out)
+
+
+def yes_no_report(scores: torch.Tensor, pool: EncodedPool) -> dict:
+    """Weighted accuracy (mean of Yes recall and No recall) per kind of Yes/No sample."""
+    res = {}
+    for kind in sorted(set(pool.kinds)):
+        sel = [i for i, (k, a) in enumerate(zip(pool.kinds, pool.answers)) if k == kind and a in ("Yes", "No")]
+        if not sel:
+            continue
+        pos = [scores[i] > 0 for i in sel if pool.answers[i] == "Yes"]
+        neg = [scores[i] <= 0 for i in sel if pool.answers[i] == "No"]
+        recalls = [float(np.mean(x)) for x in (pos, neg) if x]
+        res[kind] = {"n": len(sel), "weighted_accuracy": float(np.mean(recalls)),
+                     "positive_recall": float(np.mean(pos)) if pos else None,
+                     "negative_recall": float(np.mean(neg)) if neg else None}
+    return res
+
+
+def stage_lm(cfg: BuildConfig) -> dict:
+    from ..backbone import Backbone
+
+    st, work = cfg.lm, cfg.work / "lm"
+    if (info := _done(cfg.work, "lm")) is not None:
+        return info
+    tok, model, processor = _start(cfg, "lm")
+    bb = Backbone(model, processor, "proving-ground-build")
+    add_lora(model, st.lora_rank, st.lora_alpha)
+    model.train()
+    pools: dict[str, EncodedPool] = {}
+    for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", st.phase_b, 2 * 10**6)):
+        path = work / f"pool_{name}.pt"
+        if path.exists():
+            pools[name] = EncodedPool(**torch.load(path, weights_only=False))
+        else:
+            n = st.pool if name != "val" else max(64, st.pool // 12)
+            pools[name] = make_pool(cfg, bb, model, cur, start, n, cfg.seed, desc=f"3/4 encode pool {name}")
+            _save_ckpt(path, pools[name].__dict__)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    proj = list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW([{"params": lora, "lr": st.lr_lora}, {"params": proj, "lr": st.lr_projector}], weight_decay=0.0)
+    total = st.steps_a + st.steps_b
+    warm_cos = lambda s: min(1.0, (s + 1) / st.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cos)
+    step, ckpt = 0, work / "ckpt.pt"
+    if ckpt.exists():
+        s = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(s["trainable"], strict=False)
+        opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
+        step = s["step"]
+    t0, losses = time.time(), []
+    bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
+    while step < total:
+        pool = pools["a" if step < st.steps_a else "b"]
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
+        with _autocast(cfg):
+            loss = lm_loss(bb, pool, idx)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora + proj, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        record = {"step": step, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
+        if step % st.eval_every == 0 or step == total:
+            model.eval()
+            with _autocast(cfg):
+                record["val"] = yes_no_report(yes_no_scores(bb, pools["val"]), pools["val"])
+            model.train()
+            tqdm.write(f"step {step}: " + json.dumps({k: round(v["weighted_accuracy"], 3) for k, v in record["val"].items()}))
+        if step % st.checkpoint_every == 0 or step == total or "val" in record:
+            _log(cfg.work, "lm", record)
+            _save_ckpt(ckpt, {"trainable": trainable_state(model), "opt": opt.state_dict(),
+                              "sched": sched.state_dict(), "step": step})
+    bar.close()
+    state = trainable_state(model)
+    save_file({k: v.contiguous() for k, v in state.items()}, work / "trainable.safetensors")
+    return _finish(cfg.work, "lm", {"steps": step, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-20:])) if losses else None})
+
+
+# ============================================================================================ 4. export
+def stage_export(cfg: BuildConfig, out: Path | None = None) -> dict:
+    """Write the loadable weights folder: vision.safetensors, lm_delta.safetensors, config.json, processor/."""
+    out = Path(out) if out is not None else cfg.work / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_for(cfg)
+    model, processor = assemble(cfg, tok)
+    state = load_file(cfg.work / "lm" / "trainable.safetensors")
+    vision = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+    vision.update({k.replace("model.multi_modal_projector.", "multi_modal_projector."): v
+                   for k, v in state.items() if "multi_modal_projector" in k})
+    delta = {k.replace("model.language_model.", "").replace(".default.weight", ""): v
+             for k, v in state.items() if "lora_" in k}
+    meta = {"lora_rank": str(cfg.lm.lora_rank), "lora_alpha": str(cfg.lm.lora_alpha)}
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vision.items()}, out / "vision.safetensors")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in delta.items()}, out / "lm_delta.safetensors", metadata=meta)
+    cfg_dict = model.config.to_dict()
+    cfg_dict["text_config"].pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=1))
+    processor.save_pretrained(out / "processor")
+    info = {"vision_stage": _done(cfg.work, "vision"), "align_stage": _done(cfg.work, "align"),
+            "lm_stage": _done(cfg.work, "lm"), "config": _jsonable(cfg)}
+    (out / "build.json").write_text(json.dumps(info, indent=1))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"out": str(out), "bytes": size}
+
+
+def build(cfg: BuildConfig, stages: tuple[str, ...] = ("vision", "align", "lm", "export"), out: Path | None = None) -> dict:
+    """Run (or resume) the stages in order; returns each stage's summary."""
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    (cfg.work / "config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
+    res = {}
+    for name in stages:
+        fn = {"vision": stage_vision, "align": stage_align, "lm": stage_lm}.get(name)
+        res[name] = fn(cfg) if fn else stage_export(cfg, out)
+    return res

@@ -1,0 +1,50 @@
+"""`mcllava base ...`: build, check and inspect the proving-ground base (mounted by mcllava.cli)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+base_app = typer.Typer(help="Build and check the small offline proving-ground base VLM.", no_args_is_help=True)
+
+
+@base_app.command("build")
+def build_cmd(
+    work: Path = typer.Option(None, help="work folder for checkpoints (default ~/.cache/mcllava/proving-base-build)"),
+    out: Optional[Path] = typer.Option(None, help="where to export the weights (default WORK/export)"),
+    stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
+    vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
+    steps_a: int = typer.Option(None, help="LM phase (a) steps: one definition, easy negatives"),
+    steps_b: int = typer.Option(None, help="LM phase (b) steps: one or two definitions, look-alikes"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
+    from .build import DEFAULT_WORK, BuildConfig, build
+
+    cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed)
+    if vision_steps is not None:
+        cfg.vision_stage.steps = vision_steps
+    if steps_a is not None:
+        cfg.lm.steps_a = steps_a
+    if steps_b is not None:
+        cfg.lm.steps_b = steps_b
+    res = build(cfg, tuple(s.strip() for s in stages.split(",") if s.strip()), out)
+    typer.echo(json.dumps(res, indent=1, default=str))
+
+
+@base_app.command("gate")
+def gate_cmd(
+    weights: Optional[Path] = typer.Option(None, help="weights folder (default: the committed one)"),
+    out: Path = typer.Option(Path("proving-base-gate.json"), help="JSON report"),
+    seed: int = typer.Option(9001, help="world seed of the gate (never used in training)"),
+) -> None:
+    """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
+    from .gate import GateConfig, gate
+
+    res = gate(weights, out, GateConfig(seed=seed))
+    typer.echo(json.dumps(res["summary"], indent=1))
+    typer.echo(f"passed: {res['passed']}  (report: {out})")
+    raise typer.Exit(0 if res["passed"] else 1)

@@ -1,0 +1,118 @@
+"""The proving-ground architecture: a small CLIP ViT + LLaVA's MLP projector + SmolLM2-135M-Instruct.
+
+`build_llava` assembles a real `LlavaForConditionalGeneration` (the llava-1.5 code path) around any Llama-style
+text model: the SmolLM2 GGUF for the real base, or a 2-layer model from a config for tests. The processor's
+chat template puts the user's text BEFORE the `<image>` placeholder: with causal attention, image tokens can
+then attend to the concept definitions and the question, which makes "compare a description with the image"
+much easier for a 135M language model (the system text with concept introductions precedes the image anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..tiny import smollm2_gguf, smollm2_tokenizer
+
+# ChatML (SmolLM2's format); in a user turn the text parts come first, then the image placeholder.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}\n<image>{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class VisionSpec:
+    """The vision tower: 192 px world images cut into 6x6 patches of 32 px -> 36 image tokens."""
+
+    image_size: int = 192
+    patch_size: int = 32
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct as a plain `LlamaForCausalLM` (dequantised from the package's Q4_1 GGUF)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    lm = LlamaForCausalLM(src.config)
+    lm.load_state_dict(src.state_dict(), strict=False)
+    lm.tie_weights()
+    return lm.to(dtype)
+
+
+def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: int = 0):
+    """A `LlavaForConditionalGeneration` with a fresh vision tower and projector around `text_model`.
+
+    The text model's embeddings grow (to a multiple of 64 rows) to hold the `<image>` token; SmolLM2's head
+    stays tied to them. Returns (model, processor).
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    tied = bool(getattr(text_model.config, "tie_word_embeddings", False))
+    rows = max((len(tokenizer) + 63) // 64 * 64, text_model.get_input_embeddings().weight.shape[0])
+    text_model.resize_token_embeddings(rows, mean_resizing=False)
+    vcfg = CLIPVisionConfig(
+        hidden_size=vision.hidden, intermediate_size=vision.hidden * 4, num_hidden_layers=vision.layers,
+        num_attention_heads=vision.heads, image_size=vision.image_size, patch_size=vision.patch_size,
+        projection_dim=vision.hidden,
+    )
+    tcfg = text_model.config
+    tcfg.vocab_size = rows
+    config = LlavaConfig(
+        vision_config=vcfg, text_config=tcfg, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=tied,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    missing = model.model.language_model.load_state_dict(text_model.model.state_dict(), strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    if tied:
+        model.tie_weights()
+    else:
+        model.lm_head.load_state_dict(text_model.lm_head.state_dict())
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return model, processor
+
+
+def tiny_text_model(tokenizer, hidden: int = 64, layers: int = 2, tied: bool = True):
+    """A 2-layer Llama from a config (tests use it in place of SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def proving_tokenizer(cache_dir: str | Path | None = None):
+    tok = smollm2_tokenizer(cache_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def spec_dict(vision: VisionSpec) -> dict:
+    return asdict(vision)

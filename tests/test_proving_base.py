@@ -1,0 +1,83 @@
+"""Fast tests of the proving-ground pipeline on a toy configuration (2-layer LM from a config, 64 px images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
+from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, VisionStage, build
+from mcllava.proving_base.data import Curriculum, lm_sample, scene_pool, slot_classes
+from mcllava.proving_base.model import VisionSpec, tiny_text_model
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pb")
+    cfg = BuildConfig(
+        work=work, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
+        vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
+        align=AlignStage(steps=2, batch_size=4),
+        lm=LMStage(steps_a=1, steps_b=1, pool=16, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
+                   checkpoint_every=1),
+        progress=False, text_model=lambda tok: tiny_text_model(tok),
+    )
+    (work / "tokenizer").mkdir(exist_ok=True)
+    res = build(cfg)
+    return cfg, res
+
+
+def test_data_is_labelled_and_balanced():
+    pool = scene_pool(0, 4, size=64, grid=4)
+    assert pool.labels.shape == (4, 6, len(slot_classes()))
+    assert (pool.owner >= -1).all() and pool.owner.shape == (4, 16)
+    answers = [lm_sample(0, i, Curriculum(1, 0.0, (0, 0, 0, 1)), 64)["answer"] for i in range(40)]
+    assert 10 <= answers.count("Yes") <= 30
+
+
+def test_build_stages_and_resume(toy):
+    cfg, res = toy
+    for stage in ("vision", "align", "lm"):
+        assert (cfg.work / stage / "done.json").exists()
+    assert res["export"]["bytes"] > 0
+    # a finished stage is skipped; an interrupted one resumes from its checkpoint
+    (cfg.work / "lm" / "done.json").unlink()
+    ckpt = torch.load(cfg.work / "lm" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    again = build(cfg, stages=("lm",))
+    assert again["lm"]["steps"] == 2
+    log = [json.loads(x) for x in (cfg.work / "lm" / "log.jsonl").read_text().splitlines()]
+    assert "val" in log[-1]
+
+
+def test_load_from_export(toy):
+    cfg, _ = toy
+    from transformers import LlavaForConditionalGeneration
+
+    from mcllava.backbone import Backbone
+    from mcllava.proving_base.build import tokenizer_for
+
+    model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
+    assert isinstance(model, LlavaForConditionalGeneration)
+    bb = Backbone(model, processor, "toy")
+    prompt = bb.format_prompt("<dax> is a red cat. Is <dax> in this photo?")
+    assert prompt.index("Is <dax>") < prompt.index("<image>")  # text before the image
+    assert len(bb.encode(prompt).input_ids) > bb.num_image_tokens
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(MissingWeightsError, match="mcllava base build"):
+        load(tmp_path)
+
+
+@pytest.mark.skipif(not (WEIGHTS / "vision.safetensors").exists(), reason="proving-ground weights not committed")
+def test_committed_weights_load_offline():
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = load()
+    assert isinstance(model, LlavaForConditionalGeneration)
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert size <= 60 * 2**20
