@@ -131,3 +131,19 @@ def test_template_counts():
     assert len(set(RECOGNITION_QUESTIONS)) >= 20
     assert len(set(YES_ANSWERS)) >= 20 and all(a.startswith("Yes") for a in YES_ANSWERS)
     assert len(set(NO_ANSWERS)) >= 20 and all(a.startswith("No") for a in NO_ANSWERS)
+
+
+def test_tied_head_reads_the_trained_rows(tokenizer):
+    """On a tied model (SmolLM2 style) the head's logits for concept tokens move with the trained input rows."""
+    from mcllava.tiny import build_tiny_llava
+
+    model, _ = build_tiny_llava(tokenizer, tied=True)
+    tokens = add_concept_tokens(model, tokenizer, ["bo"], k=2)
+    (params,) = make_trainable(model, tokens)
+    with torch.no_grad():
+        params.add_(1.0)
+    h = torch.randn(2, 64)
+    logits = model.get_output_embeddings()(h)
+    rows, head = trained_rows(model, tokens)
+    assert head is None
+    assert torch.allclose(logits[:, tokens.all_ids], h @ rows.reshape(-1, 64).T, atol=1e-5)

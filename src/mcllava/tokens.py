@@ -8,6 +8,7 @@ ever train: `make_trainable` wraps the embedding (and untied head) in PEFT's tra
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,13 @@ def make_trainable(model, tokens: ConceptTokens) -> list[nn.Parameter]:
     model.requires_grad_(False)
     targets = ["embed_tokens"] if head_is_tied(model) else ["embed_tokens", "lm_head"]
     config = TrainableTokensConfig(token_indices=tokens.all_ids, target_modules=targets)
-    inject_adapter_in_model(config, model)
+    with warnings.catch_warnings():
+        # PEFT warns that it cannot tie adapters on tied models; for trainable tokens it does tie them (the
+        # head's layer reads the embedding layer's rows), which is checked just below and in the tests.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
+        inject_adapter_in_model(config, model)
+    if head_is_tied(model) and getattr(model.get_output_embeddings(), "tied_adapter", None) is not model.get_input_embeddings():
+        raise McLlavaError("PEFT did not tie the LM head's trainable tokens to the embedding's")
     params = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     for p in params:
         p.requires_grad_(True)
