@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,21 @@ def build_catalog(concepts: ConceptSet, negatives: Path | None, holdout: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+KILL_AT_ENV = "MCLLAVA_KILL_AT"
+
+
+def _fault_point(name: str) -> None:
+    """Test hook: with MCLLAVA_KILL_AT=<name> the process SIGKILLs itself here (tests/test_reliability_kill.py).
+
+    Names: ``step:<epoch>:<n>`` after the n-th optimizer step of an epoch; ``ckpt:<epoch>:written`` (new
+    checkpoint complete beside the old one), ``ckpt:<epoch>:moved-aside`` (old one renamed away, new not yet in
+    place), ``ckpt:<epoch>:swapped`` (new in place, old not yet deleted); ``bank:saved`` (before the checkpoint
+    is removed).
+    """
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _ckpt_dir(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
@@ -142,11 +158,31 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.opt
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
+    point = f"ckpt:{meta.get('epoch')}"
+    _fault_point(f"{point}:written")
     old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left over when a run was killed before deleting it
     if path.exists():
         os.replace(path, old)
+        _fault_point(f"{point}:moved-aside")
     os.replace(tmp, path)
+    _fault_point(f"{point}:swapped")
     shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint: `path`, or `path.old` if a run was killed between `save_checkpoint`'s renames."""
+    for folder in (path, path.with_name(path.name + ".old")):
+        if (folder / "state.json").exists():
+            return folder
+    return None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a run's checkpoint folders; `state.json` goes first so a half-deleted checkpoint is never resumed."""
+    for folder in (path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp"), path):
+        (folder / "state.json").unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
@@ -250,12 +286,13 @@ def personalize(
     ckpt = _ckpt_dir(out)
     meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
     start_epoch, history = 0, []
-    if resume and (ckpt / "state.json").exists():
-        meta = load_checkpoint(ckpt, params, optimizer)
+    found = latest_checkpoint(ckpt) if resume else None
+    if found is not None:
+        meta = load_checkpoint(found, params, optimizer)
         if {k: meta.get(k) for k in meta_key} != json.loads(json.dumps(meta_key)):
-            raise McLlavaError(f"checkpoint {ckpt} belongs to another run (different settings or concepts); remove it or drop --resume")
+            raise McLlavaError(f"checkpoint {found} belongs to another run (different settings or concepts); remove it or drop --resume")
         start_epoch, history = meta["epoch"], meta["history"]
-        log(f"resuming from {ckpt} after epoch {start_epoch}")
+        log(f"resuming from {found} after epoch {start_epoch}")
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -278,6 +315,7 @@ def personalize(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _fault_point(f"step:{epoch + 1}:{len(losses) + 1}")
             if config.recipe == "paper":  # only concept rows may change: put every other row back
                 with torch.no_grad():
                     for p, orig in zip(params, originals):
@@ -314,5 +352,6 @@ def personalize(
         metrics={"history": history},
     )
     bank.save(out)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    _fault_point("bank:saved")
+    remove_checkpoint(ckpt)
     return TrainResult(bank=bank, history=history)
