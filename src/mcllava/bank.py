@@ -79,10 +79,12 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _os_words(exc: BaseException) -> str:
-    """Plain words for an OS error (``the disk is full`` rather than ``[Errno 28]``)."""
+def os_words(exc: BaseException) -> str:
+    """Plain words for an OS error (``the disk is full`` rather than ``[Errno 28]``), also inside safetensors' errors."""
     if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
         return _ERRNO_WORDS[exc.errno]
+    if "os error 28" in str(exc):  # safetensors reports the errno only in its text
+        return _ERRNO_WORDS[errno.ENOSPC]
     return str(exc) or type(exc).__name__
 
 
@@ -253,7 +255,7 @@ class ConceptBank:
             tmp = None
             _fsync(target.parent)
         except (OSError, SafetensorError) as exc:
-            raise BankError(f"could not save bank to {target}: {_os_words(exc)}; any previous bank there is unchanged") from None
+            raise BankError(f"could not save bank to {target}: {os_words(exc)}; any previous bank there is unchanged") from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -21,11 +21,12 @@ from typing import Literal
 
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .bank import ConceptBank, config_hash
+from .bank import ConceptBank, config_hash, os_words
 from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
 from .errors import McLlavaError
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
@@ -155,9 +156,13 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.opt
             steps[i] = float(state["step"])
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
+    except (OSError, SafetensorError) as exc:  # disk full, read-only folder: no partial checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise McLlavaError(f"could not write the training checkpoint {path}: {os_words(exc)}; the previous checkpoint is unchanged") from None
     point = f"ckpt:{meta.get('epoch')}"
     _fault_point(f"{point}:written")
     old = path.with_name(path.name + ".old")
