@@ -39,6 +39,8 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise ValueError(f"{path}: invalid JSON: {exc}") from None
 
 
 def _resolve(name: str, where: str, *bases: Path) -> str:
@@ -76,6 +78,8 @@ def read_tests_jsonl(path: str | Path, check_images: bool = True) -> list[dict[s
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+            raise ValueError(f"{where}: invalid JSON: {exc}") from None
         rec = validate_record(raw, where)
         if rec["image"] is not None:
             img = Path(rec["image"])

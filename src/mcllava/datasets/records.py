@@ -6,6 +6,7 @@ A record is one question: ``{"image", "task", "question", "answer", "options"?, 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -72,9 +73,9 @@ def validate_record(rec: Any, where: str = "record") -> dict[str, Any]:
         raise ValueError(f"{where}: 'boxes' must map concept ids to [x0, y0, x1, y1], got {boxes!r}")
     for c, b in boxes.items():
         ok = isinstance(b, (list, tuple)) and len(b) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
         if not ok or b[0] > b[2] or b[1] > b[3]:
-            raise ValueError(f"{where}: box of {c!r} must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {b!r}")
+            raise ValueError(f"{where}: box of {c!r} must be [x0, y0, x1, y1] with finite x0 <= x1 and y0 <= y1, got {b!r}")
     if task == "grounding":
         missing = [c for c in (concepts or present) if c not in boxes]
         if not (concepts or present) or missing:
