@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
 from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, VisionStage, build
@@ -62,6 +63,10 @@ def test_load_from_export(toy):
 
     model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
     assert isinstance(model, LlavaForConditionalGeneration)
+    saved = load_file(cfg.work / "export" / "vision.safetensors")
+    proj = model.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(proj, saved["multi_modal_projector.linear_1.weight"].float())
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # SmolLM2 ties them
     bb = Backbone(model, processor, "toy")
     prompt = bb.format_prompt("<dax> is a red cat. Is <dax> in this photo?")
     assert prompt.index("Is <dax>") < prompt.index("<image>")  # text before the image

@@ -66,9 +66,11 @@ def load(weights: str | Path | None = None, text_model=None, dtype: torch.dtype 
     if emb.shape[0] < rows:  # the rows added for <image> (its embedding is always overwritten by image tokens)
         lm_state["embed_tokens.weight"] = torch.cat([emb, emb.mean(0, keepdim=True).expand(rows - emb.shape[0], -1)])
     model.model.language_model.load_state_dict(lm_state)
-    model.load_state_dict(
+    result = model.load_state_dict(
         {f"model.{k}": v.float() for k, v in load_file(folder / "vision.safetensors").items()}, strict=False
     )
+    if result.unexpected_keys:
+        raise McLlavaError(f"{folder / 'vision.safetensors'} does not fit the model: {result.unexpected_keys[:3]}")
     with safe_open(str(folder / "lm_delta.safetensors"), "pt") as f:
         meta = f.metadata()
         delta = {k: f.get_tensor(k) for k in f.keys()}

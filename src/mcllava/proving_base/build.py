@@ -203,12 +203,12 @@ def stage_vision(cfg: BuildConfig) -> dict:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.mean().item():.3f}")
-        if step % 100 == 0 or step == st.steps:
+        if step % 50 == 0 or step == st.steps:
+            _save_ckpt(ckpt, {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                              "sched": sched.state_dict(), "step": step})
             val = _vision_val(tower, heads, pool, n_val)
             _log(cfg.work, "vision", {"step": step, "loss": loss.item(), "train_acc": correct.mean().item(),
                                       **val, "seconds": time.time() - t0})
-            _save_ckpt(ckpt, {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                              "sched": sched.state_dict(), "step": step})
     bar.close()
     save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
     return _finish(cfg.work, "vision", {"steps": step, **_vision_val(tower, heads, pool, n_val),
@@ -219,7 +219,7 @@ def stage_vision(cfg: BuildConfig) -> dict:
 def _vision_val(tower, heads, pool, n_val: int) -> dict:
     """Held-out accuracy per trait over labelled (slot, trait) pairs (category includes empty slots)."""
     tower.eval()
-    feats = torch.cat([patch_tokens(tower, normalise(pool["pixels"][i : i + 64])) for i in range(0, n_val, 64)])
+    feats = torch.cat([patch_tokens(tower, normalise(pool["pixels"][i : min(i + 64, n_val)])) for i in range(0, n_val, 64)])
     tower.train()
     out = heads.head(feats.flatten(1)).view(n_val, N_SLOTS, -1)
     labels, res, start = pool["labels"][:n_val], {}, 0
@@ -493,7 +493,12 @@ def stage_export(cfg: BuildConfig, out: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_for(cfg)
     model, processor = assemble(cfg, tok)
-    state = load_file(cfg.work / "lm" / "trainable.safetensors")
+    final = cfg.work / "lm" / "trainable.safetensors"
+    if final.exists():
+        state, lm_steps = load_file(final), None
+    else:  # an interrupted LM stage: export its last checkpoint (build.json says how far it got)
+        ckpt = torch.load(cfg.work / "lm" / "ckpt.pt", weights_only=False)
+        state, lm_steps = ckpt["trainable"], ckpt["step"]
     vision = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
     vision.update({k.replace("model.multi_modal_projector.", "multi_modal_projector."): v
                    for k, v in state.items() if "multi_modal_projector" in k})
@@ -507,7 +512,7 @@ def stage_export(cfg: BuildConfig, out: Path | None = None) -> dict:
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=1))
     processor.save_pretrained(out / "processor")
     info = {"vision_stage": _done(cfg.work, "vision"), "align_stage": _done(cfg.work, "align"),
-            "lm_stage": _done(cfg.work, "lm"), "config": _jsonable(cfg)}
+            "lm_stage": _done(cfg.work, "lm") or {"interrupted_at_step": lm_steps}, "config": _jsonable(cfg)}
     (out / "build.json").write_text(json.dumps(info, indent=1))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "bytes": size}
