@@ -7,6 +7,7 @@ can never disagree about where the image tokens sit or how a turn is closed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,11 @@ PROVING_GROUND = "proving-ground"
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
+
+# Private-use characters that fence control-token text of a user's question inside a formatted prompt:
+# `encode` tokenises fenced text as plain text, so a question cannot open or close chat turns.
+FENCE_OPEN, FENCE_CLOSE = "\ue000", "\ue001"
+_FENCED = re.compile(f"{FENCE_OPEN}(.*?){FENCE_CLOSE}", re.S)
 
 
 class UnsupportedModelError(McLlavaError, ValueError):
@@ -196,6 +202,7 @@ class Backbone:
     # ------------------------------------------------------------------ text
     def format_prompt(self, question: str, system: str | None = None, image: bool = True) -> str:
         """The one chat formatter: system text, a user turn (image placeholder + question), the assistant cue."""
+        question = self.fence_control_tokens(question)
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if template is None:
             head = f"{system}\n" if system else ""
@@ -207,6 +214,28 @@ class Backbone:
         ]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def fence_control_tokens(self, text: str) -> str:
+        """Mark the tokenizer's special tokens in user text (e.g. ``<|im_start|>``) to be encoded as plain text.
+
+        The image placeholder is left alone (a second one is refused by `encode`); concept tokens are not special.
+        """
+        if getattr(self, "_control", None) is None:
+            tok = self.tokenizer
+            special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+            special.discard(self.image_token)
+            self._control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True) if t) or r"(?!)")
+        text = text.replace(FENCE_OPEN, "").replace(FENCE_CLOSE, "")
+        return self._control.sub(lambda m: FENCE_OPEN + m.group(0) + FENCE_CLOSE, text)
+
+    def _token_ids(self, text: str) -> list[int]:
+        """Token ids of a prompt; fenced spans (see `fence_control_tokens`) with special tokens split into plain text."""
+        ids, at = [], 0
+        for m in _FENCED.finditer(text):
+            ids += self.tokenizer(text[at : m.start()], add_special_tokens=False)["input_ids"]
+            ids += self.tokenizer(m.group(1), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            at = m.end()
+        return ids + self.tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+
     @property
     def end_of_turn(self) -> str:
         """The token that closes an assistant answer (ChatML's <|im_end|>, Llama's </s>)."""
@@ -214,7 +243,7 @@ class Backbone:
 
     def encode(self, prompt: str, answer: str | None = None) -> Encoded:
         """Tokenise a formatted prompt (+ answer): expand the image placeholder to N tokens, label the answer only."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self._token_ids(prompt)
         n_image = ids.count(self.image_token_id)
         if n_image > 1:
             raise McLlavaError(f"prompt has {n_image} image placeholders; mcllava uses one image per question")
