@@ -86,3 +86,15 @@ def test_committed_weights_load_offline():
     assert isinstance(model, LlavaForConditionalGeneration)
     size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
     assert size <= 60 * 2**20
+
+
+def test_gate_runs_on_toy(toy):
+    cfg, _ = toy
+    from mcllava.proving_base.build import tokenizer_for
+    from mcllava.proving_base.gate import GateConfig, run_gate
+
+    model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
+    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, size=64), progress=False)
+    assert set(res["summary"]) == {"caption_category_recall", "generic_accuracy", "definition_weighted_accuracy",
+                                   "named_weighted_accuracy"}
+    assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1

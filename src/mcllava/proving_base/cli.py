@@ -40,11 +40,15 @@ def gate_cmd(
     weights: Optional[Path] = typer.Option(None, help="weights folder (default: the committed one)"),
     out: Path = typer.Option(Path("proving-base-gate.json"), help="JSON report"),
     seed: int = typer.Option(9001, help="world seed of the gate (never used in training)"),
+    captions: int = typer.Option(40, help="caption samples"),
+    generic: int = typer.Option(120, help="colour / category / position / exists questions"),
+    definitions: int = typer.Option(200, help="recognition samples with in-context definitions"),
+    named: int = typer.Option(100, help="named recognition samples without definitions"),
 ) -> None:
     """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
     from .gate import GateConfig, gate
 
-    res = gate(weights, out, GateConfig(seed=seed))
+    res = gate(weights, out, GateConfig(seed=seed, captions=captions, generic=generic, definitions=definitions, named=named))
     typer.echo(json.dumps(res["summary"], indent=1))
     typer.echo(f"passed: {res['passed']}  (report: {out})")
     raise typer.Exit(0 if res["passed"] else 1)

@@ -74,7 +74,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     bar = tqdm(total=len(caps) + len(gens), desc="gate: generated answers", disable=not progress)
     recalls, by_kind = [], {}
     for s in caps + gens:
-        feats = tower_features(model, torch.from_numpy(np.asarray(s["image"].convert("RGB")))[None])
+        feats = tower_features(model, torch.from_numpy(np.array(s["image"].convert("RGB")))[None])
         feats = model.model.multi_modal_projector(feats)[0]
         with ac:
             out = bb.generate(bb.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)

@@ -16,12 +16,13 @@ import torch
 
 from ..tiny import smollm2_gguf, smollm2_tokenizer
 
-# ChatML (SmolLM2's format); in a user turn the text parts come first, then the image placeholder.
+# ChatML (SmolLM2's format); in a user turn the text parts come first, then the image placeholder right after
+# the question ("...in this photo?<image><|im_end|>").
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}\n<image>{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
     "{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
