@@ -232,11 +232,11 @@ def export_cmd(
 
 
 def _mount_subapps() -> None:
-    try:
-        from .world.cli import world_app
-    except ImportError:  # the proving-ground world is optional
-        return
+    from .proving_base.cli import base_app
+    from .world.cli import world_app
+
     app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
+    app.add_typer(base_app, name="base", help="The proving ground: build and check the small offline base model.")
 
 
 _mount_subapps()
