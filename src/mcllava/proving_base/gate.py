@@ -76,7 +76,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     for s in caps + gens:
         feats = tower_features(model, torch.from_numpy(np.array(s["image"].convert("RGB")))[None])
         feats = model.model.multi_modal_projector(feats)[0]
-        with ac:
+        with torch.no_grad():  # fp32: bf16 autocast makes one-token (GEMV) decoding steps much slower on CPU
             out = bb.generate(bb.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)
         bar.update(1)
         low = out.lower()
