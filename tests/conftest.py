@@ -36,8 +36,24 @@ def tiny_backbone(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory, tokenizer_dir):
-    """A tiny LLaVA pretrained on coloured shapes and saved like a checkpoint folder (built once per session)."""
+def tiny_base_dir(tokenizer_dir):
+    """A tiny LLaVA pretrained on coloured shapes, saved like a checkpoint folder.
+
+    Pretraining takes a minute or two, so the folder is cached under ~/.cache/mcllava (or $MCLLAVA_CACHE),
+    keyed by a hash of the code that builds it: a change to that code builds a fresh one.
+    """
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import mcllava.backbone
+    import mcllava.tiny
+    import mcllava.training_data
     from mcllava.tiny import make_tiny_base
 
-    return make_tiny_base(tmp_path_factory.mktemp("tiny-base"), tokenizer_cache=tokenizer_dir)
+    digest = hashlib.sha256()
+    for module in (mcllava.tiny, mcllava.backbone):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update("\n".join(mcllava.training_data.RECOGNITION_QUESTIONS).encode())
+    cache = Path(os.environ.get("MCLLAVA_CACHE", Path.home() / ".cache" / "mcllava"))
+    return make_tiny_base(cache / f"test-tiny-base-{digest.hexdigest()[:12]}", tokenizer_cache=tokenizer_dir)

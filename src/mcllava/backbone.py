@@ -303,7 +303,10 @@ class Backbone:
 
     def image_features_with_grad(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Visual tokens with gradients flowing into the vision tower (for building base models, not personalising)."""
-        px = self.pixel_values(images).to(self.device, self.dtype)
+        return self.image_features_with_grad_from_pixels(self.pixel_values(images))
+
+    def image_features_with_grad_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        px = pixel_values.to(self.device, self.dtype)
         out = self.model.get_image_features(
             pixel_values=px,
             vision_feature_layer=self.model.config.vision_feature_layer,

@@ -129,42 +129,70 @@ def describe(colour: str, shape: str) -> str:
     return f"the {colour} {shape}"
 
 
-def pretrain_tiny(model, processor, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
+def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int):
+    """One pretraining sample: (image or None, question, answer).
+
+    Three kinds, mixed: reading the image ("What colours do you see?"), comparing two descriptions in text
+    (a quick way over the plateau every small model sits on before it learns to compare), and recognising
+    a described shape in the image — the skill personal concept tokens plug into.
+    """
+    from .training_data import RECOGNITION_QUESTIONS
+
+    objs = rng.sample(kinds, rng.randint(1, 2))
+    positive = rng.random() < 0.5
+    target = rng.choice(objs) if positive else rng.choice([k for k in kinds if k not in objs])
+    roll = rng.random()
+    if roll < 0.2:
+        said = " and ".join(describe(*o) for o in objs)
+        return None, f"I have {said}. Do I have {describe(*target)}?", "Yes." if positive else "No."
+    image, _ = draw_shapes(objs, size, rng)
+    if roll < 0.4:
+        return image, "What do you see?", "I see " + " and ".join(describe(*o) for o in objs) + "."
+    question = rng.choice(RECOGNITION_QUESTIONS).format(c=describe(*target))
+    return image, question, "Yes." if positive else "No."
+
+
+def pretrain_tiny(
+    model, processor, steps: int = 2000, batch_size: int = 32, lr: float = 3e-3, pool: int = 4096, seed: int = 0
+) -> list[float]:
     """Train the whole tiny model on recognition of described shapes ("Is the red circle in this photo?").
 
-    Uses the same question and answer wording as personalisation, with a description where a concept token
-    will later stand, so that learned concept rows have a skill to plug into.
+    The questions use personalisation's own wording with a description where a concept token will later stand,
+    so learned concept rows have a skill to plug into. A fixed pool of samples is encoded once up front, so a
+    step is pure tensor work.
     """
     from .backbone import Backbone
-    from .training_data import NO_ANSWERS, RECOGNITION_QUESTIONS, YES_ANSWERS, collate
+    from .training_data import collate
 
     bb = Backbone(model, processor, "tiny")
-    model.requires_grad_(True)
-    model.train()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    samples = [shape_questions(rng, kinds, bb.image_size) for _ in range(pool)]
+    blank = Image.new("RGB", (bb.image_size, bb.image_size))
+    pixels = bb.pixel_values([im or blank for im, _, _ in samples])
+    has_image = torch.tensor([im is not None for im, _, _ in samples])
+    encoded = [bb.encode(bb.format_prompt(q, image=im is not None), a) for im, q, a in samples]
+    batch_all = collate(encoded, [None] * pool, bb.tokenizer.pad_token_id)
+
+    # Word embeddings stay at their random values (fixed codes for words): training 49k rows would cost much
+    # of each step and teach the tiny model nothing it needs. An untied head trains, so answers can be fluent.
+    model.requires_grad_(True)
+    model.get_input_embeddings().requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     losses = []
     for _ in range(steps):
-        encoded, images = [], []
-        for _ in range(batch_size):
-            objs = rng.sample(kinds, rng.randint(1, 2))
-            image, _ = draw_shapes(objs, bb.image_size, rng)
-            positive = rng.random() < 0.5
-            target = rng.choice(objs) if positive else rng.choice([k for k in kinds if k not in objs])
-            desc = describe(*target)
-            answer = rng.choice(YES_ANSWERS if positive else NO_ANSWERS).format(c=desc)
-            system = None if rng.random() < 0.3 else " ".join(f"<{w}> is " + "".join(f"<{w}_{i}>" for i in range(rng.randint(1, 4))) + "." for w in rng.sample(["x", "y", "z"], rng.randint(1, 3)))
-            prompt = bb.format_prompt(rng.choice(RECOGNITION_QUESTIONS).format(c=desc), system=system)
-            encoded.append(bb.encode(prompt, answer))
-            images.append(image)
-        batch = collate(encoded, [None] * batch_size, bb.tokenizer.pad_token_id)
-        loss = bb.answer_loss(batch.input_ids, batch.attention_mask, batch.labels, bb.image_features_with_grad(images))
+        idx = torch.randint(0, pool, (batch_size,))
+        width = int(batch_all.attention_mask[idx].sum(1).max())
+        ids, mask, labels = (t[idx, :width] for t in (batch_all.input_ids, batch_all.attention_mask, batch_all.labels))
+        feats = bb.image_features_with_grad_from_pixels(pixels[idx][has_image[idx]])
+        loss = bb.answer_loss(ids, mask, labels, feats)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -173,7 +201,7 @@ def pretrain_tiny(model, processor, steps: int = 600, batch_size: int = 32, lr: 
     return losses
 
 
-def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 600, seed: int = 0) -> Path:
+def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 2000, seed: int = 0) -> Path:
     """Build, pretrain and save a tiny base model folder (model + processor); reuses the folder if it exists."""
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "mcllava-tiny.json").exists():

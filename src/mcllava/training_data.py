@@ -130,6 +130,7 @@ class DataOptions:
     balance: bool = True  # as many No as Yes for every concept, every epoch
     text: bool = True  # text-only questions from descriptions and facts
     group: bool = True  # "are A and B both here?" on group photos
+    short_answers: bool = False  # plain "Yes." / "No." (for small bases that never learned fuller phrasings)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def build_epoch(
             neg = rng.sample(neg_pool, n_neg) if n_neg <= len(neg_pool) else rng.choices(neg_pool, k=n_neg)
         else:
             neg = []
-        for entries, answers, kind in ((pos, YES_ANSWERS, "positive"), (neg, NO_ANSWERS, "negative")):
+        yes, no = (["Yes."], ["No."]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
+        for entries, answers, kind in ((pos, yes, "positive"), (neg, no, "negative")):
             for e in entries:
                 samples.append(
                     Sample(

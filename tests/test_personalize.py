@@ -1,0 +1,160 @@
+"""End to end on a pretrained tiny base: personalisation learns, banks round-trip, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mcllava.assistant import PersonalAssistant
+from mcllava.backbone import Backbone
+from mcllava.bank import ConceptBank
+from mcllava.concepts import ConceptSet
+from mcllava.datasets import read_tests_jsonl
+from mcllava.errors import BankError
+from mcllava.evaluate import evaluate
+from mcllava.tiny import make_shape_concepts
+from mcllava.train import TrainConfig, personalize, yes_no_margin
+from mcllava.training_data import DataOptions
+
+SHAPES = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("yellow", "triangle")}
+# The tiny base answers "Yes." / "No." and never learned fuller phrasings or facts: train on short answers.
+TINY_DATA = DataOptions(short_answers=True, text=False)
+FAST = TrainConfig(k=4, epochs=40, lr=3e-2, batch_size=8, seed=0, data=TINY_DATA)
+
+
+class YesNo:
+    """Answerer that reads the recognition decision as logit(Yes) > logit(No) at the first answer token.
+
+    An untrained bank may answer neither word; comparing the two logits still says which way it leans, so the
+    same reading serves before and after training.
+    """
+
+    def __init__(self, assistant: PersonalAssistant):
+        self.assistant, self.names = assistant, assistant.names
+
+    def answer(self, image, question):
+        bb = self.assistant.backbone
+        features = bb.visual_tokens([image]).features[0]
+        return "Yes" if yes_no_margin(bb, self.assistant.tokens.system_text(), question, features) > 0 else "No"
+
+    def locate(self, image):
+        return self.assistant.locate(image)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    concepts_dir, tests = make_shape_concepts(root, SHAPES, n_train=8, n_test=6, seed=1)
+    return concepts_dir, tests
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base_dir, shapes):
+    concepts_dir, _ = shapes
+    out = tmp_path_factory.mktemp("bank") / "bank"
+    bb = Backbone.load(tiny_base_dir)
+    result = personalize(ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer), bb, out, FAST, progress=False, log=lambda *_: None)
+    return out, result
+
+
+def recognition(bank_or_none, tiny_base_dir, tests):
+    records = [r for r in read_tests_jsonl(tests) if r["task"] == "recognition"]
+    assistant = PersonalAssistant.load(bank_or_none, Backbone.load(tiny_base_dir))
+    return evaluate(records, YesNo(assistant), progress=False, keep_rows=False)["recognition"]
+
+
+def test_personalisation_learns_to_recognise(trained, tiny_base_dir, shapes):
+    bank_path, result = trained
+    after = recognition(bank_path, tiny_base_dir, shapes[1])
+    print("recognition after personalisation:", json.dumps(after))
+    assert after["weighted_accuracy"] >= 0.9, after
+    assert after["positive_recall"] >= 0.8 and after["negative_recall"] >= 0.8, after
+    history = ConceptBank.load(bank_path).metrics["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_untrained_rows_are_near_chance(tmp_path, tiny_base_dir, shapes):
+    concepts_dir, tests = shapes
+    bb = Backbone.load(tiny_base_dir)
+    cfg = TrainConfig(k=4, epochs=1, lr=0.0, batch_size=8, seed=0, data=TINY_DATA)  # lr 0: the bank keeps its initial rows
+    personalize(ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer), bb, tmp_path / "b0", cfg, progress=False, log=lambda *_: None)
+    before = recognition(tmp_path / "b0", tiny_base_dir, tests)
+    assert 0.3 <= before["weighted_accuracy"] <= 0.7, before
+
+
+def test_generated_answers_agree_with_the_decision(trained, tiny_base_dir, shapes):
+    """Greedy generation starts with the word the logit comparison picks (the answers a user sees)."""
+    from PIL import Image
+
+    bank_path, _ = trained
+    assistant = PersonalAssistant.load(bank_path, Backbone.load(tiny_base_dir))
+    records = [r for r in read_tests_jsonl(shapes[1]) if r["task"] == "recognition"][::4]
+    decide = YesNo(assistant)
+    for r in records:
+        image = Image.open(r["image"]).convert("RGB")
+        text = assistant.answer(image, r["question"], visual_prompt=False, max_new_tokens=3)
+        assert text.split(".")[0].strip() == decide.answer(image, r["question"]), (r["question"], text)
+
+
+def test_bank_round_trip_gives_identical_answers(trained, tiny_base_dir, shapes, tmp_path):
+    bank_path, _ = trained
+    bank = ConceptBank.load(bank_path)
+    bank.save(tmp_path / "copy")
+    records = [r for r in read_tests_jsonl(shapes[1])][:6]
+    from PIL import Image
+
+    a = PersonalAssistant.load(bank_path, Backbone.load(tiny_base_dir))
+    b = PersonalAssistant.load(tmp_path / "copy", Backbone.load(tiny_base_dir))
+    for r in records:
+        image = Image.open(r["image"])
+        assert a.answer(image, r["question"], max_new_tokens=8) == b.answer(image, r["question"], max_new_tokens=8)
+
+
+def test_bank_for_another_base_is_refused(trained, tokenizer):
+    from mcllava.tiny import build_tiny_llava
+
+    bank_path, _ = trained
+    model, processor = build_tiny_llava(tokenizer, tied=True)  # another architecture: tied head
+    with pytest.raises(BankError, match="trained on base"):
+        PersonalAssistant.load(bank_path, Backbone(model, processor, "other"))
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_base_dir, shapes):
+    concepts_dir, _ = shapes
+    cfg = TrainConfig(k=4, epochs=3, lr=3e-2, batch_size=8, seed=5, data=TINY_DATA)
+
+    def run(out, epochs, resume=False):
+        bb = Backbone.load(tiny_base_dir)
+        c = ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer)
+        return personalize(c, bb, out, TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "data": cfg.data}), resume=resume, progress=False, log=lambda *_: None)
+
+    full = run(tmp_path / "full", 3).bank
+
+    class Interrupt(Exception):
+        pass
+
+    # Interrupt a run during its third epoch: the checkpoint holds two epochs.
+    import mcllava.train as train_mod
+
+    original = train_mod.probe_accuracy
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt()
+        return original(*args, **kwargs)
+
+    train_mod.probe_accuracy = flaky
+    try:
+        with pytest.raises(Interrupt):
+            run(tmp_path / "cut", 3)
+    finally:
+        train_mod.probe_accuracy = original
+    assert (tmp_path / "cut.ckpt" / "state.json").exists() and not (tmp_path / "cut").exists()
+    resumed = run(tmp_path / "cut", 3, resume=True).bank
+    assert torch.equal(resumed.input_rows, full.input_rows)
+    assert torch.equal(resumed.head_rows, full.head_rows)
+    assert not (tmp_path / "cut.ckpt").exists()
