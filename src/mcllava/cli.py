@@ -20,6 +20,10 @@ err = Console(stderr=True)
 
 @app.callback()
 def _setup() -> None:
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
     """Keep output clean: library progress bars and notices go away, our own progress and errors stay."""
     import logging
     import warnings

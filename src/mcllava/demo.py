@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from .assistant import PersonalAssistant
@@ -22,6 +21,7 @@ from .datasets import read_tests_jsonl
 from .evaluate import evaluate, print_table
 from .report import write_html
 from .train import TrainConfig, personalize
+from .training_data import DataOptions
 
 console = Console()
 
@@ -29,18 +29,24 @@ SHAPE_CONCEPTS = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("
 
 
 class DemoAnswerer:
-    """Evaluation adapter that also keeps each question's marked image for the report."""
+    """Evaluation adapter that also keeps each question's marked image for the report.
+
+    The tiny base never saw Set-of-Mark marks or "Mark n is <c>." in training, so it answers from the plain
+    photo; the marks are still computed and shown, so the report shows where each concept was located.
+    """
 
     def __init__(self, assistant: PersonalAssistant):
         self.assistant, self.names, self.marked = assistant, assistant.names, {}
         self._n = 0
 
     def answer(self, image, question):
-        result = self.assistant.respond(image, question, visual_prompt=True, max_new_tokens=24)
-        if result.marked_image is not None:
-            self.marked[self._n] = result.marked_image
+        from .locate import draw_marks
+
+        locations = self.assistant.locations(image)
+        if any(loc.present for loc in locations):
+            self.marked[self._n] = draw_marks(image, locations)[0]
         self._n += 1
-        return result.text
+        return self.assistant.answer(image, question, visual_prompt=False, max_new_tokens=8)
 
     def locate(self, image):
         self._n += 1
@@ -51,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--report", type=Path, default=Path("demo-report"))
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from .cli import quiet_libraries
+
+    quiet_libraries()
     t0 = time.perf_counter()
 
     from .tiny import make_shape_concepts, make_tiny_base
@@ -63,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print("No LLaVA checkpoint is needed: a tiny LLaVA is built from a config and pretrained on shapes (cached in demo-out/base).")
     base_dir = make_tiny_base(args.out / "base", tokenizer_cache=args.out / "tokenizer")
     console.rule("2. concepts and test set")
-    concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=6, n_test=6, seed=args.seed + 1)
+    concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1)
     console.print(f"concepts: {', '.join(f'<{c}> ({a} {b})' for c, (a, b) in SHAPE_CONCEPTS.items())}; tests: {tests}")
 
     console.rule("3. personalise (all concepts jointly, --recipe fast)")
     backbone = Backbone.load(base_dir)
     concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-    config = TrainConfig(k=4, epochs=args.epochs, lr=1e-2, batch_size=8, seed=args.seed)
+    # The tiny base only ever answered "Yes." / "No.": train on short answers (real LLaVA bases take the full set).
+    config = TrainConfig(k=4, epochs=args.epochs, lr=3e-2, batch_size=8, seed=args.seed, data=DataOptions(short_answers=True, text=False))
     result = personalize(concept_set, backbone, args.out / "bank", config, resume=True, log=console.print)
     console.print(f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)")
 

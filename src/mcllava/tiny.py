@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from .errors import McLlavaError
 
@@ -153,7 +154,8 @@ def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int)
 
 
 def pretrain_tiny(
-    model, processor, steps: int = 2000, batch_size: int = 32, lr: float = 3e-3, pool: int = 4096, seed: int = 0
+    model, processor, steps: int = 2000, batch_size: int = 32, lr: float = 3e-3, pool: int = 4096, seed: int = 0,
+    progress: bool = True,
 ) -> list[float]:
     """Train the whole tiny model on recognition of described shapes ("Is the red circle in this photo?").
 
@@ -184,7 +186,8 @@ def pretrain_tiny(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     losses = []
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="pretraining tiny base", disable=not progress)
+    for _ in bar:
         idx = torch.randint(0, pool, (batch_size,))
         width = int(batch_all.attention_mask[idx].sum(1).max())
         ids, mask, labels = (t[idx, :width] for t in (batch_all.input_ids, batch_all.attention_mask, batch_all.labels))
@@ -196,6 +199,7 @@ def pretrain_tiny(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     model.requires_grad_(False)
     model.eval()
     return losses
