@@ -222,9 +222,11 @@ def probe_accuracy(backbone: Backbone, tokens: ConceptTokens, store: ImageStore,
     if not probe:
         return None
     system = tokens.system_text()
+    refs = [ImageRef(e.key) for e in probe]
+    store.fill_cache(refs, progress=False)  # the frozen tower sees each held-out image once, not once per epoch
     pos, neg = [], []
-    for e in probe:
-        feats = store.backbone.visual_tokens([store.images[e.key]]).features[0]
+    for e, ref in zip(probe, refs):
+        feats = store.cache[ref]
         for cid in tokens.concept_ids:
             yes = yes_no_margin(backbone, system, PROBE_QUESTION.format(c=tokens.token(cid)), feats) > 0
             (pos if cid in e.present else neg).append(yes if cid in e.present else not yes)
