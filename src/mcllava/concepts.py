@@ -14,7 +14,6 @@ Images are untrusted input: sizes are checked before decoding, and decoding fail
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator

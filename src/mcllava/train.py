@@ -267,6 +267,8 @@ def personalize(
     for i, c in enumerate(concepts):
         keys = [e.key for e in train_entries if e.key.startswith(f"{c.id}/")]
         vt = backbone.visual_tokens([store.images[k] for k in keys], [store.masks[k] for k in keys])
+        if config.recipe == "fast":  # the same tokens the training cache needs: keep them, don't embed twice
+            store.cache.update({ImageRef(k): f for k, f in zip(keys, vt.features)})
         feats = masked_tokens(vt.patches, vt.coverage)
         refs[c.id] = kmeans_rows(feats, min(config.k, len(feats)), 1.0, seed=config.seed)[1:]  # locator references
         if config.init == "kmeans":
