@@ -241,15 +241,26 @@ class Backbone:
         """The token that closes an assistant answer (ChatML's <|im_end|>, Llama's </s>)."""
         return self.tokenizer.eos_token or ""
 
-    def encode(self, prompt: str, answer: str | None = None) -> Encoded:
-        """Tokenise a formatted prompt (+ answer): expand the image placeholder to N tokens, label the answer only."""
+    def encode(self, prompt: str, answer: str | None = None, definition_rows: int = 0) -> Encoded:
+        """Tokenise a formatted prompt (+ answer): expand the image placeholder to N tokens, label the answer only.
+
+        With `definition_rows`, placeholders before the last one are definition slots of that many rows each
+        (building the proving-ground base: "<x> is <slot>." filled with visual rows of another photo of x).
+        """
         ids = self._token_ids(prompt)
         n_image = ids.count(self.image_token_id)
-        if n_image > 1:
+        if n_image > 1 and not definition_rows:
             raise McLlavaError(f"prompt has {n_image} image placeholders; mcllava uses one image per question")
-        if n_image == 1:
-            at = ids.index(self.image_token_id)
-            ids = ids[:at] + [self.image_token_id] * self.num_image_tokens + ids[at + 1 :]
+        if n_image >= 1:
+            last = len(ids) - 1 - ids[::-1].index(self.image_token_id)
+            expanded = []
+            for j, t in enumerate(ids):
+                if t == self.image_token_id:
+                    expanded += [t] * (self.num_image_tokens if j == last else definition_rows)
+                else:
+                    expanded.append(t)
+            ids = expanded
+            n_image = 1
         bos = self.tokenizer.bos_token_id
         if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
             ids = [bos] + ids

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     holdout: int = 1  # training images per concept kept aside for the per-epoch recognition check (if >= 3)
     data: DataOptions = field(default_factory=DataOptions)
+    cpu_bf16: bool = False  # bf16 autocast for fp32 models on CPU: several times faster where the CPU has AMX/AVX512-BF16
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
@@ -318,9 +319,10 @@ def personalize(
             batch = collate(encoded, [s.image for s in chunk], pad_id)
             refs_with_image = [s.image for s in chunk if s.image is not None]
             feats = store.features(refs_with_image, cached=config.recipe == "fast") if refs_with_image else None
-            loss = backbone.answer_loss(
-                batch.input_ids.to(backbone.device), batch.attention_mask.to(backbone.device), batch.labels.to(backbone.device), feats
-            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.cpu_bf16 and backbone.device.type == "cpu"):
+                loss = backbone.answer_loss(
+                    batch.input_ids.to(backbone.device), batch.attention_mask.to(backbone.device), batch.labels.to(backbone.device), feats
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
