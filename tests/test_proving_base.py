@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
 from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, VisionStage, build
-from mcllava.proving_base.data import Curriculum, lm_sample, scene_pool, slot_classes
+from mcllava.proving_base.data import MAX_ACTORS, PATCH_TRAITS, Curriculum, lm_sample, scene_pool
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
 
 
@@ -33,9 +33,9 @@ def toy(tmp_path_factory):
 
 def test_data_is_labelled_and_balanced():
     pool = scene_pool(0, 4, size=64, grid=4)
-    assert pool.labels.shape == (4, 6, len(slot_classes()))
+    assert pool.labels.shape == (4, MAX_ACTORS, len(PATCH_TRAITS))
     assert (pool.owner >= -1).all() and pool.owner.shape == (4, 16)
-    answers = [lm_sample(0, i, Curriculum(1, 0.0, (0, 0, 0, 1)), 64)["answer"] for i in range(40)]
+    answers = [lm_sample(0, i, Curriculum(1, 0.0, (0, 0, 0, 1, 0, 0)), 64)["answer"] for i in range(40)]
     assert 10 <= answers.count("Yes") <= 30
 
 
@@ -94,7 +94,7 @@ def test_gate_runs_on_toy(toy):
     from mcllava.proving_base.gate import GateConfig, run_gate
 
     model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
-    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, size=64), progress=False)
+    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, visual=4, size=64), progress=False)
     assert set(res["summary"]) == {"caption_category_recall", "generic_accuracy", "definition_weighted_accuracy",
-                                   "named_weighted_accuracy"}
+                                   "named_weighted_accuracy", "visual_definition_weighted_accuracy"}
     assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1

@@ -2,8 +2,8 @@
 
 Three streams, all drawn from one identity half ("base" for training, "personal" for the gate's unseen
 characters):
-- `scene_pool`: rendered scenes with per-slot trait labels (vision tower pretraining) and, per patch, the
-  character that owns it (projector alignment).
+- `scene_pool`: rendered scenes with per-character trait labels and, per patch, the character that owns it
+  (vision tower pretraining: every patch names its owner's traits; projector alignment).
 - `lm_sample`: one (image, question, answer, kind) for the language-model stage: short generic captions,
   colour / category / position questions, and recognition with in-context word definitions of made-up
   names ("<dax> is a red striped cat with round ears. Is <dax> in this photo?"), balanced Yes/No, with a
@@ -34,13 +34,16 @@ def rng_for(seed: int, purpose: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, PURPOSES[purpose], index])
 
 
-# Per-slot label heads of the vision pretraining: (trait, number of classes); category has an "empty" class.
-SLOT_TRAITS = ("category", "color", "pattern", "ears", "head", "eyes", "build", "accessory", "accessory_color")
-N_SLOTS = 6  # (left, centre, right) x (near, far)
+# Per-patch label heads of the vision pretraining: every patch token names the traits of the character that
+# owns it (category has an extra "background" class). Local supervision like this generalises; a linear read-out
+# of the flattened grid (per scene slot) only memorised the training scenes.
+PATCH_TRAITS = ("category", "color", "pattern", "ears", "head", "eyes", "build", "accessory", "accessory_color")
+N_SLOTS = 6  # (left, centre, right) x (near, far): positions named in generic questions
+MAX_ACTORS = 4
 
 
-def slot_classes() -> list[int]:
-    return [len(VALUES[t]) + (1 if t in ("category", "accessory_color") else 0) for t in SLOT_TRAITS]
+def trait_classes() -> list[int]:
+    return [len(VALUES[t]) + (1 if t in ("category", "accessory_color") else 0) for t in PATCH_TRAITS]
 
 
 def _slot(scene: RenderedScene, k: int) -> int:
@@ -58,57 +61,104 @@ def _identities(rng: np.random.Generator, k: int, half: str) -> list[Identity]:
     return out
 
 
+def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
+    """Share of each patch of a `grid` x `grid` patching that a bool mask covers ([grid*grid])."""
+    size = mask.shape[0]
+    return mask.reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3)).reshape(-1)
+
+
 def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slot trait labels [N_SLOTS, len(SLOT_TRAITS)] (-100 = no label) and per-patch owner [grid*grid]."""
-    labels = np.full((N_SLOTS, len(SLOT_TRAITS)), -100, dtype=np.int64)
-    labels[:, 0] = len(VALUES["category"])  # empty slot
-    size = scene.spec.size
+    """Per-actor trait labels [MAX_ACTORS, len(PATCH_TRAITS)] (-100 = no actor) and per-patch owner [grid*grid]."""
+    labels = np.full((MAX_ACTORS, len(PATCH_TRAITS)), -100, dtype=np.int64)
     cover = np.zeros((len(scene.spec.actors) + 1, grid * grid), dtype=np.float32)
     cover[0] = 0.35  # background wins unless a character covers more than 35% of the patch
     for k, a in enumerate(scene.spec.actors):
-        ident = a.identity
-        s = _slot(scene, k)
-        for j, t in enumerate(SLOT_TRAITS):
-            v = getattr(ident, t)
-            labels[s, j] = len(VALUES[t]) if v is None else VALUES[t].index(v)
-        m = scene.mask(k).reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3))
-        cover[k + 1] = m.reshape(-1)
+        for j, t in enumerate(PATCH_TRAITS):
+            v = getattr(a.identity, t)
+            labels[k, j] = len(VALUES[t]) if v is None else VALUES[t].index(v)
+        cover[k + 1] = patch_coverage(scene.mask(k), grid)
     return labels, cover.argmax(0) - 1
+
+
+def patch_labels(labels: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Per-patch trait labels [B, P, T] from per-actor labels [B, A, T] and owners [B, P] (-1 = background)."""
+    out = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))
+    bg = owner < 0
+    out[bg] = -100
+    out[..., 0][bg] = len(VALUES["category"])  # the background class
+    return out
 
 
 @dataclass
 class ScenePool:
     pixels: torch.Tensor  # [n, H, W, 3] uint8
-    labels: torch.Tensor  # [n, N_SLOTS, len(SLOT_TRAITS)]
+    labels: torch.Tensor  # [n, MAX_ACTORS, len(PATCH_TRAITS)]
     owner: torch.Tensor  # [n, grid*grid] actor index or -1
     descs: list[list[str]]  # per scene, per actor: short description (the projector alignment target)
 
 
-def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False) -> ScenePool:
-    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment."""
-    from tqdm.auto import tqdm
-
+def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    seed, start, stop, size, grid, half = args
+    n = stop - start
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    labels = np.zeros((n, N_SLOTS, len(SLOT_TRAITS)), dtype=np.int64)
+    labels = np.zeros((n, MAX_ACTORS, len(PATCH_TRAITS)), dtype=np.int64)
     owner = np.zeros((n, grid * grid), dtype=np.int64)
     descs = []
-    for i in tqdm(range(n), desc="render scenes", disable=not progress, mininterval=5):
+    for j, i in enumerate(range(start, stop)):
         rng = rng_for(seed, "scenes", i)
-        scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, 5)), half), size)
-        pixels[i] = np.asarray(scene.image.convert("RGB"))
-        labels[i], owner[i] = scene_labels(scene, grid)
+        scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), half), size)
+        pixels[j] = np.asarray(scene.image.convert("RGB"))
+        labels[j], owner[j] = scene_labels(scene, grid)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
-    return ScenePool(torch.from_numpy(pixels), torch.from_numpy(labels), torch.from_numpy(owner), descs)
+    return pixels, labels, owner, descs
+
+
+def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False,
+               workers: int = 2) -> ScenePool:
+    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment.
+
+    Scene i depends only on (seed, i), so the pool is the same however many processes render it.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    step = 500
+    jobs = [(seed, a, min(a + step, n), size, grid, half) for a in range(0, n, step)]
+    bar = tqdm(total=n, desc="render scenes", disable=not progress, mininterval=5)
+    parts = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            for part in ex.map(_render_chunk, jobs):
+                parts.append(part)
+                bar.update(len(part[0]))
+    else:
+        for job in jobs:
+            parts.append(_render_chunk(job))
+            bar.update(len(parts[-1][0]))
+    bar.close()
+    return ScenePool(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts])),
+                     torch.from_numpy(np.concatenate([p[2] for p in parts])), [d for p in parts for d in p[3]])
 
 
 # ------------------------------------------------------------------------------------------------ LM samples
+KINDS = ("caption", "vqa", "text_compare", "defined", "visual_defined", "visual_caption")
+
+
 @dataclass
 class Curriculum:
-    """What the recognition samples look like at one point of training."""
+    """What the samples look like at one point of training.
+
+    `mix` weighs the kinds of `KINDS`: short captions; colour/category/position/exists questions; recognition
+    with word definitions written out against the photo written out (text only); recognition with word
+    definitions; recognition with *visual* definitions (`<x> is` followed by k projected visual tokens of
+    another photo of x: exactly the form a personal concept's soft tokens take later); and captions that name
+    the visually defined characters present.
+    """
 
     max_definitions: int = 1  # 1 .. 2 made-up names defined per sample
     lookalike: float = 0.0  # share of negatives where a look-alike of the target stands in for it
-    mix: tuple[float, float, float, float] = (0.15, 0.25, 0.15, 0.45)  # caption, vqa, text compare, defined recognition
+    mix: tuple[float, ...] = (0.15, 0.2, 0.1, 0.25, 0.2, 0.1)
 
 
 def _cap(s: str) -> str:
@@ -144,10 +194,21 @@ def generic_question(rng: np.random.Generator, scene: RenderedScene) -> tuple[st
     return f"What is {where}?", f"{_cap(noun_phrase(a.identity))}.", "category"
 
 
-def defined_recognition(
-    rng: np.random.Generator, size: int, cur: Curriculum, half: str = "base", text_only: bool = False
-) -> dict[str, Any]:
-    """Recognition with in-context word definitions; balanced Yes/No; look-alikes as hard negatives."""
+@dataclass
+class RecognitionCase:
+    """Made-up names and the characters they define, which one is asked about, and who is in the photo."""
+
+    names: list[str]
+    defined: list[Identity]
+    target: int
+    positive: bool
+    actors: list[Any]  # (identity, role, name) in render order
+    lookalike: bool
+
+
+def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
+                     ) -> RecognitionCase:
+    """Balanced Yes/No: the target is present, or absent (replaced by a look-alike with `cur.lookalike`)."""
     n_def = int(rng.integers(1, cur.max_definitions + 1))
     defined = _identities(rng, n_def, half)
     names: list[str] = []
@@ -156,7 +217,7 @@ def defined_recognition(
         if nm not in names:
             names.append(nm)
     target = int(rng.integers(n_def))
-    positive = rng.random() < 0.5
+    positive = bool(rng.random() < 0.5) if positive is None else positive
     actors: list[Any] = []
     lookalike = False
     for j, (nm, ident) in enumerate(zip(names, defined)):
@@ -171,26 +232,71 @@ def defined_recognition(
         if other not in defined:
             actors.append((other, "other", None))
     perm = rng.permutation(len(actors))
-    actors = [actors[j] for j in perm]
-    intro = " ".join(f"<{nm}> is {describe(ident)}." for nm, ident in zip(names, defined))
-    question = f"{intro} {recognition_question([names[target]])}"
-    answer = "Yes" if positive else "No"
+    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], lookalike)
+
+
+def defined_recognition(
+    rng: np.random.Generator, size: int, cur: Curriculum, half: str = "base", text_only: bool = False
+) -> dict[str, Any]:
+    """Recognition with in-context word definitions; balanced Yes/No; look-alikes as hard negatives."""
+    c = recognition_case(rng, cur, half)
+    intro = " ".join(f"<{nm}> is {describe(ident)}." for nm, ident in zip(c.names, c.defined))
+    question = f"{intro} {recognition_question([c.names[c.target]])}"
+    answer = "Yes" if c.positive else "No"
     if text_only:
-        shown = join_words([describe(a[0]) for a in actors])
+        shown = join_words([describe(a[0]) for a in c.actors])
         return {"image": None, "question": f"{question} The photo shows {shown}.", "answer": answer,
-                "kind": "text_compare", "lookalike": lookalike}
+                "kind": "text_compare", "lookalike": c.lookalike}
+    scene = sample_visible_scene(rng, c.actors, size)
+    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "lookalike": c.lookalike}
+
+
+DEFINITION_SLOT = "<image>"  # one slot per definition in the system text; the build fills it with k visual rows
+
+
+def reference_photo(rng: np.random.Generator, ident: Identity, name: str, size: int, half: str):
+    """Another photo of a defined character (alone, or with one stranger) and its bool mask."""
+    actors: list[Any] = [(ident, "concept", name)]
+    if rng.random() < 0.3:
+        other = _identities(rng, 1, half)[0]
+        if other != ident:
+            actors.append((other, "other", None))
     scene = sample_visible_scene(rng, actors, size)
-    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "lookalike": lookalike}
+    k = next(i for i, a in enumerate(scene.spec.actors) if a.identity == ident)
+    return scene.image, scene.mask(k)
+
+
+def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: str = "base", caption: bool = False
+                   ) -> dict[str, Any]:
+    """Recognition (or a caption naming them) with each made-up name defined by another photo of its character.
+
+    The system text is "<x> is <slot>." per name, the form "<c> is <c_1>...<c_k>." takes in personalisation;
+    the build writes k-means rows of the reference photo's projected visual tokens into each slot.
+    """
+    c = recognition_case(rng, cur, half, positive=True if caption else None)
+    refs = [reference_photo(rng, ident, nm, size, half) for nm, ident in zip(c.names, c.defined)]
+    system = " ".join(f"<{nm}> is {DEFINITION_SLOT}." for nm in c.names)
+    scene = sample_visible_scene(rng, c.actors, size)
+    out = {"image": scene.image, "system": system, "refs": refs, "lookalike": c.lookalike}
+    if caption:
+        named = [f"<{a.ref}>" if a.role == "concept" else noun_phrase(a.identity) for a in scene.spec.actors]
+        return {**out, "question": "Describe this photo.", "kind": "visual_caption",
+                "answer": f"{_cap(join_words(named))} {SETTING_PHRASES[scene.spec.setting]}.",
+                "present": [f"<{a.ref}>" for a in scene.spec.actors if a.role == "concept"]}
+    return {**out, "question": recognition_question([c.names[c.target]]), "answer": "Yes" if c.positive else "No",
+            "kind": "visual_defined"}
 
 
 def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str = "base") -> dict[str, Any]:
-    """Sample `index` of the language-model stage: image (PIL or None), question, answer, kind."""
+    """Sample `index` of the language-model stage: image (PIL or None), question, answer, kind (+ system, refs)."""
     rng = rng_for(seed, "lm", index)
-    roll = rng.choice(4, p=np.array(cur.mix) / sum(cur.mix))
-    if roll >= 2:
-        return defined_recognition(rng, size, cur, half, text_only=roll == 2)
+    kind = KINDS[rng.choice(len(KINDS), p=np.array(cur.mix) / sum(cur.mix))]
+    if kind in ("text_compare", "defined"):
+        return defined_recognition(rng, size, cur, half, text_only=kind == "text_compare")
+    if kind in ("visual_defined", "visual_caption"):
+        return visual_defined(rng, size, cur, half, caption=kind == "visual_caption")
     scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, 4)), half), size)
-    if roll == 0:
+    if kind == "caption":
         return {"image": scene.image, "question": "Describe this photo.", "answer": short_caption(scene),
                 "kind": "caption", "categories": sorted({a.identity.category for a in scene.spec.actors})}
     q, a, kind = generic_question(rng, scene)
