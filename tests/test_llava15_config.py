@@ -17,6 +17,7 @@ from PIL import Image
 
 from mcllava.backbone import Backbone
 from mcllava.concepts import ConceptSet
+from mcllava.tiny import llama_like_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llava-1.5-configs.json"
 
@@ -35,27 +36,6 @@ LLAVA15_7B = {
                       "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
                       "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05},
 }
-
-
-def llama_like_tokenizer():
-    """A byte-level tokenizer with exactly LLaVA-1.5's 32002 entries (32000 + <image> + <pad>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    while len(vocab) < 32000:
-        vocab[f"Ġw{len(vocab)}"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.add_special_tokens({"pad_token": "<pad>"})
-    assert len(fast) == 32002 and fast.convert_tokens_to_ids("<image>") == 32000 and fast.pad_token_id == 32001
-    return fast
 
 
 @pytest.fixture(scope="module")

@@ -257,3 +257,23 @@ def make_shape_concepts(
                 })
     (root / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return cdir, root / "tests.jsonl"
+
+
+def llama_like_tokenizer():
+    """A byte-level tokenizer with exactly LLaVA-1.5's 32002 entries (32000 + <image> + <pad>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    while len(vocab) < 32000:
+        vocab[f"Ġw{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"pad_token": "<pad>"})
+    assert len(fast) == 32002 and fast.convert_tokens_to_ids("<image>") == 32000 and fast.pad_token_id == 32001
+    return fast
