@@ -98,3 +98,13 @@ def test_gate_runs_on_toy(toy):
     assert set(res["summary"]) == {"caption_category_recall", "generic_accuracy", "definition_weighted_accuracy",
                                    "named_weighted_accuracy", "visual_definition_weighted_accuracy"}
     assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1
+
+
+def test_build_cli_refuses_a_bad_mix(tmp_path):
+    from typer.testing import CliRunner
+
+    from mcllava.cli import app
+
+    res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), "--mix-a", "1,2,3"])
+    assert res.exit_code == 2 and "6 non-negative weights" in res.output
+    assert not (tmp_path / "vision").exists()  # refused before any stage ran

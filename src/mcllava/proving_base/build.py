@@ -526,7 +526,8 @@ def stage_lm(cfg: BuildConfig) -> dict:
     add_lora(model, st.lora_rank, st.lora_alpha)
     model.train()
     pools: dict[str, EncodedPool] = {}
-    val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0, 0.2, 0.4, 0.4, 0))
+    # held out: "Is there a ...?" (is the image read at all?) and recognition with text, word and visual definitions
+    val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0.25, 0.15, 0.3, 0.3, 0))
     for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", val_cur, 2 * 10**6)):
         path = work / f"pool_{name}.pt"
         if path.exists():

@@ -19,6 +19,8 @@ def build_cmd(
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
     steps_a: int = typer.Option(None, help="LM phase (a) steps: one definition, easy negatives"),
     steps_b: int = typer.Option(None, help="LM phase (b) steps: one or two definitions, look-alikes"),
+    mix_a: Optional[str] = typer.Option(None, help="phase (a) sample mix, 6 weights: caption,vqa,text,defined,visual,visual_caption"),
+    mix_b: Optional[str] = typer.Option(None, help="phase (b) sample mix, 6 weights (as --mix-a)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
@@ -31,6 +33,12 @@ def build_cmd(
         cfg.lm.steps_a = steps_a
     if steps_b is not None:
         cfg.lm.steps_b = steps_b
+    for phase, mix in ((cfg.lm.phase_a, mix_a), (cfg.lm.phase_b, mix_b)):
+        if mix is not None:
+            weights = tuple(float(w) for w in mix.split(","))
+            if len(weights) != 6 or min(weights) < 0 or sum(weights) <= 0:
+                raise typer.BadParameter(f"a mix is 6 non-negative weights, not {mix!r}")
+            phase.mix = weights
     res = build(cfg, tuple(s.strip() for s in stages.split(",") if s.strip()), out)
     typer.echo(json.dumps(res, indent=1, default=str))
 
