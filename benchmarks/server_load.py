@@ -22,12 +22,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from server_soak import drive  # the shared client-threads driver (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "server_load.json"
@@ -73,32 +73,16 @@ def run(url: str, payload: dict, clients: int, requests: int) -> dict:
     latencies: list[float] = []
     answers: list[str] = []
     errors: list[str] = []
-    next_job = iter(range(requests))
-    lock = threading.Lock()
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            while True:
-                with lock:
-                    if next(next_job, None) is None:
-                        return
-                start = time.perf_counter()
-                r = http.post("/v1/chat/completions", json=payload)
-                took = time.perf_counter() - start
-                with lock:
-                    latencies.append(took)
-                    if r.status_code == 200:
-                        answers.append(r.json()["choices"][0]["message"]["content"])
-                    else:
-                        errors.append(f"{r.status_code}: {r.text[:200]}")
+    def record(n: int, name: str, r: httpx.Response, took: float) -> None:
+        latencies.append(took)
+        if r.status_code == 200:
+            answers.append(r.json()["choices"][0]["message"]["content"])
+        else:
+            errors.append(f"{r.status_code}: {r.text[:200]}")
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    cycle = [("chat", "/v1/chat/completions", {"json": payload})]
+    wall = drive(url, cycle, requests, clients, headers=None, on_request=record, timeout=600)
     ordered = sorted(latencies)
     return {
         "clients": clients,

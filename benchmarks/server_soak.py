@@ -64,13 +64,15 @@ def answer_of(r: httpx.Response) -> str:
     return body["choices"][0]["message"]["content"] if "choices" in body else json.dumps(body["locations"], sort_keys=True)
 
 
-def drive(url: str, cycle: list, requests: int, clients: int, headers: dict | None, on_request=None) -> float:
-    """Send `requests` requests of `cycle` (in turn) from `clients` threads; call on_request(n, name, response, seconds)."""
+def drive(url: str, cycle: list, requests: int, clients: int, headers: dict | None, on_request=None, timeout: float = 300) -> float:
+    """Send `requests` requests of `cycle` (in turn) from `clients` threads; call on_request(n, name, response, seconds).
+
+    Returns the wall time. `on_request` runs under a lock, so it may append to shared lists."""
     counter = iter(range(requests))
     lock = threading.Lock()
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=300, headers=headers) as http:
+        with httpx.Client(base_url=url, timeout=timeout, headers=headers) as http:
             while True:
                 with lock:
                     n = next(counter, None)
