@@ -19,13 +19,14 @@ def masked_tokens(patches: torch.Tensor, coverage: torch.Tensor, min_coverage: f
     Patches at least `min_coverage` inside the mask are kept; an image whose mask covers no patch that much
     contributes its single best-covered patch, so a tiny concept still has a say.
     """
-    keep = []
-    for feats, cov in zip(patches, coverage):
-        sel = cov >= min_coverage
-        if not sel.any():
-            sel = cov == cov.max()
-        keep.append(feats[sel.to(feats.device)])
+    keep = [feats[covered_patches(cov, min_coverage).to(feats.device)] for feats, cov in zip(patches, coverage)]
     return torch.cat(keep).float().cpu()
+
+
+def covered_patches(coverage: torch.Tensor, min_coverage: float = 0.5) -> torch.Tensor:
+    """Bool [P]: patches at least `min_coverage` inside the mask, or the single best-covered one if none is."""
+    sel = coverage >= min_coverage
+    return sel if sel.any() else coverage == coverage.max()
 
 
 def rescale(rows: torch.Tensor, norm: float) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..kmeans_init import covered_patches, rescale
+from ..tokens import word_embedding_norm
 from .data import PATCH_TRAITS, Curriculum, lm_sample, patch_coverage, patch_labels, scene_pool, to_pixels, trait_classes
 from .model import VisionSpec
 
@@ -401,10 +402,7 @@ def cluster_weights(feats: torch.Tensor, coverage: np.ndarray, k: int, seed: int
     """[k, N] row-normalised memberships of k-means clusters over the patches a reference mask covers."""
     from sklearn.cluster import KMeans
 
-    sel = coverage >= 0.5
-    if not sel.any():
-        sel = coverage == coverage.max()
-    idx = np.flatnonzero(sel)
+    idx = np.flatnonzero(covered_patches(torch.from_numpy(coverage)).numpy())  # the patches kmeans_init would use
     w = torch.zeros(k, len(coverage))
     if len(idx) <= k:
         for j in range(k):
@@ -449,11 +447,6 @@ def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, 
     return encode_pool(bb, model, samples, cfg.vision.image_size, cfg.lm.definition_rows)
 
 
-def word_norm(model) -> float:
-    """Mean L2 norm of the language model's word embeddings (the scale of every concept row)."""
-    return model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
-
-
 def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> torch.Tensor | None:
     """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image."""
     proj = bb.model.model.multi_modal_projector
@@ -463,7 +456,7 @@ def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> to
             r = int(pool.n_refs[i])
             refs = torch.einsum("rkp,rpd->rkd", pool.ref_weights[i, :r], proj(pool.ref_features[i, :r]))
             refs = refs.reshape(-1, refs.shape[-1])
-            chunks.append(refs / refs.norm(dim=-1, keepdim=True).clamp_min(1e-6) * norm)
+            chunks.append(rescale(refs, norm))
         if pool.has_image[i]:
             chunks.append(proj(pool.features[i]))
     return torch.cat(chunks) if chunks else None
@@ -479,7 +472,7 @@ def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> torch.Tens
 def yes_no_scores(bb, pool: EncodedPool, batch: int = 32) -> torch.Tensor:
     """logit(Yes) - logit(No) at the first answer position of every sample of a pool."""
     yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
-    norm = word_norm(bb.model)
+    norm = word_embedding_norm(bb.model, len(bb.tokenizer))
     out = []
     for i in range(0, len(pool.kinds), batch):
         idx = torch.arange(i, min(i + batch, len(pool.kinds)))
@@ -548,7 +541,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
         model.load_state_dict(s["trainable"], strict=False)
         opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
         step = s["step"]
-    t0, losses, norm = time.time(), [], word_norm(model)
+    t0, losses, norm = time.time(), [], word_embedding_norm(model, len(tok))
     bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
     while step < total:
         pool = pools["a" if step < st.steps_a else "b"]

@@ -45,7 +45,7 @@ class GateConfig:
 
 def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = True) -> dict:
     from ..backbone import Backbone
-    from .build import EncodedPool, encode_pool, tower_features, yes_no_report, yes_no_scores
+    from .build import encode_pool, tower_features, yes_no_report, yes_no_scores
 
     bb = Backbone(model, processor, "proving-ground")
     t0 = time.time()
