@@ -108,3 +108,32 @@ def test_build_cli_refuses_a_bad_mix(tmp_path):
     res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), "--mix-a", "1,2,3"])
     assert res.exit_code == 2 and "6 non-negative weights" in res.output
     assert not (tmp_path / "vision").exists()  # refused before any stage ran
+
+
+def test_patch_word_targets_give_each_owned_patch_one_trait_word(toy):
+    """The align stage's targets: one word per owned patch (category, colour or pattern by grid position),
+    at a word's norm; all three traits in any 2x2 block; nothing on background patches."""
+    from mcllava.proving_base.build import (PATCH_WORDS, patch_word_targets, patch_word_trait, tokenizer_for,
+                                            trait_word_vectors)
+    from mcllava.proving_base.data import VALUES
+    from mcllava.tokens import word_embedding_norm
+
+    tok = tokenizer_for(toy[0])
+    model = tiny_text_model(tok)
+    which = patch_word_trait(4)
+    assert set(which.view(4, 4)[:2, :2].reshape(-1).tolist()) == set(range(len(PATCH_WORDS)))
+    labels = torch.full((1, MAX_ACTORS, len(PATCH_TRAITS)), -100)
+    labels[0, 0] = torch.tensor([VALUES[t].index(v) for t, v in zip(PATCH_TRAITS, (
+        "dog", "red", "striped", "round", "round", "close-set", "slim", "hat", "blue"))])
+    owner = torch.full((1, 16), -1)
+    owner[0, :8] = 0
+    tgt = patch_word_targets(model, tok, labels, owner)
+    assert tgt.shape == (1, 16, model.get_input_embeddings().weight.shape[1])
+    assert torch.all(tgt[0, 8:] == 0)
+    norm = word_embedding_norm(model, len(tok))
+    for p in range(8):
+        trait = PATCH_WORDS[int(which[p])]
+        vecs = trait_word_vectors(model, tok, trait)
+        want = VALUES[trait].index({"category": "dog", "color": "red", "pattern": "striped"}[trait])
+        assert torch.allclose(tgt[0, p], vecs[want])
+        assert abs(tgt[0, p].norm().item() - norm) < 1e-3 * norm
