@@ -110,30 +110,34 @@ def test_build_cli_refuses_a_bad_mix(tmp_path):
     assert not (tmp_path / "vision").exists()  # refused before any stage ran
 
 
-def test_patch_word_targets_give_each_owned_patch_one_trait_word(toy):
-    """The align stage's targets: one word per owned patch (category, colour or pattern by grid position),
-    at a word's norm; all three traits in any 2x2 block; nothing on background patches."""
-    from mcllava.proving_base.build import (PATCH_WORDS, patch_word_targets, patch_word_trait, tokenizer_for,
-                                            trait_word_vectors)
+def test_patch_word_targets_give_each_patch_one_word(toy):
+    """The align stage's targets: one trait word per owned patch (cycled over the grid when several traits are
+    asked for, all of them in any 2x2 block), at a word's norm; the background word at half norm elsewhere."""
+    from mcllava.proving_base.build import (BACKGROUND_NORM, patch_word_targets, patch_word_trait, tokenizer_for,
+                                            trait_word_vectors, word_vectors)
     from mcllava.proving_base.data import VALUES
     from mcllava.tokens import word_embedding_norm
 
     tok = tokenizer_for(toy[0])
     model = tiny_text_model(tok)
-    which = patch_word_trait(4)
-    assert set(which.view(4, 4)[:2, :2].reshape(-1).tolist()) == set(range(len(PATCH_WORDS)))
+    words = ("category", "color", "pattern")
+    which = patch_word_trait(4, len(words))
+    assert set(which.view(4, 4)[:2, :2].reshape(-1).tolist()) == {0, 1, 2}
+    assert torch.all(patch_word_trait(4, 1) == 0)
     labels = torch.full((1, MAX_ACTORS, len(PATCH_TRAITS)), -100)
     labels[0, 0] = torch.tensor([VALUES[t].index(v) for t, v in zip(PATCH_TRAITS, (
         "dog", "red", "striped", "round", "round", "close-set", "slim", "hat", "blue"))])
     owner = torch.full((1, 16), -1)
     owner[0, :8] = 0
-    tgt = patch_word_targets(model, tok, labels, owner)
-    assert tgt.shape == (1, 16, model.get_input_embeddings().weight.shape[1])
-    assert torch.all(tgt[0, 8:] == 0)
     norm = word_embedding_norm(model, len(tok))
-    for p in range(8):
-        trait = PATCH_WORDS[int(which[p])]
-        vecs = trait_word_vectors(model, tok, trait)
-        want = VALUES[trait].index({"category": "dog", "color": "red", "pattern": "striped"}[trait])
-        assert torch.allclose(tgt[0, p], vecs[want])
-        assert abs(tgt[0, p].norm().item() - norm) < 1e-3 * norm
+    bg = word_vectors(model, tok, ["grass"])[0] * BACKGROUND_NORM
+    want = {"category": "dog", "color": "red", "pattern": "striped"}
+    for asked in (words, ("category",)):
+        tgt = patch_word_targets(model, tok, labels, owner, asked, "grass")
+        assert tgt.shape == (1, 16, model.get_input_embeddings().weight.shape[1])
+        assert torch.allclose(tgt[0, 8:], bg.expand(8, -1))
+        which = patch_word_trait(4, len(asked))
+        for p in range(8):
+            trait = asked[int(which[p])]
+            assert torch.allclose(tgt[0, p], trait_word_vectors(model, tok, trait)[VALUES[trait].index(want[trait])])
+            assert abs(tgt[0, p].norm().item() - norm) < 1e-3 * norm

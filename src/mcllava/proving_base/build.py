@@ -3,7 +3,7 @@
 1. vision  - a CLIP ViT trained from scratch on world scenes with multi-label heads (per slot of the scene:
              category, colour, pattern, ears, head, eyes, build, accessory and its colour).
 2. align   - LLaVA's MLP projector fitted (with the language model untouched) so that each patch's visual token
-             is the word embedding of its owner's category, colour or pattern (by grid position): the language
+             is one word's embedding (its owner's category word; background: "grass" at half norm): the language
              model meets image tokens that already read like words. The projector then stays frozen.
 3. lm      - LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in two curriculum
              phases: (a) one definition, easy negatives, many text-only comparisons; (b) one or two definitions,
@@ -49,9 +49,13 @@ class VisionStage:
 
 @dataclass
 class AlignStage:
-    steps: int = 3000  # ~2.5 min; 600 steps (under one pass over the pool) left it underfitted
+    steps: int = 3000  # ~4 min; 600 steps (under one pass over the pool) left it underfitted
     batch_size: int = 128
     lr: float = 2e-3
+    # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words); measured
+    # readability in docs/proving_base.md: ("category",) is read within ~100 LoRA steps, more words were not
+    words: tuple[str, ...] = ("category",)
+    background_word: str = "grass"  # every background patch: this word at BACKGROUND_NORM of a word's norm
 
 
 @dataclass
@@ -291,47 +295,50 @@ def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch
 
 
 # ============================================================================================ 2. align
-# Each owned patch is aligned to ONE word: its owner's category, colour or pattern, by a diagonal cycle over the
-# grid ((row + col) % 3), so any 2x2 block of a character shows all three. Measured on the 40k-scene tower: with
-# pure word targets an LM + LoRA reads "Is there a cat?" from the image within ~100 steps (AUC 0.85); with a
-# weighted mix of all trait words per patch it was still at 0.56 after 100 steps, and with the projector trained
-# along with the LoRA (its tokens drifted to norms of 14-38) at chance after 400. A character's k-means rows
-# (a visual definition, a personal concept's initialisation) then read like "cat, red, striped".
-PATCH_WORDS = ("category", "color", "pattern")
-BACKGROUND_NORM = 0.5  # background patches: half a word's norm, direction free
+# Each patch is aligned to ONE word embedding: an owned patch to its owner's trait word (`AlignStage.words`,
+# cycled over the grid), a background patch to one fixed word at half a word's norm. Measured on the 40k-scene
+# tower ("Is there a ...?", 300 held-out questions, LoRA only, projector frozen; docs/proving_base.md): the
+# category word on every owned patch is read at AUC 0.85 after 100 steps; category/colour/pattern cycled over
+# the grid 0.55, a weighted mix of all trait words 0.56, and the old description-mean alignment with the
+# projector trained along (norms drifted to 14-38) stayed at chance for 400 steps.
+BACKGROUND_NORM = 0.5
 
 
-def patch_word_trait(grid: int) -> torch.Tensor:
-    """[grid*grid] index into PATCH_WORDS of the trait each patch position shows."""
+def patch_word_trait(grid: int, n_words: int) -> torch.Tensor:
+    """[grid*grid] index into the align words of the trait each patch position shows ((row + col) % n_words)."""
     r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    return ((r + c) % len(PATCH_WORDS)).reshape(-1)
+    return ((r + c) % n_words).reshape(-1)
 
 
-def trait_word_vectors(model, tokenizer, trait: str) -> torch.Tensor:
-    """[n_values, D]: each value's word embedding (mean over its tokens; "plush toy" -> " toy"), at a word's norm."""
-    from .data import VALUES
-
+def word_vectors(model, tokenizer, words: list[str]) -> torch.Tensor:
+    """[len(words), D]: each word's embedding (mean over its tokens, with a leading space), at a word's norm."""
     emb = model.get_input_embeddings().weight.detach().float()
     norm = word_embedding_norm(model, len(tokenizer))
-    vecs = [emb[tokenizer(" " + v.split()[-1], add_special_tokens=False)["input_ids"]].mean(0) for v in VALUES[trait]]
+    vecs = [emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].mean(0) for w in words]
     return torch.stack([v / v.norm() * norm for v in vecs])
 
 
-def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-    """[n, P, D] align targets: each owned patch's word (see PATCH_WORDS); zeros on background patches.
+def trait_word_vectors(model, tokenizer, trait: str) -> torch.Tensor:
+    """[n_values, D]: the word of each value of a trait ("plush toy" -> " toy")."""
+    from .data import VALUES
+
+    return word_vectors(model, tokenizer, [v.split()[-1] for v in VALUES[trait]])
+
+
+def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...] = ("category",),
+                       background: str = "grass") -> torch.Tensor:
+    """[n, P, D] align targets: each owned patch's trait word, each background patch the background word (scaled).
 
     labels: [n, MAX_ACTORS, len(PATCH_TRAITS)] per-character trait values; owner: [n, P] (-1 = background).
     """
     grid = int(round(owner.shape[1] ** 0.5))
-    which = patch_word_trait(grid)
+    which = patch_word_trait(grid, len(words))
     own = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))  # [n, P, T]
-    out = None
-    for j, trait in enumerate(PATCH_WORDS):
-        vecs = trait_word_vectors(model, tokenizer, trait)
-        if out is None:
-            out = torch.zeros(*owner.shape, vecs.shape[1])
+    bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
+    out = bg.expand(*owner.shape, -1).clone()
+    for j, trait in enumerate(words):
         m = (owner >= 0) & (which[None] == j)
-        out[m] = vecs[own[..., PATCH_TRAITS.index(trait)][m]]
+        out[m] = trait_word_vectors(model, tokenizer, trait)[own[..., PATCH_TRAITS.index(trait)][m]]
     return out
 
 
@@ -351,8 +358,7 @@ def stage_align(cfg: BuildConfig) -> dict:
     pool = torch.load(cfg.work / "vision" / "pool.pt", weights_only=False)
     feats = tower_features(model, pool["pixels"])
     owner = pool["owner"]
-    tgt = patch_word_targets(model, tok, pool["labels"], owner)
-    norm = word_embedding_norm(model, len(tok))
+    tgt = patch_word_targets(model, tok, pool["labels"], owner, st.words, st.background_word)
     proj = model.model.multi_modal_projector
     proj.requires_grad_(True)
     opt = torch.optim.AdamW(proj.parameters(), lr=st.lr, weight_decay=0.0)
@@ -362,41 +368,39 @@ def stage_align(cfg: BuildConfig) -> dict:
     t0 = time.time()
     for step in tqdm(range(st.steps), desc="2/4 projector alignment", disable=not cfg.progress):
         idx = torch.randint(n_val, len(owner), (st.batch_size,), generator=gen)
-        loss = _align_loss(proj(feats[idx]), tgt[idx], owner[idx] >= 0, norm)
+        loss = _align_loss(proj(feats[idx]), tgt[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0:
             with torch.no_grad():
-                val = _align_loss(proj(feats[:n_val]), tgt[:n_val], owner[:n_val] >= 0, norm).item()
+                val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
             _log(cfg.work, "align", {"step": step + 1, "loss": loss.item(), "val_loss": val})
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
     with torch.no_grad():
-        val = _align_loss(proj(feats[:n_val]), tgt[:n_val], owner[:n_val] >= 0, norm).item()
-        words = word_readout(model, tok, proj(feats[:n_val]), pool["labels"][:n_val], owner[:n_val])
+        val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
+        words = word_readout(model, tok, proj(feats[:n_val]), pool["labels"][:n_val], owner[:n_val], st.words)
     return _finish(cfg.work, "align", {"steps": st.steps, "val_loss": val, "held_out_word_accuracy": words,
                                            "seconds": time.time() - t0})
 
 
-def _align_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, norm: float) -> torch.Tensor:
-    """1 - cosine to the trait-word target plus a relative norm term on owned patches; background patches are
-    only held to `BACKGROUND_NORM` of a word's norm (so that they never outshout the characters)."""
-    p, t = pred[keep], target[keep]
-    cos = F.cosine_similarity(p, t, dim=-1)
-    rel = (p.norm(dim=-1) - t.norm(dim=-1)) / t.norm(dim=-1)
-    bg = pred[~keep].norm(dim=-1) / norm - BACKGROUND_NORM
-    return (1 - cos).mean() + 0.1 * (rel**2).mean() + 0.1 * (bg**2).mean()
+def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine to the target word plus a relative norm term, over every patch."""
+    cos = F.cosine_similarity(pred, target, dim=-1)
+    rel = (pred.norm(dim=-1) - target.norm(dim=-1)) / target.norm(dim=-1)
+    return (1 - cos).mean() + 0.1 * (rel**2).mean()
 
 
 @torch.no_grad()
-def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
-    """Per PATCH_WORDS trait: share of owned patches whose token is closest (cosine) to the right value's word."""
+def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor,
+                 words: tuple[str, ...] = ("category",)) -> dict[str, float]:
+    """Per align word: share of owned patches whose token is closest (cosine) to the right value's word."""
     grid = int(round(owner.shape[1] ** 0.5))
-    which = patch_word_trait(grid)
+    which = patch_word_trait(grid, len(words))
     own = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))
     out = {}
-    for j, trait in enumerate(PATCH_WORDS):
+    for j, trait in enumerate(words):
         m = (owner >= 0) & (which[None] == j)
         vecs = F.normalize(trait_word_vectors(model, tokenizer, trait), dim=-1)
         guess = (F.normalize(tokens[m].float(), dim=-1) @ vecs.T).argmax(-1)

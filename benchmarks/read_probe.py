@@ -1,0 +1,122 @@
+"""Can the language model learn to read the image tokens? A reading-only probe of a base build's work folder.
+
+Trains only a LoRA (rank 32, lr 1e-3, batch 16; projector frozen) on balanced "Is there a <category> in this
+photo?" questions about scenes of the build's vision pool, and scores the AUC of logit(Yes) - logit(No) on
+held-out scenes every 25 steps. Image tokens, by --tokens:
+  oracle     each patch is exactly its align target (the upper bound: words the LM already reads)
+  fit        the projector is fitted to the align targets of --words first (as the align stage does), then frozen
+  work       the work folder's own aligned projector
+
+    python benchmarks/read_probe.py WORK --tokens fit --words category --steps 125
+    python benchmarks/read_probe.py WORK --tokens fit --words category,color,pattern --steps 100
+
+Writes benchmarks/out/read_probe_<tokens>_<words>.json (the curve). Needs `mcllava base build --stages vision`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mcllava.backbone import Backbone
+from mcllava.proving_base.build import (BuildConfig, _align_loss, _start, add_lora, patch_word_targets, tower_features,
+                                        word_readout)
+from mcllava.proving_base.data import VALUES
+from mcllava.training_data import collate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--tokens", choices=("oracle", "fit", "work"), default="fit")
+    ap.add_argument("--words", default="category", help="comma-separated traits cycled over the grid")
+    ap.add_argument("--steps", type=int, default=125)
+    ap.add_argument("--scenes", type=int, default=3000)
+    ap.add_argument("--held-out", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = ap.parse_args()
+    words = tuple(args.words.split(","))
+    cfg = BuildConfig(work=args.work, progress=False)
+    tok, model, proc = _start(cfg, "read_probe")
+    bb = Backbone(model, proc, "read-probe")
+    pool = torch.load(args.work / "vision" / "pool.pt", weights_only=False)
+    n_va, sel = args.held_out, torch.arange(len(pool["owner"]) // 2, len(pool["owner"]) // 2 + args.scenes + args.held_out)
+    feats, owner, labels = tower_features(model, pool["pixels"][sel]), pool["owner"][sel], pool["labels"][sel]
+    targets = patch_word_targets(model, tok, labels, owner, words)
+
+    # balanced questions about categories that own at least one patch (what the tokens can show)
+    cats, rng, samples = VALUES["category"], np.random.default_rng(0), []
+    owned = torch.where(owner >= 0, torch.gather(labels[..., 0], 1, owner.clamp_min(0)), -1)
+    for i in range(len(sel)):
+        present = sorted(set(owned[i].tolist()) - {-1})
+        pos = bool(present) and rng.random() < 0.5
+        pick = present if pos else [c for c in range(len(cats)) if c not in present]
+        c = cats[pick[rng.integers(len(pick))]]
+        samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No"))
+    batch = collate([bb.encode(bb.format_prompt(q, None, image=True), a) for q, a in samples], [None] * len(samples),
+                    tok.pad_token_id)
+    truth = torch.tensor([a == "Yes" for _, a in samples])
+
+    proj = model.model.multi_modal_projector
+    fit = {}
+    if args.tokens == "fit":
+        proj.requires_grad_(True)
+        opt = torch.optim.AdamW(proj.parameters(), lr=1e-3)
+        for _ in range(600):
+            idx = torch.randint(n_va, len(sel), (64,))
+            loss = _align_loss(proj(feats[idx]), targets[idx])
+            opt.zero_grad(), loss.backward(), opt.step()
+        with torch.no_grad():
+            fit = word_readout(model, tok, proj(feats[:n_va]), labels[:n_va], owner[:n_va], words)
+        print("fitted projector, held-out nearest-word accuracy:", fit)
+    add_lora(model, 32, 32, projector=False)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lora, lr=1e-3, weight_decay=0.0)
+    tokens = (lambda idx: targets[idx]) if args.tokens == "oracle" else (lambda idx: proj(feats[idx]))
+    yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
+
+    @torch.no_grad()
+    def held_out_auc() -> float:
+        model.eval()
+        scores = []
+        for i in range(0, n_va, 50):
+            idx = torch.arange(i, min(i + 50, n_va))
+            plen = ((batch.labels[idx] == -100) & (batch.attention_mask[idx] == 1)).sum(1)
+            w = int(plen.max())
+            m = (torch.arange(w)[None] < plen[:, None]).long()
+            ids = batch.input_ids[idx, :w] * m + tok.pad_token_id * (1 - m)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = bb.hidden_states(bb.embed(ids, tokens(idx)), m)
+                logits = model.get_output_embeddings()(h[torch.arange(len(idx)), plen - 1]).float()
+            scores.append(logits[:, yes] - logits[:, no])
+        model.train()
+        return float(roc_auc_score(truth[:n_va].numpy(), torch.cat(scores).numpy()))
+
+    curve, gen, t0 = [{"step": 0, "auc": held_out_auc()}], torch.Generator().manual_seed(0), time.time()
+    model.train()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(n_va, len(sel), (16,), generator=gen)
+        w = int(batch.attention_mask[idx].sum(1).max())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = bb.answer_loss(batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.labels[idx, :w], tokens(idx))
+        opt.zero_grad(), loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == args.steps:
+            curve.append({"step": step, "loss": loss.item(), "auc": held_out_auc(), "seconds_per_step": (time.time() - t0) / step})
+            print(curve[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"read_probe_{args.tokens}_{'-'.join(words)}.json"
+    out.write_text(json.dumps({"work": str(args.work), "tokens": args.tokens, "words": words, "fitted_word_accuracy": fit,
+                               "held_out": n_va, "curve": curve}, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
