@@ -22,7 +22,7 @@ def toy(tmp_path_factory):
         work=work, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
         vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
         align=AlignStage(steps=2, batch_size=4),
-        lm=LMStage(steps_a=1, steps_b=1, pool=16, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
+        lm=LMStage(steps_a=1, steps_b=1, pool=16, val_pool=16, val_read=8, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
                    checkpoint_every=1),
         progress=False, text_model=lambda tok: tiny_text_model(tok),
     )
@@ -37,6 +37,8 @@ def test_data_is_labelled_and_balanced():
     assert (pool.owner >= -1).all() and pool.owner.shape == (4, 16)
     answers = [lm_sample(0, i, Curriculum(1, 0.0, (0, 0, 0, 1, 0, 0)), 64)["answer"] for i in range(40)]
     assert 10 <= answers.count("Yes") <= 30
+    reading = [lm_sample(0, i, Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0)), 64) for i in range(12)]
+    assert {s["kind"] for s in reading} == {"exists"}
 
 
 def test_build_stages_and_resume(toy):
@@ -51,7 +53,7 @@ def test_build_stages_and_resume(toy):
     again = build(cfg, stages=("lm",))
     assert again["lm"]["steps"] == 2
     log = [json.loads(x) for x in (cfg.work / "lm" / "log.jsonl").read_text().splitlines()]
-    assert "val" in log[-1]
+    assert "val" in log[-1] and "exists" in log[-1]["val"]  # the held-out reading check is always scored
 
 
 def test_load_from_export(toy):

@@ -64,6 +64,7 @@ class LMStage:
     steps_b: int = 650  # phase (b): one or two definitions, look-alikes, reading kept up
     pool: int = 2400  # pre-encoded samples per phase
     val_pool: int = 400  # held-out recognition samples (word, text and visual definitions), scored every eval_every
+    val_read: int = 200  # held-out "Is there a ...?" questions (is the image read?), scored with the val pool
     definition_rows: int = 4  # rows per visual definition slot (the demo's k)
     batch_size: int = 16
     lora_rank: int = 32
@@ -74,7 +75,8 @@ class LMStage:
     eval_every: int = 50
     checkpoint_every: int = 25
     # a mixed start (definitions from step 0) left every image kind at chance after 150 steps: read first
-    phase_a: Curriculum = field(default_factory=lambda: Curriculum(1, 0.0, (0.25, 0.75, 0, 0, 0, 0)))
+    # (exists-only reading was learned in ~100 steps; mixed evenly with colour/position questions it was not)
+    phase_a: Curriculum = field(default_factory=lambda: Curriculum(1, 0.0, (0.25, 0.75, 0, 0, 0, 0), (0.55, 0.15, 0.15, 0.15)))
     phase_b: Curriculum = field(default_factory=lambda: Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1)))
 
 
@@ -571,12 +573,14 @@ def stage_lm(cfg: BuildConfig) -> dict:
     pools: dict[str, EncodedPool] = {}
     # held out: "Is there a ...?" (is the image read at all?) and recognition with text, word and visual definitions
     val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0.4, 0.1, 0.25, 0.25, 0))
-    for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", val_cur, 2 * 10**6)):
+    read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
+    for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", val_cur, 2 * 10**6),
+                             ("val_read", read_cur, 3 * 10**6)):
         path = work / f"pool_{name}.pt"
         if path.exists():
             pools[name] = EncodedPool(**torch.load(path, weights_only=False))
         else:
-            n = st.pool if name != "val" else st.val_pool
+            n = {"a": st.pool, "b": st.pool, "val": st.val_pool, "val_read": st.val_read}[name]
             pools[name] = make_pool(cfg, bb, model, cur, start, n, cfg.seed, desc=f"3/4 encode pool {name}")
             _save_ckpt(path, pools[name].__dict__)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -614,6 +618,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
             model.eval()
             with _autocast(cfg):
                 record["val"] = yes_no_report(yes_no_scores(bb, pools["val"]), pools["val"])
+                record["val"]["exists"] = yes_no_report(yes_no_scores(bb, pools["val_read"]), pools["val_read"])["exists"]
             model.train()
             tqdm.write(f"step {step}: " + json.dumps({k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3))
                                                       for k, v in record["val"].items()}))

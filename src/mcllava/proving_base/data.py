@@ -159,6 +159,10 @@ class Curriculum:
     max_definitions: int = 1  # 1 .. 2 made-up names defined per sample
     lookalike: float = 0.0  # share of negatives where a look-alike of the target stands in for it
     mix: tuple[float, ...] = (0.15, 0.2, 0.1, 0.25, 0.2, 0.1)
+    questions: tuple[float, ...] = (1, 1, 1, 1)  # weights of the generic questions' kinds: QUESTION_KINDS
+
+
+QUESTION_KINDS = ("exists", "colour", "category", "position")
 
 
 def _cap(s: str) -> str:
@@ -171,12 +175,13 @@ def short_caption(scene: RenderedScene) -> str:
     return f"{_cap(names)} {SETTING_PHRASES[scene.spec.setting]}."
 
 
-def generic_question(rng: np.random.Generator, scene: RenderedScene) -> tuple[str, str, str]:
-    """(question, answer, kind) about colour, category or position; kind is what the gate checks."""
+def generic_question(rng: np.random.Generator, scene: RenderedScene, weights: tuple[float, ...] = (1, 1, 1, 1)
+                     ) -> tuple[str, str, str]:
+    """(question, answer, kind) about presence, colour, category or position (kinds weighted by `weights`)."""
     actors = scene.spec.actors
     cats = [a.identity.category for a in actors]
     unique = [k for k, c in enumerate(cats) if cats.count(c) == 1]
-    kind = ["exists", "colour", "category", "position"][rng.integers(4)]
+    kind = QUESTION_KINDS[rng.choice(len(QUESTION_KINDS), p=np.asarray(weights, float) / sum(weights))]
     if kind == "exists" or not unique:
         c = VALUES["category"][rng.integers(len(VALUES["category"]))] if rng.random() < 0.5 else cats[rng.integers(len(cats))]
         art = "an" if c[0] in "aeiou" else "a"
@@ -299,7 +304,7 @@ def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str
     if kind == "caption":
         return {"image": scene.image, "question": "Describe this photo.", "answer": short_caption(scene),
                 "kind": "caption", "categories": sorted({a.identity.category for a in scene.spec.actors})}
-    q, a, kind = generic_question(rng, scene)
+    q, a, kind = generic_question(rng, scene, cur.questions)
     return {"image": scene.image, "question": q, "answer": a, "kind": kind}
 
 
