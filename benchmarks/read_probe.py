@@ -1,8 +1,8 @@
 """Can the language model learn to read the image tokens? A reading-only probe of a base build's work folder.
 
 Trains only a LoRA (rank 32, lr 1e-3, batch 16; projector frozen) on balanced "Is there a <category> in this
-photo?" questions about scenes of the build's vision pool, and scores the AUC of logit(Yes) - logit(No) on
-held-out scenes every 25 steps. Image tokens, by --tokens:
+photo?" questions about scenes of the build's vision pool, and scores the AUC of logit(Yes) - logit(No) every 25
+steps on scenes that the vision stage held out too. Image tokens, by --tokens:
   oracle     each patch is exactly its align target (the upper bound: words the LM already reads)
   fit        the projector is fitted to the align targets of --words first (as the align stage does), then frozen
   work       the work folder's own aligned projector
@@ -46,7 +46,11 @@ def main() -> None:
     tok, model, proc = _start(cfg, "read_probe")
     bb = Backbone(model, proc, "read-probe")
     pool = torch.load(args.work / "vision" / "pool.pt", weights_only=False)
-    n_va, sel = args.held_out, torch.arange(len(pool["owner"]) // 2, len(pool["owner"]) // 2 + args.scenes + args.held_out)
+    # held-out questions on the scenes the vision stage held out (its first n_val), training questions on others:
+    # the tower's features of its own training scenes are cleaner than those of new photos
+    n_va, half = args.held_out, len(pool["owner"]) // 2
+    assert n_va <= max(64, len(pool["owner"]) // 20), "more held-out scenes than the vision stage held out"
+    sel = torch.cat([torch.arange(n_va), torch.arange(half, half + args.scenes)])
     feats, owner, labels = tower_features(model, pool["pixels"][sel]), pool["owner"][sel], pool["labels"][sel]
     targets = patch_word_targets(model, tok, labels, owner, words)
 

@@ -300,7 +300,7 @@ def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch
 # Each patch is aligned to ONE word embedding: an owned patch to its owner's trait word (`AlignStage.words`,
 # cycled over the grid), a background patch to one fixed word at half a word's norm. Measured on the 40k-scene
 # tower ("Is there a ...?", 300 held-out questions, LoRA only, projector frozen; docs/proving_base.md): the
-# category word on every owned patch is read at AUC 0.85 after 100 steps; category/colour/pattern cycled over
+# category word on every owned patch is read at AUC 0.85-0.90 after 100 steps; category/colour/pattern cycled over
 # the grid 0.55, a weighted mix of all trait words 0.56, and the old description-mean alignment with the
 # projector trained along (norms drifted to 14-38) stayed at chance for 400 steps.
 BACKGROUND_NORM = 0.5
