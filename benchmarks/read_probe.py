@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from mcllava.backbone import Backbone
-from mcllava.proving_base.build import (BuildConfig, _align_loss, _start, add_lora, patch_word_targets, tower_features,
-                                        word_readout)
-from mcllava.proving_base.data import VALUES
+from mcllava.proving_base.build import (BuildConfig, EncodedPool, _align_loss, _start, add_lora, patch_word_targets,
+                                        tower_features, word_readout, yes_no_report, yes_no_scores)
+from mcllava.proving_base.data import VALUES, patch_labels
 from mcllava.training_data import collate
 
 
@@ -56,16 +55,15 @@ def main() -> None:
 
     # balanced questions about categories that own at least one patch (what the tokens can show)
     cats, rng, samples = VALUES["category"], np.random.default_rng(0), []
-    owned = torch.where(owner >= 0, torch.gather(labels[..., 0], 1, owner.clamp_min(0)), -1)
+    owned = patch_labels(labels, owner)[..., 0]  # category per patch, len(cats) on background
     for i in range(len(sel)):
-        present = sorted(set(owned[i].tolist()) - {-1})
+        present = sorted(set(owned[i].tolist()) - {len(cats)})
         pos = bool(present) and rng.random() < 0.5
         pick = present if pos else [c for c in range(len(cats)) if c not in present]
         c = cats[pick[rng.integers(len(pick))]]
         samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No"))
     batch = collate([bb.encode(bb.format_prompt(q, None, image=True), a) for q, a in samples], [None] * len(samples),
                     tok.pad_token_id)
-    truth = torch.tensor([a == "Yes" for _, a in samples])
 
     proj = model.model.multi_modal_projector
     fit = {}
@@ -83,24 +81,16 @@ def main() -> None:
     lora = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lora, lr=1e-3, weight_decay=0.0)
     tokens = (lambda idx: targets[idx]) if args.tokens == "oracle" else (lambda idx: proj(feats[idx]))
-    yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
 
-    @torch.no_grad()
+    held_out = EncodedPool(batch.input_ids[:n_va], batch.attention_mask[:n_va], batch.labels[:n_va], feats[:n_va],
+                           torch.ones(n_va, dtype=torch.bool), ["exists"] * n_va, [a for _, a in samples[:n_va]])
+
     def held_out_auc() -> float:
         model.eval()
-        scores = []
-        for i in range(0, n_va, 50):
-            idx = torch.arange(i, min(i + 50, n_va))
-            plen = ((batch.labels[idx] == -100) & (batch.attention_mask[idx] == 1)).sum(1)
-            w = int(plen.max())
-            m = (torch.arange(w)[None] < plen[:, None]).long()
-            ids = batch.input_ids[idx, :w] * m + tok.pad_token_id * (1 - m)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                h = bb.hidden_states(bb.embed(ids, tokens(idx)), m)
-                logits = model.get_output_embeddings()(h[torch.arange(len(idx)), plen - 1]).float()
-            scores.append(logits[:, yes] - logits[:, no])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = yes_no_scores(bb, held_out, batch=50, features=tokens)
         model.train()
-        return float(roc_auc_score(truth[:n_va].numpy(), torch.cat(scores).numpy()))
+        return yes_no_report(scores, held_out)["exists"]["auc"]
 
     curve, gen, t0 = [{"step": 0, "auc": held_out_auc()}], torch.Generator().manual_seed(0), time.time()
     model.train()

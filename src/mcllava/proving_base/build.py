@@ -63,7 +63,7 @@ class LMStage:
     steps_a: int = 250  # phase (a): reading the image (captions and questions) before any comparison
     steps_b: int = 650  # phase (b): one or two definitions, look-alikes, reading kept up
     pool: int = 2400  # pre-encoded samples per phase
-    val_pool: int = 400  # held-out recognition samples (word, text and visual definitions), scored every eval_every
+    val_pool: int = 240  # held-out recognition samples (word, text and visual definitions), scored every eval_every
     val_read: int = 200  # held-out "Is there a ...?" questions (is the image read?), scored with the val pool
     definition_rows: int = 4  # rows per visual definition slot (the demo's k)
     batch_size: int = 16
@@ -327,20 +327,25 @@ def trait_word_vectors(model, tokenizer, trait: str) -> torch.Tensor:
     return word_vectors(model, tokenizer, [v.split()[-1] for v in VALUES[trait]])
 
 
+def _word_patches(labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...]):
+    """Per align word: (trait, bool [n, P] owned patches that show it, their owners' values of that trait)."""
+    which = patch_word_trait(int(round(owner.shape[1] ** 0.5)), len(words))
+    per_patch = patch_labels(labels, owner)  # [n, P, T]
+    for j, trait in enumerate(words):
+        m = (owner >= 0) & (which[None] == j)
+        yield trait, m, per_patch[..., PATCH_TRAITS.index(trait)][m]
+
+
 def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...] = ("category",),
                        background: str = "grass") -> torch.Tensor:
     """[n, P, D] align targets: each owned patch's trait word, each background patch the background word (scaled).
 
     labels: [n, MAX_ACTORS, len(PATCH_TRAITS)] per-character trait values; owner: [n, P] (-1 = background).
     """
-    grid = int(round(owner.shape[1] ** 0.5))
-    which = patch_word_trait(grid, len(words))
-    own = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))  # [n, P, T]
     bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
     out = bg.expand(*owner.shape, -1).clone()
-    for j, trait in enumerate(words):
-        m = (owner >= 0) & (which[None] == j)
-        out[m] = trait_word_vectors(model, tokenizer, trait)[own[..., PATCH_TRAITS.index(trait)][m]]
+    for trait, m, values in _word_patches(labels, owner, words):
+        out[m] = trait_word_vectors(model, tokenizer, trait)[values]
     return out
 
 
@@ -398,15 +403,11 @@ def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor,
                  words: tuple[str, ...] = ("category",)) -> dict[str, float]:
     """Per align word: share of owned patches whose token is closest (cosine) to the right value's word."""
-    grid = int(round(owner.shape[1] ** 0.5))
-    which = patch_word_trait(grid, len(words))
-    own = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))
     out = {}
-    for j, trait in enumerate(words):
-        m = (owner >= 0) & (which[None] == j)
+    for trait, m, values in _word_patches(labels, owner, words):
         vecs = F.normalize(trait_word_vectors(model, tokenizer, trait), dim=-1)
         guess = (F.normalize(tokens[m].float(), dim=-1) @ vecs.T).argmax(-1)
-        out[trait] = round(float((guess == own[..., PATCH_TRAITS.index(trait)][m]).float().mean()), 3)
+        out[trait] = round(float((guess == values).float().mean()), 3)
     return out
 
 
@@ -521,17 +522,21 @@ def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> torch.Tens
 
 
 @torch.no_grad()
-def yes_no_scores(bb, pool: EncodedPool, batch: int = 32) -> torch.Tensor:
-    """logit(Yes) - logit(No) at the first answer position of every sample of a pool."""
+def yes_no_scores(bb, pool: EncodedPool, batch: int = 32, features: Callable | None = None) -> torch.Tensor:
+    """logit(Yes) - logit(No) at the first answer position of every sample of a pool.
+
+    `features(idx)` gives the placeholder rows of samples `idx` (default: `sample_features`, the pool's projected
+    tower features and visual definitions)."""
     yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
     norm = word_embedding_norm(bb.model, len(bb.tokenizer))
+    features = features or (lambda idx: sample_features(bb, pool, idx, norm))
     out = []
     for i in range(0, len(pool.kinds), batch):
         idx = torch.arange(i, min(i + batch, len(pool.kinds)))
         prompt_len = (pool.labels[idx] == -100).logical_and(pool.attention_mask[idx] == 1).sum(1)
         width = int(prompt_len.max())
         ids, mask = pool.input_ids[idx, :width], (torch.arange(width)[None] < prompt_len[:, None]).long()
-        h = bb.hidden_states(bb.embed(ids * mask + bb.tokenizer.pad_token_id * (1 - mask), sample_features(bb, pool, idx, norm)), mask)
+        h = bb.hidden_states(bb.embed(ids * mask + bb.tokenizer.pad_token_id * (1 - mask), features(idx)), mask)
         last = h[torch.arange(len(idx)), prompt_len - 1]
         logits = bb.model.get_output_embeddings()(last).float()
         out.append(logits[:, yes] - logits[:, no])
@@ -571,8 +576,9 @@ def stage_lm(cfg: BuildConfig) -> dict:
     add_lora(model, st.lora_rank, st.lora_alpha, projector=st.lr_projector > 0)
     model.train()
     pools: dict[str, EncodedPool] = {}
-    # held out: "Is there a ...?" (is the image read at all?) and recognition with text, word and visual definitions
-    val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0.4, 0.1, 0.25, 0.25, 0))
+    # held out: recognition with text, word and visual definitions ("val"; only Yes/No samples are scored, so no
+    # generic questions), and "Is there a ...?" alone ("val_read": is the image read at all?)
+    val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
     read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
     for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", val_cur, 2 * 10**6),
                              ("val_read", read_cur, 3 * 10**6)):
