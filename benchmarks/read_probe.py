@@ -9,6 +9,9 @@ steps on scenes that the vision stage held out too. Image tokens, by --tokens:
 
     python benchmarks/read_probe.py WORK --tokens fit --words category --steps 125
     python benchmarks/read_probe.py WORK --tokens fit --words category,color,pattern --steps 100
+    python benchmarks/read_probe.py WORK --tokens oracle --words category+color --questions exists,colour
+
+--words: comma-separated words cycled over the grid; "a+b" superposes two traits' words on the same patch.
 
 Writes benchmarks/out/read_probe_<tokens>_<words>.json (the curve). Needs `mcllava base build --stages vision`.
 """
@@ -26,7 +29,7 @@ import torch
 from mcllava.backbone import Backbone
 from mcllava.proving_base.build import (BuildConfig, EncodedPool, _align_loss, _start, add_lora, patch_word_targets,
                                         tower_features, word_readout, yes_no_report, yes_no_scores)
-from mcllava.proving_base.data import VALUES, patch_labels
+from mcllava.proving_base.data import PATCH_TRAITS, VALUES, patch_labels
 from mcllava.training_data import collate
 
 
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--tokens", choices=("oracle", "fit", "work"), default="fit")
     ap.add_argument("--words", default="category", help="comma-separated traits cycled over the grid")
+    ap.add_argument("--questions", default="exists", help="exists or exists,colour (alternated)")
     ap.add_argument("--steps", type=int, default=125)
     ap.add_argument("--scenes", type=int, default=3000)
     ap.add_argument("--held-out", type=int, default=300)
@@ -53,16 +57,29 @@ def main() -> None:
     feats, owner, labels = tower_features(model, pool["pixels"][sel]), pool["owner"][sel], pool["labels"][sel]
     targets = patch_word_targets(model, tok, labels, owner, words)
 
-    # balanced questions about categories that own at least one patch (what the tokens can show)
-    cats, rng, samples = VALUES["category"], np.random.default_rng(0), []
-    owned = patch_labels(labels, owner)[..., 0]  # category per patch, len(cats) on background
+    # balanced questions about what owns at least one patch (what the tokens can show): "Is there a <category> in
+    # this photo?" (exists) and, with --questions exists,colour, "Is the <category> <colour>?" about a category
+    # that appears once (colour: its own colour or another)
+    cats, colours, rng, samples = VALUES["category"], VALUES["color"], np.random.default_rng(0), []
+    per_patch = patch_labels(labels, owner)
+    kinds = args.questions.split(",")
     for i in range(len(sel)):
-        present = sorted(set(owned[i].tolist()) - {len(cats)})
-        pos = bool(present) and rng.random() < 0.5
+        owned = per_patch[i, owner[i] >= 0]  # [owned patches, T]
+        present = sorted(set(owned[:, 0].tolist()))
+        kind, pos = kinds[i % len(kinds)], rng.random() < 0.5
+        cat_counts = labels[i, :, 0].tolist()
+        single = [c for c in present if cat_counts.count(c) == 1]
+        if kind == "colour" and single:
+            c = single[rng.integers(len(single))]
+            true = int(owned[owned[:, 0] == c][0, PATCH_TRAITS.index("color")])
+            col = true if pos else [k for k in range(len(colours)) if k != true][rng.integers(len(colours) - 1)]
+            samples.append((f"Is the {cats[c]} {colours[col]}?", "Yes" if pos else "No", "colour"))
+            continue
+        pos = bool(present) and pos
         pick = present if pos else [c for c in range(len(cats)) if c not in present]
         c = cats[pick[rng.integers(len(pick))]]
-        samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No"))
-    batch = collate([bb.encode(bb.format_prompt(q, None, image=True), a) for q, a in samples], [None] * len(samples),
+        samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No", "exists"))
+    batch = collate([bb.encode(bb.format_prompt(q, None, image=True), a) for q, a, _ in samples], [None] * len(samples),
                     tok.pad_token_id)
 
     proj = model.model.multi_modal_projector
@@ -83,14 +100,14 @@ def main() -> None:
     tokens = (lambda idx: targets[idx]) if args.tokens == "oracle" else (lambda idx: proj(feats[idx]))
 
     held_out = EncodedPool(batch.input_ids[:n_va], batch.attention_mask[:n_va], batch.labels[:n_va], feats[:n_va],
-                           torch.ones(n_va, dtype=torch.bool), ["exists"] * n_va, [a for _, a in samples[:n_va]])
+                           torch.ones(n_va, dtype=torch.bool), [k for *_, k in samples[:n_va]], [a for _, a, _ in samples[:n_va]])
 
-    def held_out_auc() -> float:
+    def held_out_auc() -> dict[str, float]:
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             scores = yes_no_scores(bb, held_out, batch=50, features=tokens)
         model.train()
-        return yes_no_report(scores, held_out)["exists"]["auc"]
+        return {k: round(v["auc"], 3) for k, v in yes_no_report(scores, held_out).items()}
 
     curve, gen, t0 = [{"step": 0, "auc": held_out_auc()}], torch.Generator().manual_seed(0), time.time()
     model.train()
@@ -106,8 +123,8 @@ def main() -> None:
             curve.append({"step": step, "loss": loss.item(), "auc": held_out_auc(), "seconds_per_step": (time.time() - t0) / step})
             print(curve[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"read_probe_{args.tokens}_{'-'.join(words)}.json"
-    out.write_text(json.dumps({"work": str(args.work), "tokens": args.tokens, "words": words, "fitted_word_accuracy": fit,
+    out = args.out / f"read_probe_{args.tokens}_{'-'.join(words)}_{'-'.join(kinds)}.json"
+    out.write_text(json.dumps({"work": str(args.work), "tokens": args.tokens, "words": words, "questions": kinds, "fitted_word_accuracy": fit,
                                "held_out": n_va, "curve": curve}, indent=1))
     print("wrote", out)
 

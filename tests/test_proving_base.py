@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
-from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, VisionStage, build
+from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, Phase, VisionStage, build
 from mcllava.proving_base.data import MAX_ACTORS, PATCH_TRAITS, Curriculum, lm_sample, scene_pool
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
 
@@ -21,8 +21,8 @@ def toy(tmp_path_factory):
     cfg = BuildConfig(
         work=work, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
         vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
-        align=AlignStage(steps=2, batch_size=4),
-        lm=LMStage(steps_a=1, steps_b=1, pool=16, val_pool=16, val_read=8, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
+        align=AlignStage(steps=2, batch_size=4, words=("category", "color"), tower_steps=2, tower_batch_size=4),
+        lm=LMStage(phases=(Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0))), Phase("compare", 1, Curriculum(2, 0.5))), pool=16, val_pool=16, val_read=8, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
                    checkpoint_every=1),
         progress=False, text_model=lambda tok: tiny_text_model(tok),
     )
@@ -45,6 +45,12 @@ def test_build_stages_and_resume(toy):
     cfg, res = toy
     for stage in ("vision", "align", "lm"):
         assert (cfg.work / stage / "done.json").exists()
+    # the align stage tuned the tower (tower_steps > 0): the export carries that tower, not the vision stage's
+    tuned, first = (load_file(cfg.work / d / "tower.safetensors") for d in ("align", "vision"))
+    exported = load_file(cfg.work / "export" / "vision.safetensors")
+    k = next(k for k in tuned if k.endswith("q_proj.weight"))
+    assert not torch.equal(tuned[k], first[k])
+    assert torch.equal(exported[f"vision_tower.{k}"], tuned[k].half())
     assert res["export"]["bytes"] > 0
     # a finished stage is skipped; an interrupted one resumes from its checkpoint
     (cfg.work / "lm" / "done.json").unlink()
@@ -102,13 +108,15 @@ def test_gate_runs_on_toy(toy):
     assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1
 
 
-def test_build_cli_refuses_a_bad_mix(tmp_path):
+def test_build_cli_refuses_a_bad_mix_or_phase_steps(tmp_path):
     from typer.testing import CliRunner
 
     from mcllava.cli import app
 
-    res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), "--mix-a", "1,2,3"])
-    assert res.exit_code == 2 and "6 non-negative weights" in res.output
+    for args, msg in ((["--mix", "describe=1,2,3"], "6 non-negative weights"), (["--mix", "nope=1,1,1,1,1,1"], "PHASE one of"),
+                      (["--phase-steps", "1,2"], "3 non-negative counts")):
+        res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), *args])
+        assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "vision").exists()  # refused before any stage ran
 
 
@@ -143,3 +151,17 @@ def test_patch_word_targets_give_each_patch_one_word(toy):
             trait = asked[int(which[p])]
             assert torch.allclose(tgt[0, p], trait_word_vectors(model, tok, trait)[VALUES[trait].index(want[trait])])
             assert abs(tgt[0, p].norm().item() - norm) < 1e-3 * norm
+    # superposed: every owned patch is the sum of both words, at a word's norm
+    tgt = patch_word_targets(model, tok, labels, owner, ("category+color",), "grass")
+    both = trait_word_vectors(model, tok, "category")[VALUES["category"].index("dog")] + \
+        trait_word_vectors(model, tok, "color")[VALUES["color"].index("red")]
+    assert torch.allclose(tgt[0, :8], (both / both.norm() * norm).expand(8, -1), atol=1e-5)
+    assert torch.allclose(tgt[0, 8:], bg.expand(8, -1))
+
+
+def test_lm_phases_and_schedule():
+    st = LMStage(phases=(Phase("read", 10, Curriculum()), Phase("compare", 10, Curriculum())), warmup=2, decay=0.5)
+    assert st.steps == 20 and [st.phase_at(s) for s in (0, 9, 10, 19)] == [0, 0, 1, 1]
+    # warm-up, then flat until the last half, then a cosine to ~0
+    assert st.lr_factor(0) == 0.5 and st.lr_factor(5) == st.lr_factor(10) == 1.0
+    assert 0 < st.lr_factor(19) < 0.05 and st.lr_factor(12) > st.lr_factor(15) > st.lr_factor(18)

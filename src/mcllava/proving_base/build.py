@@ -5,9 +5,9 @@
 2. align   - LLaVA's MLP projector fitted (with the language model untouched) so that each patch's visual token
              is one word's embedding (its owner's category word; background: "grass" at half norm): the language
              model meets image tokens that already read like words. The projector then stays frozen.
-3. lm      - LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in two curriculum
-             phases: (a) one definition, easy negatives, many text-only comparisons; (b) one or two definitions,
-             look-alike negatives. Generic captions and colour/category/position questions throughout.
+3. lm      - LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in curriculum phases
+             (`LMStage.phases`): read ("Is there a ...?"), describe (captions, colour / category / position
+             questions), compare (one or two definitions, look-alike negatives; reading kept up).
 4. export  - vision tower + projector + the LoRA factors (the language-model delta) as fp16 safetensors, and
              the processor, into a folder that `proving_base.load()` reads.
 
@@ -52,17 +52,43 @@ class AlignStage:
     steps: int = 3000  # ~4 min; 600 steps (under one pass over the pool) left it underfitted
     batch_size: int = 128
     lr: float = 2e-3
-    # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words); measured
-    # readability in docs/proving_base.md: ("category",) is read within ~100 LoRA steps, more words were not
+    # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words), or superposed
+    # ("category+color"). Measured in docs/proving_base.md: exact cycled words are read within ~100 LoRA steps
+    # (colour too), superposed ones far more slowly; a projector on the frozen tower blends cycled words
     words: tuple[str, ...] = ("category",)
     background_word: str = "grass"  # every background patch: this word at BACKGROUND_NORM of a word's norm
+    # then tower and projector together from pixels (0: the tower stays as the vision stage left it)
+    tower_steps: int = 0
+    tower_lr: float = 5e-4
+    tower_batch_size: int = 64
+    heads_weight: float = 1.0  # the vision stage's trait-head loss, kept on while the tower is tuned
+
+
+@dataclass
+class Phase:
+    """One stretch of the LM stage: its name, its steps and what its samples look like."""
+
+    name: str
+    steps: int
+    curriculum: Curriculum
+
+
+def default_phases() -> tuple[Phase, ...]:
+    """Read first, then describe, then compare (docs/proving_base.md has the runs behind each choice).
+
+    read: "Is there a <category>?" only (category-word tokens are read at AUC ~0.89 in 75-100 steps this way;
+    mixed with captions and other kinds from step 0 they were not, within 100); describe: captions and all
+    question kinds, reading kept up; compare: one or two definitions, look-alikes, reading kept up.
+    """
+    return (Phase("read", 100, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0))),
+            Phase("describe", 150, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.4, 0.2, 0.2, 0.2))),
+            Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
 
 
 @dataclass
 class LMStage:
-    steps_a: int = 250  # phase (a): reading the image (captions and questions) before any comparison
-    steps_b: int = 650  # phase (b): one or two definitions, look-alikes, reading kept up
-    pool: int = 2400  # pre-encoded samples per phase
+    phases: tuple[Phase, ...] = field(default_factory=default_phases)
+    pool: int = 2400  # pre-encoded samples per phase at most (a phase of s steps needs at most s x batch_size)
     val_pool: int = 240  # held-out recognition samples (word, text and visual definitions), scored every eval_every
     val_read: int = 200  # held-out "Is there a ...?" questions (is the image read?), scored with the val pool
     definition_rows: int = 4  # rows per visual definition slot (the demo's k)
@@ -71,13 +97,31 @@ class LMStage:
     lora_alpha: int = 32
     lr_lora: float = 1e-3
     lr_projector: float = 0.0  # 0: the aligned projector stays frozen (trained with the LoRA it drifted unreadable)
-    warmup: int = 30
+    warmup: int = 10
+    # the lr stays flat after warm-up and decays (cosine) over this last share of all steps: a cosine over the
+    # whole run had decayed enough by step 100 to hold reading back (AUC 0.64 against 0.89 at a flat 1e-3)
+    decay: float = 0.3
     eval_every: int = 50
     checkpoint_every: int = 25
-    # a mixed start (definitions from step 0) left every image kind at chance after 150 steps: read first
-    # (exists-only reading was learned in ~100 steps; mixed evenly with colour/position questions it was not)
-    phase_a: Curriculum = field(default_factory=lambda: Curriculum(1, 0.0, (0.25, 0.75, 0, 0, 0, 0), (0.55, 0.15, 0.15, 0.15)))
-    phase_b: Curriculum = field(default_factory=lambda: Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1)))
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that step `step` (0-based) belongs to."""
+        end = 0
+        for i, p in enumerate(self.phases):
+            end += p.steps
+            if step < end:
+                return i
+        return len(self.phases) - 1
+
+    def lr_factor(self, step: int) -> float:
+        total = self.steps
+        start = total * (1 - self.decay)
+        cos = 1.0 if step < start else 0.5 * (1 + math.cos(math.pi * (step - start) / max(1.0, total - start)))
+        return min(1.0, (step + 1) / self.warmup) * cos
 
 
 @dataclass
@@ -282,7 +326,8 @@ def assemble(cfg: BuildConfig, tokenizer=None):
     tokenizer = tokenizer or tokenizer_for(cfg)
     text = cfg.text_model(tokenizer) if cfg.text_model is not None else load_smollm2()
     model, processor = build_llava(text, tokenizer, cfg.vision, seed=cfg.seed)
-    model.model.vision_tower.load_state_dict(load_file(cfg.work / "vision" / "tower.safetensors"))
+    tuned = cfg.work / "align" / "tower.safetensors"  # the align stage's tower, when it tuned it
+    model.model.vision_tower.load_state_dict(load_file(tuned if tuned.exists() else cfg.work / "vision" / "tower.safetensors"))
     proj = cfg.work / "align" / "projector.safetensors"
     if proj.exists():
         model.model.multi_modal_projector.load_state_dict(load_file(proj))
@@ -301,8 +346,9 @@ def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch
 # cycled over the grid), a background patch to one fixed word at half a word's norm. Measured on the 40k-scene
 # tower ("Is there a ...?", 300 held-out questions, LoRA only, projector frozen; docs/proving_base.md): the
 # category word on every owned patch is read at AUC 0.85-0.90 after 100 steps; category/colour/pattern cycled over
-# the grid 0.55, a weighted mix of all trait words 0.56, and the old description-mean alignment with the
-# projector trained along (norms drifted to 14-38) stayed at chance for 400 steps.
+# the grid 0.55 (the projector blends them: the frozen tower hardly tells grid position; as exact words they are
+# read, 0.93 at 100 steps), a weighted mix of all trait words 0.56, and the old description-mean alignment with
+# the projector trained along (norms drifted to 14-38) stayed at chance for 400 steps.
 BACKGROUND_NORM = 0.5
 
 
@@ -328,12 +374,16 @@ def trait_word_vectors(model, tokenizer, trait: str) -> torch.Tensor:
 
 
 def _word_patches(labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...]):
-    """Per align word: (trait, bool [n, P] owned patches that show it, their owners' values of that trait)."""
+    """Per align word and trait in it: (trait, bool [n, P] owned patches that show it, their owners' values).
+
+    A word "category+color" is a superposition: the same patches yield once per trait.
+    """
     which = patch_word_trait(int(round(owner.shape[1] ** 0.5)), len(words))
     per_patch = patch_labels(labels, owner)  # [n, P, T]
-    for j, trait in enumerate(words):
+    for j, word in enumerate(words):
         m = (owner >= 0) & (which[None] == j)
-        yield trait, m, per_patch[..., PATCH_TRAITS.index(trait)][m]
+        for trait in word.split("+"):
+            yield trait, m, per_patch[..., PATCH_TRAITS.index(trait)][m]
 
 
 def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...] = ("category",),
@@ -341,11 +391,16 @@ def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tens
     """[n, P, D] align targets: each owned patch's trait word, each background patch the background word (scaled).
 
     labels: [n, MAX_ACTORS, len(PATCH_TRAITS)] per-character trait values; owner: [n, P] (-1 = background).
+    A superposed word ("category+color") is the sum of its traits' words, rescaled to a word's norm.
     """
+    norm = word_embedding_norm(model, len(tokenizer))
     bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
     out = bg.expand(*owner.shape, -1).clone()
+    owned = torch.zeros_like(out)
     for trait, m, values in _word_patches(labels, owner, words):
-        out[m] = trait_word_vectors(model, tokenizer, trait)[values]
+        owned[m] += trait_word_vectors(model, tokenizer, trait)[values]
+    m = owner >= 0
+    out[m] = owned[m] / owned[m].norm(dim=-1, keepdim=True) * norm
     return out
 
 
@@ -363,33 +418,58 @@ def stage_align(cfg: BuildConfig) -> dict:
         return info
     tok, model, _ = _start(cfg, "align")
     pool = torch.load(cfg.work / "vision" / "pool.pt", weights_only=False)
+    owner, labels, tower = pool["owner"], pool["labels"], model.model.vision_tower
     feats = tower_features(model, pool["pixels"])
-    owner = pool["owner"]
-    tgt = patch_word_targets(model, tok, pool["labels"], owner, st.words, st.background_word)
+    tgt = patch_word_targets(model, tok, labels, owner, st.words, st.background_word)
     proj = model.model.multi_modal_projector
-    proj.requires_grad_(True)
-    opt = torch.optim.AdamW(proj.parameters(), lr=st.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=st.steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(cfg.seed)
     n_val = max(64, len(owner) // 20)
-    t0 = time.time()
-    for step in tqdm(range(st.steps), desc="2/4 projector alignment", disable=not cfg.progress):
-        idx = torch.randint(n_val, len(owner), (st.batch_size,), generator=gen)
-        loss = _align_loss(proj(feats[idx]), tgt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            with torch.no_grad():
-                val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
-            _log(cfg.work, "align", {"step": step + 1, "loss": loss.item(), "val_loss": val})
+    gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
+
+    def held_out(n: int = min(n_val, 256)) -> float:  # on fresh tower features (the tower may be training)
+        with torch.no_grad():
+            return _align_loss(proj(tower_features(model, pool["pixels"][:n])), tgt[:n]).item()
+
+    def fit(params: list, steps: int, lr: float, batch: int, loss_fn: Callable, desc: str) -> None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        for step in tqdm(range(steps), desc=desc, disable=not cfg.progress):
+            loss = loss_fn(torch.randint(n_val, len(owner), (batch,), generator=gen))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if (step + 1) % 100 == 0:
+                _log(cfg.work, "align", {"part": desc, "step": step + 1, "loss": loss.item(), "val_loss": held_out()})
+
+    # (1) the projector alone, on cached tower features
+    proj.requires_grad_(True)
+    fit(list(proj.parameters()), st.steps, st.lr, st.batch_size, lambda i: _align_loss(proj(feats[i]), tgt[i]),
+        "2/4 projector alignment")
+    # (2) optionally the tower too, end to end from pixels: a frozen tower's patch features hardly tell a patch's
+    # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md). The
+    # vision stage's trait heads stay on as a second loss so that the tower keeps every trait.
+    if st.tower_steps > 0:
+        vis = torch.load(cfg.work / "vision" / "ckpt.pt", weights_only=False)
+        heads = CharacterHeads(cfg.vision.hidden)
+        heads.load_state_dict(vis["heads"])
+        tower.requires_grad_(True)
+
+        def joint_loss(i: torch.Tensor) -> torch.Tensor:
+            patches = patch_tokens(tower, normalise(pool["pixels"][i]))
+            return _align_loss(proj(patches), tgt[i]) + st.heads_weight * heads(patches, labels[i], owner[i])[0]
+
+        fit(list(proj.parameters()) + list(tower.parameters()) + list(heads.parameters()), st.tower_steps, st.tower_lr,
+            st.tower_batch_size, joint_loss, "2/4 tower + projector alignment")
+        tower.requires_grad_(False)
+        save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
+        feats = tower_features(model, pool["pixels"][:n_val])
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
     with torch.no_grad():
         val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
-        words = word_readout(model, tok, proj(feats[:n_val]), pool["labels"][:n_val], owner[:n_val], st.words)
-    return _finish(cfg.work, "align", {"steps": st.steps, "val_loss": val, "held_out_word_accuracy": words,
-                                           "seconds": time.time() - t0})
+        words = word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words)
+    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": st.tower_steps, "val_loss": val,
+                                       "held_out_word_accuracy": words, "seconds": time.time() - t0})
 
 
 def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -402,12 +482,21 @@ def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor,
                  words: tuple[str, ...] = ("category",)) -> dict[str, float]:
-    """Per align word: share of owned patches whose token is closest (cosine) to the right value's word."""
+    """Per align trait: share of its patches whose token is closest (cosine) to the right word.
+
+    Cycled words compete against every word of every cycled trait (a blend of the category and colour words
+    is wrong on both); a superposed word's traits are each read among their own words.
+    """
+    traits = [t for w in words for t in w.split("+")]
+    vocab = {t: F.normalize(trait_word_vectors(model, tokenizer, t), dim=-1) for t in traits}
+    offset = {t: sum(len(vocab[u]) for u in traits[:j]) for j, t in enumerate(traits)}
+    union = torch.cat([vocab[t] for t in traits])
     out = {}
     for trait, m, values in _word_patches(labels, owner, words):
-        vecs = F.normalize(trait_word_vectors(model, tokenizer, trait), dim=-1)
-        guess = (F.normalize(tokens[m].float(), dim=-1) @ vecs.T).argmax(-1)
-        out[trait] = round(float((guess == values).float().mean()), 3)
+        tok = F.normalize(tokens[m].float(), dim=-1)
+        superposed = any("+" in w and trait in w.split("+") for w in words)
+        guess = (tok @ vocab[trait].T).argmax(-1) + offset[trait] if superposed else (tok @ union.T).argmax(-1)
+        out[trait] = round(float((guess == values + offset[trait]).float().mean()), 3)
     return out
 
 
@@ -578,24 +667,25 @@ def stage_lm(cfg: BuildConfig) -> dict:
     pools: dict[str, EncodedPool] = {}
     # held out: recognition with text, word and visual definitions ("val"; only Yes/No samples are scored, so no
     # generic questions), and "Is there a ...?" alone ("val_read": is the image read at all?)
-    val_cur = Curriculum(st.phase_b.max_definitions, st.phase_b.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
+    compare = st.phases[-1].curriculum
+    val_cur = Curriculum(max(compare.max_definitions, 1), compare.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
     read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
-    for name, cur, start in (("a", st.phase_a, 0), ("b", st.phase_b, 10**6), ("val", val_cur, 2 * 10**6),
-                             ("val_read", read_cur, 3 * 10**6)):
+    wanted = [(p.name, p.curriculum, (i + 1) * 10**6, min(st.pool, p.steps * st.batch_size))
+              for i, p in enumerate(st.phases) if p.steps > 0]
+    wanted += [("val", val_cur, 10**8, st.val_pool), ("val_read", read_cur, 10**8 + 10**6, st.val_read)]
+    for name, cur, start, n in wanted:  # each pool's samples come from its own index range
         path = work / f"pool_{name}.pt"
         if path.exists():
             pools[name] = EncodedPool(**torch.load(path, weights_only=False))
         else:
-            n = {"a": st.pool, "b": st.pool, "val": st.val_pool, "val_read": st.val_read}[name]
             pools[name] = make_pool(cfg, bb, model, cur, start, n, cfg.seed, desc=f"3/4 encode pool {name}")
             _save_ckpt(path, pools[name].__dict__)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     proj = [p for p in model.model.multi_modal_projector.parameters() if p.requires_grad]
     groups = [{"params": lora, "lr": st.lr_lora}] + ([{"params": proj, "lr": st.lr_projector}] if proj else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    total = st.steps_a + st.steps_b
-    warm_cos = lambda s: min(1.0, (s + 1) / st.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cos)
+    total = st.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, st.lr_factor)
     step, ckpt = 0, work / "ckpt.pt"
     if ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
@@ -605,7 +695,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
     t0, losses, norm = time.time(), [], word_embedding_norm(model, len(tok))
     bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
     while step < total:
-        pool = pools["a" if step < st.steps_a else "b"]
+        pool = pools[st.phases[st.phase_at(step)].name]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
         with _autocast(cfg):
@@ -619,7 +709,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        record = {"step": step, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
+        record = {"step": step, "phase": st.phases[st.phase_at(step - 1)].name, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
         if step % st.eval_every == 0 or step == total:
             model.eval()
             with _autocast(cfg):

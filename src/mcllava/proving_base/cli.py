@@ -17,10 +17,9 @@ def build_cmd(
     out: Optional[Path] = typer.Option(None, help="where to export the weights (default WORK/export)"),
     stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
-    steps_a: int = typer.Option(None, help="LM phase (a) steps: one definition, easy negatives"),
-    steps_b: int = typer.Option(None, help="LM phase (b) steps: one or two definitions, look-alikes"),
-    mix_a: Optional[str] = typer.Option(None, help="phase (a) sample mix, 6 weights: caption,vqa,text,defined,visual,visual_caption"),
-    mix_b: Optional[str] = typer.Option(None, help="phase (b) sample mix, 6 weights (as --mix-a)"),
+    phase_steps: Optional[str] = typer.Option(None, help="LM steps per phase, comma-separated: read,describe,compare"),
+    mix: list[str] = typer.Option([], help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
+                                           "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
@@ -29,16 +28,19 @@ def build_cmd(
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed)
     if vision_steps is not None:
         cfg.vision_stage.steps = vision_steps
-    if steps_a is not None:
-        cfg.lm.steps_a = steps_a
-    if steps_b is not None:
-        cfg.lm.steps_b = steps_b
-    for phase, mix in ((cfg.lm.phase_a, mix_a), (cfg.lm.phase_b, mix_b)):
-        if mix is not None:
-            weights = tuple(float(w) for w in mix.split(","))
-            if len(weights) != 6 or min(weights) < 0 or sum(weights) <= 0:
-                raise typer.BadParameter(f"a mix is 6 non-negative weights, not {mix!r}")
-            phase.mix = weights
+    phases = {p.name: p for p in cfg.lm.phases}
+    if phase_steps is not None:
+        steps = [int(s) for s in phase_steps.split(",")]
+        if len(steps) != len(phases) or min(steps) < 0:
+            raise typer.BadParameter(f"--phase-steps takes {len(phases)} non-negative counts ({','.join(phases)}), not {phase_steps!r}")
+        for p, n in zip(cfg.lm.phases, steps):
+            p.steps = n
+    for m in mix:
+        name, _, ws = m.partition("=")
+        weights = tuple(float(w) for w in ws.split(",")) if ws else ()
+        if name not in phases or len(weights) != 6 or min(weights) < 0 or sum(weights) <= 0:
+            raise typer.BadParameter(f"--mix is PHASE=6 non-negative weights with PHASE one of {','.join(phases)}, not {m!r}")
+        phases[name].curriculum.mix = weights
     res = build(cfg, tuple(s.strip() for s in stages.split(",") if s.strip()), out)
     typer.echo(json.dumps(res, indent=1, default=str))
 
