@@ -3,8 +3,10 @@
 1. vision  - a CLIP ViT trained from scratch on world scenes with multi-label heads (per slot of the scene:
              category, colour, pattern, ears, head, eyes, build, accessory and its colour).
 2. align   - LLaVA's MLP projector fitted (with the language model untouched) so that each patch's visual token
-             is one word's embedding (its owner's category word; background: "grass" at half norm): the language
-             model meets image tokens that already read like words. The projector then stays frozen.
+             is one word's embedding (its owner's category or colour word, alternating over the grid; background:
+             "grass" at half norm): the language model meets image tokens that already read like words. Then
+             tower and projector are tuned together from pixels, so that each patch shows the word of its
+             position instead of a blend. The projector then stays frozen.
 3. lm      - LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in curriculum phases
              (`LMStage.phases`): read ("Is there a ...?"), describe (captions, colour / category / position
              questions), compare (one or two definitions, look-alike negatives; reading kept up).
@@ -49,19 +51,21 @@ class VisionStage:
 
 @dataclass
 class AlignStage:
-    steps: int = 3000  # ~4 min; 600 steps (under one pass over the pool) left it underfitted
+    steps: int = 2000  # the projector alone on cached tower features (~3 min); 600 steps left it underfitted
     batch_size: int = 128
     lr: float = 2e-3
     # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words), or superposed
     # ("category+color"). Measured in docs/proving_base.md: exact cycled words are read within ~100 LoRA steps
-    # (colour too), superposed ones far more slowly; a projector on the frozen tower blends cycled words
-    words: tuple[str, ...] = ("category",)
+    # (colour too), superposed ones far more slowly
+    words: tuple[str, ...] = ("category", "color")
     background_word: str = "grass"  # every background patch: this word at BACKGROUND_NORM of a word's norm
-    # then tower and projector together from pixels (0: the tower stays as the vision stage left it)
-    tower_steps: int = 0
-    tower_lr: float = 5e-4
+    # then tower and projector together from pixels (0: the tower stays as the vision stage left it): a projector
+    # on the frozen tower blends cycled words (read like superposed ones); 1,500 steps here (~6 min) made them the
+    # nearest word of their position for 0.80 (category) / 0.94 (colour) of held-out patches, read at 0.86 / 0.88
+    tower_steps: int = 1500
+    tower_lr: float = 1e-3
     tower_batch_size: int = 64
-    heads_weight: float = 1.0  # the vision stage's trait-head loss, kept on while the tower is tuned
+    heads_weight: float = 0.1  # the vision stage's trait-head loss, kept on while the tower is tuned
 
 
 @dataclass
@@ -455,9 +459,11 @@ def stage_align(cfg: BuildConfig) -> dict:
         heads.load_state_dict(vis["heads"])
         tower.requires_grad_(True)
 
-        def joint_loss(i: torch.Tensor) -> torch.Tensor:
-            patches = patch_tokens(tower, normalise(pool["pixels"][i]))
-            return _align_loss(proj(patches), tgt[i]) + st.heads_weight * heads(patches, labels[i], owner[i])[0]
+        def joint_loss(i: torch.Tensor) -> torch.Tensor:  # owned patches weigh as much as the background
+            patches, owned = patch_tokens(tower, normalise(pool["pixels"][i])), owner[i] >= 0
+            pred = proj(patches)
+            align = sum(_align_loss(pred[m], tgt[i][m]) for m in (owned, ~owned) if m.any())
+            return align + st.heads_weight * heads(patches, labels[i], owner[i])[0]
 
         fit(list(proj.parameters()) + list(tower.parameters()) + list(heads.parameters()), st.tower_steps, st.tower_lr,
             st.tower_batch_size, joint_loss, "2/4 tower + projector alignment")
