@@ -429,9 +429,11 @@ def stage_align(cfg: BuildConfig) -> dict:
     n_val = max(64, len(owner) // 20)
     gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
 
-    def held_out(n: int = min(n_val, 256)) -> float:  # on fresh tower features (the tower may be training)
+    def held_out(n: int = min(n_val, 256)) -> float:  # fresh tower features only while the tower is training
+        tuning = next(tower.parameters()).requires_grad
         with torch.no_grad():
-            return _align_loss(proj(tower_features(model, pool["pixels"][:n])), tgt[:n]).item()
+            x = tower_features(model, pool["pixels"][:n]) if tuning else feats[:n]
+            return _align_loss(proj(x), tgt[:n]).item()
 
     def fit(params: list, steps: int, lr: float, batch: int, loss_fn: Callable, desc: str) -> None:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -497,11 +499,11 @@ def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, o
     vocab = {t: F.normalize(trait_word_vectors(model, tokenizer, t), dim=-1) for t in traits}
     offset = {t: sum(len(vocab[u]) for u in traits[:j]) for j, t in enumerate(traits)}
     union = torch.cat([vocab[t] for t in traits])
+    superposed = {t for w in words if "+" in w for t in w.split("+")}
     out = {}
     for trait, m, values in _word_patches(labels, owner, words):
         tok = F.normalize(tokens[m].float(), dim=-1)
-        superposed = any("+" in w and trait in w.split("+") for w in words)
-        guess = (tok @ vocab[trait].T).argmax(-1) + offset[trait] if superposed else (tok @ union.T).argmax(-1)
+        guess = (tok @ vocab[trait].T).argmax(-1) + offset[trait] if trait in superposed else (tok @ union.T).argmax(-1)
         out[trait] = round(float((guess == values + offset[trait]).float().mean()), 3)
     return out
 
@@ -701,7 +703,8 @@ def stage_lm(cfg: BuildConfig) -> dict:
     t0, losses, norm = time.time(), [], word_embedding_norm(model, len(tok))
     bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
     while step < total:
-        pool = pools[st.phases[st.phase_at(step)].name]
+        phase = st.phases[st.phase_at(step)].name
+        pool = pools[phase]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
         with _autocast(cfg):
@@ -715,7 +718,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        record = {"step": step, "phase": st.phases[st.phase_at(step - 1)].name, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
+        record = {"step": step, "phase": phase, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
         if step % st.eval_every == 0 or step == total:
             model.eval()
             with _autocast(cfg):
