@@ -81,6 +81,22 @@ def test_load_from_export(toy):
     assert len(bb.encode(prompt).input_ids) > bb.num_image_tokens
 
 
+def test_backbone_loads_an_exported_folder_by_path(toy, monkeypatch):
+    """`Backbone.load(folder)` of a `base build` export goes through `proving_base.load(folder)` and keeps the path
+    as the base's name (banks remember it); the real SmolLM2 is swapped for the toy text model."""
+    import mcllava.proving_base as pb
+    from mcllava.backbone import Backbone
+    from mcllava.proving_base.build import tokenizer_for
+
+    cfg, _ = toy
+    text_model = tiny_text_model(tokenizer_for(cfg))
+    monkeypatch.setattr(pb, "load", lambda weights=None: load(weights, text_model=text_model))
+    bb = Backbone.load(cfg.work / "export")
+    assert bb.name == str(cfg.work / "export")
+    saved = load_file(cfg.work / "export" / "vision.safetensors")
+    assert torch.equal(bb.model.model.multi_modal_projector.linear_1.weight, saved["multi_modal_projector.linear_1.weight"].float())
+
+
 def test_missing_weights_error(tmp_path):
     with pytest.raises(MissingWeightsError, match="mcllava base build"):
         load(tmp_path)

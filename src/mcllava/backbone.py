@@ -114,16 +114,17 @@ class Backbone:
     def load(
         cls, name_or_path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> "Backbone":
-        """Load a base model and processor by Hugging Face id, local folder, or `proving-ground`.
+        """Load a base model and processor by Hugging Face id, local folder, or `proving-ground` (the committed
+        weights; a folder that `mcllava base build` exported loads the same way, by its path).
 
         Weights go to the GPU when there is one (`accelerate` places them, spilling to CPU if they do not fit).
         """
         name = str(name_or_path)
-        if name == PROVING_GROUND:
+        if name == PROVING_GROUND or (Path(name) / "lm_delta.safetensors").is_file():
             from .proving_base import load as load_proving_ground
 
-            model, processor = load_proving_ground()
-            return cls(model, processor, PROVING_GROUND)
+            model, processor = load_proving_ground(None if name == PROVING_GROUND else name)
+            return cls(model, processor, name)
 
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
