@@ -44,6 +44,7 @@ class PersonalAssistant:
         bank: ConceptBank,
         reference: Literal["tokens", "features"] = "features",
         locate_config: LocateConfig | None = None,
+        introduce: Literal["all", "relevant"] = "all",
     ):
         from .bank import config_hash
 
@@ -53,6 +54,7 @@ class PersonalAssistant:
         self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
+        self.introduce = introduce
         self.locate_config = locate_config or LocateConfig()
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
 
@@ -84,6 +86,16 @@ class PersonalAssistant:
         return {loc.concept_id: (loc.peak if loc.present else None) for loc in self.locations(image)}
 
     # ------------------------------------------------------------------ answering
+    def introduced(self, question: str, locations: list[Location]) -> list[str]:
+        """The concepts the system text introduces: all (the method as trained), or with `introduce="relevant"`
+        only those the question names as `<id>` or the locator finds in the photo, so that the prompt stays short
+        however many concepts the bank holds."""
+        if self.introduce == "all":
+            return list(self.bank.concept_ids)
+        named = [c for c in self.bank.concept_ids if self.tokens.token(c) in question]
+        seen = [loc.concept_id for loc in sorted(locations, key=lambda loc: -loc.score) if loc.present]
+        return list(dict.fromkeys(named + seen))
+
     def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> Answer:
         """Answer with details (system text, locations, marks)."""
         question = (question or "").strip()
@@ -92,20 +104,21 @@ class PersonalAssistant:
         if len(question) > MAX_QUESTION_CHARS:
             raise McLlavaError(f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
         if image is None:
-            system = self.tokens.system_text()
+            system = self.tokens.system_text(self.introduced(question, []))
             text = self.backbone.generate(self.backbone.format_prompt(question, system, image=False), None, max_new_tokens)
             return Answer(text=text, system=system)
         image = image.convert("RGB")
         features = self.backbone.visual_tokens([image]).features[0]
         locations, marks, marked = [], {}, None
-        if visual_prompt:
+        if visual_prompt or self.introduce == "relevant":
             locations = self.locations(image, features)
+        if visual_prompt:
             if any(loc.present for loc in locations):
                 marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
                 features = self.backbone.visual_tokens([marked]).features[0]
-        system = self.tokens.system_text(extra=mark_prompt(marks, self.tokens.token))
+        system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
         text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens)
-        return Answer(text=text, system=system, locations=locations, marks=marks, marked_image=marked)
+        return Answer(text=text, system=system, locations=locations if visual_prompt else [], marks=marks, marked_image=marked)
 
     def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
         """The answer text to a question about a photo (or about the concepts alone, with no photo)."""
@@ -114,3 +127,17 @@ class PersonalAssistant:
     def caption(self, image: Image.Image, visual_prompt: bool = True) -> str:
         """A caption that names the personal concepts it recognises."""
         return self.answer(image, CAPTION_QUESTION, visual_prompt)
+
+
+class AssistantAnswerer:
+    """Adapts a PersonalAssistant to the evaluation runner's `Answerer` protocol (visual prompt on or off)."""
+
+    def __init__(self, assistant: PersonalAssistant, visual_prompt: bool = True, max_new_tokens: int = 64):
+        self.assistant, self.visual_prompt, self.max_new_tokens = assistant, visual_prompt, max_new_tokens
+        self.names = assistant.names
+
+    def answer(self, image: Image.Image | None, question: str) -> str:
+        return self.assistant.answer(image, question, self.visual_prompt, self.max_new_tokens)
+
+    def locate(self, image: Image.Image) -> dict[str, tuple[float, float] | None]:
+        return self.assistant.locate(image)

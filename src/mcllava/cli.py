@@ -41,6 +41,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+INTRODUCE_HELP = "all: introduce every concept in the system text (as trained); relevant: only those the question names or the locator sees."
+
+
+def _introduce(value: str) -> str:
+    if value not in ("all", "relevant"):
+        raise typer.BadParameter(f"--introduce must be 'all' or 'relevant', not {value!r}")
+    return value
+
+
 @app.command()
 def personalize(
     concepts_dir: Path = typer.Argument(..., help="Folder with one sub-folder per concept (see README)."),
@@ -86,6 +95,7 @@ def ask(
     question: str = typer.Argument(..., help="The question; name concepts as <id>."),
     image: Optional[Path] = typer.Option(None, "--image", help="Photo to ask about."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt", help="Do not draw location marks."),
+    introduce: str = typer.Option("all", "--introduce", help=INTRODUCE_HELP),
     marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
@@ -96,7 +106,7 @@ def ask(
 
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce))
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -123,12 +133,13 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
+    introduce: str = typer.Option("all", "--introduce", help=INTRODUCE_HELP),
     base: Optional[str] = typer.Option(None, "--base"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Evaluate a bank on a test set: recognition, choice, VQA, caption and grounding metrics."""
-    from .assistant import PersonalAssistant
+    from .assistant import AssistantAnswerer, PersonalAssistant
     from .evaluate import evaluate, print_table
     from .datasets import read_any
 
@@ -136,8 +147,8 @@ def evaluate_cmd(
         records = read_any(tests)
         if limit:
             records = records[:limit]
-        assistant = PersonalAssistant.load(bank, base)
-        answerer = _Answerer(assistant, visual_prompt=not no_visual_prompt)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce))
+        answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt)
         report = evaluate(records, answerer, progress=not quiet)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -153,19 +164,6 @@ def evaluate_cmd(
 
         path = write_html(report, html)
         console.print(f"HTML report: {path}")
-
-
-class _Answerer:
-    """Adapts PersonalAssistant to the evaluation runner's Answerer protocol (visual prompt on or off)."""
-
-    def __init__(self, assistant, visual_prompt: bool):
-        self.assistant, self.visual_prompt, self.names = assistant, visual_prompt, assistant.names
-
-    def answer(self, image, question: str) -> str:
-        return self.assistant.answer(image, question, visual_prompt=self.visual_prompt)
-
-    def locate(self, image):
-        return self.assistant.locate(image)
 
 
 @app.command()
