@@ -20,8 +20,7 @@ from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
 from .evaluate import evaluate, print_table
 from .report import write_html
-from .train import TrainConfig, personalize
-from .training_data import DataOptions
+from .train import personalize
 
 console = Console()
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     t0 = time.perf_counter()
 
-    from .tiny import make_shape_concepts, make_tiny_base
+    from .tiny import make_shape_concepts, make_tiny_base, tiny_train_config
 
     console.rule("1. base model")
     console.print("No LLaVA checkpoint is needed: a tiny LLaVA is built from a config and pretrained on shapes (cached in demo-out/base).")
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("3. personalise (all concepts jointly, --recipe fast)")
     backbone = Backbone.load(base_dir)
     concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-    # The tiny base only ever answered "Yes." / "No.": train on short answers (real LLaVA bases take the full set).
-    config = TrainConfig(k=4, epochs=args.epochs, lr=3e-2, batch_size=8, seed=args.seed, data=DataOptions(short_answers=True, text=False))
+    config = tiny_train_config(epochs=args.epochs, seed=args.seed)
     result = personalize(concept_set, backbone, args.out / "bank", config, resume=True, log=console.print)
     console.print(f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)")
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .errors import McLlavaError
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -218,6 +222,19 @@ def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = Non
     processor.save_pretrained(out)
     (out / "mcllava-tiny.json").write_text(json.dumps({"steps": steps, "seed": seed, "final_loss": float(np.mean(losses[-20:]))}))
     return out
+
+
+def tiny_train_config(epochs: int = 40, seed: int = 0, **overrides) -> TrainConfig:
+    """The personalisation recipe of `make demo` for the tiny shapes base: k=4, lr 3e-2, batch 8, short answers.
+
+    The tiny base only ever answered "Yes." / "No.", so it trains on short answers and no text-only questions
+    (real LLaVA bases take the full set, `TrainConfig()`).
+    """
+    from .train import TrainConfig
+    from .training_data import DataOptions
+
+    settings = {"k": 4, "epochs": epochs, "lr": 3e-2, "batch_size": 8, "seed": seed, "data": DataOptions(short_answers=True, text=False)}
+    return TrainConfig(**{**settings, **overrides})
 
 
 def make_shape_concepts(

@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from PIL import Image, ImageOps
@@ -247,8 +247,13 @@ def personalize(
     progress: bool = True,
     limits: ImageLimits = ImageLimits(),
     log=print,
+    on_epoch: Callable[[dict, ConceptBank], None] | None = None,
 ) -> TrainResult:
-    """Train one bank for all concepts of `concepts` on a frozen base model and save it to `out`."""
+    """Train one bank for all concepts of `concepts` on a frozen base model and save it to `out`.
+
+    `on_epoch(entry, bank)`, if given, is called after every epoch's checkpoint with the epoch's history entry
+    and an unsaved bank of the rows so far (benchmarks evaluate it on held-out questions, for learning curves).
+    """
     out = Path(out)
     torch.manual_seed(config.seed)
     backbone = base if isinstance(base, Backbone) else Backbone.load(base)
@@ -304,6 +309,24 @@ def personalize(
         start_epoch, history = meta["epoch"], meta["history"]
         log(f"resuming from {found} after epoch {start_epoch}")
 
+    def current_bank() -> ConceptBank:
+        input_rows, head_rows = trained_rows(model, tokens)
+        return ConceptBank(
+            base_model=backbone.name,
+            base_config_hash=base_hash,
+            tokenizer_len_before=n_ordinary,
+            concept_ids=list(concepts.ids),
+            k=config.k,
+            hidden_size=backbone.hidden_size,
+            tied_head=tied,
+            input_rows=input_rows,
+            head_rows=head_rows,
+            locator_refs=refs,
+            display={c.id: {"name": c.name, "category": c.category, "description": c.description, "facts": c.facts} for c in concepts},
+            recipe=config.to_dict(),
+            metrics={"history": list(history)},
+        )
+
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         rng = random.Random(config.seed * 100_003 + epoch)
@@ -345,23 +368,10 @@ def personalize(
             + (f", held-out recognition {acc['weighted_accuracy']:.3f}" if acc else "")
         )
         save_checkpoint(ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history})
+        if on_epoch is not None:
+            on_epoch(entry, current_bank())
 
-    input_rows, head_rows = trained_rows(model, tokens)
-    bank = ConceptBank(
-        base_model=backbone.name,
-        base_config_hash=base_hash,
-        tokenizer_len_before=n_ordinary,
-        concept_ids=list(concepts.ids),
-        k=config.k,
-        hidden_size=backbone.hidden_size,
-        tied_head=tied,
-        input_rows=input_rows,
-        head_rows=head_rows,
-        locator_refs=refs,
-        display={c.id: {"name": c.name, "category": c.category, "description": c.description, "facts": c.facts} for c in concepts},
-        recipe=config.to_dict(),
-        metrics={"history": history},
-    )
+    bank = current_bank()
     bank.save(out)
     _fault_point("bank:saved")
     remove_checkpoint(ckpt)

@@ -1,0 +1,95 @@
+"""Joint training with 2 to 50 concepts: recognition, training time, prompt length, peak memory, answer latency.
+
+Not a test: a measurement. For each concept count a fresh world with that many concepts is personalised jointly
+(the fast recipe, the same epochs for every count) and evaluated on held-out recognition questions
+(`--test-per-concept` scenes per concept). Prompt length is the token count of a recognition question with the
+system text that introduces every concept (image tokens included), and of that system text alone. Peak memory is
+the process's peak resident set during the count's training and evaluation (on Linux the peak mark is reset
+before each count; elsewhere it is the process-wide maxrss). In the tiny base's shapes world looks repeat beyond
+18 concepts: questions about a concept whose look is shown under another name are left out, and `distinct_looks`
+says how many looks there were.
+
+The remedy for a system text that grows with every concept is measured beside the plain method on the same bank:
+`introduce="relevant"` (`PersonalAssistant`, `mcllava ask/eval --introduce relevant`) introduces only the concepts
+the question names or the locator finds in the photo. Both modes report recognition, mean system-text length and
+answer latency. Writes benchmarks/out/scaling.json and scaling.png.
+
+    python benchmarks/scaling.py                                 # 2,4,8,16,32,50 concepts, make demo's tiny base
+    python benchmarks/scaling.py --concepts 2,4,8 --epochs 20    # a quick run
+    python benchmarks/scaling.py --base proving-ground
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from mcllava.training_data import PROBE_QUESTION
+
+from _common import (
+    BankEvaluator, build_world, header, parser, peak_rss_mb, reset_peak_rss, rss_mb, setup, test_records, train,
+    train_config, write_results,
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__, epochs=20, test_images=None)
+    ap.add_argument("--concepts", default="2,4,8,16,32,50", help="comma-separated concept counts")
+    ap.add_argument("--test-per-concept", type=int, default=3, help="test scenes per concept")
+    ap.add_argument("--train-seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    counts = [int(n) for n in args.concepts.split(",")]
+    s = setup(args, "scaling")
+    rows = []
+    for n in counts:
+        reset_peak_rss()
+        rss_before = rss_mb()
+        world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, args.test_per_concept * n, args.multi)
+        result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s.world, args.epochs, args.train_seed))
+        evaluator = BankEvaluator(s.base, test_records(world))
+        modes = {mode: evaluator(result.bank, introduce=mode) for mode in ("all", "relevant")}
+        tokens, bb = evaluator.assistant.tokens, evaluator.assistant.backbone
+        system = tokens.system_text()
+        question = bb.format_prompt(PROBE_QUESTION.format(c=tokens.token(world.ids[0])), system=system)
+        rows.append({
+            "concepts": n,
+            "distinct_looks": world.distinct_looks,
+            "recognition": modes["all"]["recognition"],
+            "train_s": train_s,
+            "epoch_s": statistics.mean(h["seconds"] for h in result.history),
+            "steps_per_epoch": result.history[0]["steps"],
+            "prompt_tokens": len(bb.encode(question).input_ids),
+            "system_tokens": len(bb.tokenizer(system, add_special_tokens=False)["input_ids"]),
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_before_mb": rss_before,
+            "answer_latency_s": modes["all"]["latency_s"]["recognition"],
+            "relevant": {
+                "recognition": modes["relevant"]["recognition"],
+                "system_tokens_mean": modes["relevant"]["system_tokens_mean"],
+                "answer_latency_s": modes["relevant"]["latency_s"]["recognition"],
+            },
+        })
+        r = rows[-1]
+        print(f"{n} concepts: recognition {r['recognition']['weighted_accuracy']:.3f} (relevant only: "
+              f"{r['relevant']['recognition']['weighted_accuracy']:.3f}), train {train_s:.1f}s, prompt {r['prompt_tokens']} tokens, "
+              f"peak {r['peak_rss_mb']:.0f} MB, {r['answer_latency_s'] * 1000:.1f} ms/answer "
+              f"({r['relevant']['answer_latency_s'] * 1000:.1f} relevant only)")
+
+    results = {**header("scaling", s, args), "concept_counts": counts, "rows": rows}
+    def both(get_all, get_relevant) -> dict:
+        return {"all concepts": [(r["concepts"], get_all(r)) for r in rows],
+                "relevant only": [(r["concepts"], get_relevant(r["relevant"])) for r in rows]}
+
+    panels = [
+        {"title": "recognition weighted accuracy", "x": "concepts", "ymax": 1.0,
+         "series": both(lambda r: r["recognition"]["weighted_accuracy"], lambda r: r["recognition"]["weighted_accuracy"])},
+        {"title": "training time (s)", "x": "concepts", "series": {"train": [(r["concepts"], r["train_s"]) for r in rows]}},
+        {"title": "system text (tokens)", "x": "concepts", "series": both(lambda r: r["system_tokens"], lambda r: r["system_tokens_mean"])},
+        {"title": "peak RSS (MB)", "x": "concepts", "series": {"peak RSS": [(r["concepts"], r["peak_rss_mb"]) for r in rows]}},
+        {"title": "answer latency (s)", "x": "concepts", "series": both(lambda r: r["answer_latency_s"], lambda r: r["answer_latency_s"])},
+    ]
+    write_results(args.out, "scaling", results, panels)
+    return results
+
+
+if __name__ == "__main__":
+    main()
