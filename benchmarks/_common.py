@@ -133,11 +133,15 @@ def shapes_world(root: Path, n: int, seed: int, train_images: int, test_images: 
         for k in range(2):
             draw_shapes([spec[a], spec[b]], 32, rng)[0].save(concepts / "_multi" / f"{a}+{b}" / f"{k}.png")
     negatives = None
-    if len(looks) > n:  # generic negatives: looks that no concept has
+    used = {colour for colour, _ in spec.values()}
+    # generic negatives: looks that no concept has, of colours no concept has while there are such colours (the tiny
+    # base tells shapes apart poorly, and a same-colour negative contradicts its concept's photos)
+    others = [look for look in looks[n:] if look[0] not in used] or looks[n:]
+    if others:
         negatives = root / "negatives"
         negatives.mkdir()
         for i in range(train_images):
-            draw_shapes([rng.choice(looks[n:])], 32, rng)[0].save(negatives / f"{i}.png")
+            draw_shapes([rng.choice(others)], 32, rng)[0].save(negatives / f"{i}.png")
     records = []
     for i in range(test_images):
         shown = [rng.choice(ids)]
