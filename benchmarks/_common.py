@@ -203,7 +203,7 @@ class BankEvaluator:
     def __init__(self, base: str, records: list[dict]):
         self.base, self.records, self.assistant = base, records, None
 
-    def __call__(self, bank: ConceptBank, visual_prompt: bool = False, reference: str = "features", introduce: str = "all") -> dict:
+    def __call__(self, bank: ConceptBank, visual_prompt: bool = False, reference: str = "features", introduce: str | None = None) -> dict:
         """The evaluation report (with rows), `latency_s` (mean seconds per question, by task) and
         `system_tokens_mean` (mean length of the system text the answers were given)."""
         if self.assistant is None or self.assistant.bank.concept_ids != bank.concept_ids:
@@ -211,7 +211,8 @@ class BankEvaluator:
         else:
             write_rows(self.assistant.backbone.model, self.assistant.tokens, bank.input_rows, bank.head_rows)
             self.assistant.bank = bank
-        self.assistant.reference, self.assistant.introduce = reference, introduce
+        self.assistant.reference = reference
+        self.assistant.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         answerer = RecordingAnswerer(self.assistant, visual_prompt, max_new_tokens=16)
         report = evaluate(self.records, answerer, progress=False)
         report["latency_s"] = {

@@ -44,7 +44,7 @@ class PersonalAssistant:
         bank: ConceptBank,
         reference: Literal["tokens", "features"] = "features",
         locate_config: LocateConfig | None = None,
-        introduce: Literal["all", "relevant"] = "all",
+        introduce: Literal["all", "relevant"] | None = None,
     ):
         from .bank import config_hash
 
@@ -54,7 +54,7 @@ class PersonalAssistant:
         self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
-        self.introduce = introduce
+        self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig()
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
 
@@ -87,14 +87,12 @@ class PersonalAssistant:
 
     # ------------------------------------------------------------------ answering
     def introduced(self, question: str, locations: list[Location]) -> list[str]:
-        """The concepts the system text introduces: all (the method as trained), or with `introduce="relevant"`
-        only those the question names as `<id>` or the locator finds in the photo, so that the prompt stays short
-        however many concepts the bank holds."""
+        """The concepts the system text introduces: all of them, or with `introduce="relevant"` only those the
+        question names as `<id>` or the locator finds in the photo, so that the prompt stays short however many
+        concepts the bank holds. A bank trained with `introduce="relevant"` answers that way by default."""
         if self.introduce == "all":
             return list(self.bank.concept_ids)
-        named = [c for c in self.bank.concept_ids if self.tokens.token(c) in question]
-        seen = [loc.concept_id for loc in sorted(locations, key=lambda loc: -loc.score) if loc.present]
-        return list(dict.fromkeys(named + seen))
+        return self.tokens.relevant(question, [loc.concept_id for loc in locations if loc.present])
 
     def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> Answer:
         """Answer with details (system text, locations, marks)."""

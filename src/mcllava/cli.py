@@ -41,12 +41,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-INTRODUCE_HELP = "all: introduce every concept in the system text (as trained); relevant: only those the question names or the locator sees."
+INTRODUCE_HELP = ("all: the system text introduces every concept; relevant: only those the question names or the photo "
+                  "shows (shorter prompts for large banks). Default: as the bank was trained.")
 
 
-def _introduce(value: str) -> str:
-    if value not in ("all", "relevant"):
-        raise typer.BadParameter(f"--introduce must be 'all' or 'relevant', not {value!r}")
+def _introduce(value: str | None) -> str | None:
+    if value not in (None, "all", "relevant"):
+        _fail(ValueError(f"--introduce must be all or relevant, not {value!r}"))
     return value
 
 
@@ -63,6 +64,7 @@ def personalize(
     recipe: str = typer.Option("fast", "--recipe", help="fast | paper (the MC-LLaVA code's choices, for comparison)"),
     negatives: Optional[Path] = typer.Option(None, "--negatives", help="Optional folder of generic images without any concept."),
     holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
+    introduce: str = typer.Option("all", "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
     seed: int = typer.Option(0, "--seed"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -76,8 +78,9 @@ def personalize(
         _fail(ValueError(f"--init must be kmeans or random, not {init!r}"))
     if recipe not in ("fast", "paper"):
         _fail(ValueError(f"--recipe must be fast or paper, not {recipe!r}"))
+    _introduce(introduce)
     overrides = {k_: v for k_, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
-    common = {"k": k, "init": init, "seed": seed, "holdout": holdout, **overrides}
+    common = {"k": k, "init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
     config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
     try:
         backbone = Backbone.load(base)
@@ -95,7 +98,7 @@ def ask(
     question: str = typer.Argument(..., help="The question; name concepts as <id>."),
     image: Optional[Path] = typer.Option(None, "--image", help="Photo to ask about."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt", help="Do not draw location marks."),
-    introduce: str = typer.Option("all", "--introduce", help=INTRODUCE_HELP),
+    introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
@@ -133,7 +136,7 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
-    introduce: str = typer.Option("all", "--introduce", help=INTRODUCE_HELP),
+    introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     base: Optional[str] = typer.Option(None, "--base"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),

@@ -48,6 +48,12 @@ class ConceptTokens:
         strings = self.strings(cid)
         return f"{strings[0]} is {''.join(strings[1:])}."
 
+    def relevant(self, question: str, seen=()) -> list[str]:
+        """The concepts a question needs introduced: those it names as `<id>` and those `seen` in its photo, in bank
+        order. Training (`TrainConfig.introduce="relevant"`) and answering use this one rule."""
+        seen = set(seen)
+        return [c for c in self.concept_ids if c in seen or self.token(c) in question]
+
     def system_text(self, cids: list[str] | None = None, extra: str = "") -> str:
         """System text introducing the given concepts (all of them by default), plus optional extra text."""
         parts = [self.introduction(c) for c in (self.concept_ids if cids is None else cids)]

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     holdout: int = 1  # training images per concept kept aside for the per-epoch recognition check (if >= 3)
     data: DataOptions = field(default_factory=DataOptions)
+    introduce: Literal["all", "relevant"] = "all"  # system text: every concept, or those a sample names or shows
     cpu_bf16: bool = False  # bf16 autocast for fp32 models on CPU: several times faster where the CPU has AMX/AVX512-BF16
 
     @classmethod
@@ -218,18 +219,21 @@ def yes_no_margin(backbone: Backbone, system: str, question: str, features: torc
     return (logits[backbone.answer_token_id("Yes")] - logits[backbone.answer_token_id("No")]).item()
 
 
-def probe_accuracy(backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry]) -> dict | None:
+def probe_accuracy(
+    backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry], introduce: str = "all"
+) -> dict | None:
     """Recognition weighted accuracy on held-out training images, every concept asked about every image."""
     if not probe:
         return None
-    system = tokens.system_text()
     refs = [ImageRef(e.key) for e in probe]
     store.fill_cache(refs, progress=False)  # the frozen tower sees each held-out image once, not once per epoch
     pos, neg = [], []
     for e, ref in zip(probe, refs):
         feats = store.cache[ref]
         for cid in tokens.concept_ids:
-            yes = yes_no_margin(backbone, system, PROBE_QUESTION.format(c=tokens.token(cid)), feats) > 0
+            question = PROBE_QUESTION.format(c=tokens.token(cid))
+            system = tokens.system_text(tokens.relevant(question, e.present) if introduce == "relevant" else None)
+            yes = yes_no_margin(backbone, system, question, feats) > 0
             (pos if cid in e.present else neg).append(yes if cid in e.present else not yes)
     pr = sum(pos) / max(len(pos), 1)
     nr = sum(neg) / max(len(neg), 1)
@@ -296,7 +300,14 @@ def personalize(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
     facts = [ConceptFacts(c.id, c.description, c.facts) for c in concepts]
-    system = tokens.system_text()
+    present = {e.key: e.present for e in train_entries}
+
+    def system_for(s: Sample) -> str:
+        """Every concept's introduction, or (introduce="relevant") those the sample names or its photo shows."""
+        if config.introduce == "all":
+            return tokens.system_text()
+        return tokens.system_text(tokens.relevant(s.question, present[s.image.key] if s.image is not None else ()))
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ckpt = _ckpt_dir(out)
     meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
@@ -338,7 +349,7 @@ def personalize(
         losses = []
         for start in bar:
             chunk = samples[start : start + bs]
-            encoded = [backbone.encode(backbone.format_prompt(s.question, system=system, image=s.image is not None), s.answer) for s in chunk]
+            encoded = [backbone.encode(backbone.format_prompt(s.question, system=system_for(s), image=s.image is not None), s.answer) for s in chunk]
             batch = collate(encoded, [s.image for s in chunk], pad_id)
             refs_with_image = [s.image for s in chunk if s.image is not None]
             feats = store.features(refs_with_image, cached=config.recipe == "fast") if refs_with_image else None
@@ -359,7 +370,7 @@ def personalize(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0, "steps": len(losses)}
-        acc = probe_accuracy(backbone, tokens, store, probe)
+        acc = probe_accuracy(backbone, tokens, store, probe, config.introduce)
         if acc:
             entry["probe"] = acc
         history.append(entry)
