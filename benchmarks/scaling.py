@@ -33,6 +33,24 @@ from _common import (
 )
 
 
+def plot_panels(rows: list[dict]) -> list[dict]:
+    """The plot: each measure against the concept count, for the plain method and the remedy."""
+    def both(get_all, get_relevant) -> dict:
+        return {"all concepts": [(r["concepts"], get_all(r)) for r in rows],
+                "relevant, inference only": [(r["concepts"], get_relevant(r["relevant"])) for r in rows],
+                "relevant, trained so (remedy)": [(r["concepts"], get_relevant(r["remedy"])) for r in rows]}
+
+    return [
+        {"title": "recognition weighted accuracy", "x": "concepts", "ymax": 1.0,
+         "series": both(lambda r: r["recognition"]["weighted_accuracy"], lambda r: r["recognition"]["weighted_accuracy"])},
+        {"title": "training time (s)", "x": "concepts", "series": {"all concepts": [(r["concepts"], r["train_s"]) for r in rows],
+                                                                  "remedy": [(r["concepts"], r["remedy"]["train_s"]) for r in rows]}},
+        {"title": "system text (tokens)", "x": "concepts", "series": both(lambda r: r["system_tokens"], lambda r: r["system_tokens_mean"])},
+        {"title": "peak RSS (MB)", "x": "concepts", "series": {"peak RSS": [(r["concepts"], r["peak_rss_mb"]) for r in rows]}},
+        {"title": "answer latency (s)", "x": "concepts", "series": both(lambda r: r["answer_latency_s"], lambda r: r["answer_latency_s"])},
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, epochs=20, test_images=None)
     ap.add_argument("--concepts", default="2,4,8,16,32,50", help="comma-separated concept counts")
@@ -86,20 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['answer_latency_s'] * 1000:.1f} ms/answer ({r['remedy']['answer_latency_s'] * 1000:.1f} remedy)")
 
     results = {**header("scaling", s, args), "concept_counts": counts, "rows": rows}
-    def both(get_all, get_relevant) -> dict:
-        return {"all concepts": [(r["concepts"], get_all(r)) for r in rows],
-                "relevant, inference only": [(r["concepts"], get_relevant(r["relevant"])) for r in rows],
-                "relevant, trained so (remedy)": [(r["concepts"], get_relevant(r["remedy"])) for r in rows]}
-
-    panels = [
-        {"title": "recognition weighted accuracy", "x": "concepts", "ymax": 1.0,
-         "series": both(lambda r: r["recognition"]["weighted_accuracy"], lambda r: r["recognition"]["weighted_accuracy"])},
-        {"title": "training time (s)", "x": "concepts", "series": {"train": [(r["concepts"], r["train_s"]) for r in rows]}},
-        {"title": "system text (tokens)", "x": "concepts", "series": both(lambda r: r["system_tokens"], lambda r: r["system_tokens_mean"])},
-        {"title": "peak RSS (MB)", "x": "concepts", "series": {"peak RSS": [(r["concepts"], r["peak_rss_mb"]) for r in rows]}},
-        {"title": "answer latency (s)", "x": "concepts", "series": both(lambda r: r["answer_latency_s"], lambda r: r["answer_latency_s"])},
-    ]
-    write_results(args.out, "scaling", results, panels)
+    write_results(args.out, "scaling", results, plot_panels(rows))
     return results
 
 
