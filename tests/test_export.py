@@ -79,6 +79,9 @@ def test_export_holds_tokens_rows_and_default_system(exported):
     assert "Be brief." in own and "<bo_1>" not in own  # a caller's own system message replaces the default
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info["concepts"] == {"bo": "Bo", "ana": "Ana"} and info["visual_prompt"] is False
+    # what a client needs to write its own system text (a bank trained with --introduce relevant wants only some)
+    assert info["introductions"] == {c: assistant.tokens.introduction(c) for c in ("bo", "ana")}
+    assert info["trained_introduce"] == "all"
 
 
 def test_export_refuses_a_non_empty_folder(exported, tmp_path):

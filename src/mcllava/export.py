@@ -110,6 +110,10 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
             "base_config_hash": bank.base_config_hash,
             "default_system": system,
             "visual_prompt": False,
+            # a bank trained with `--introduce relevant` expects only the concepts a question needs in the system
+            # text; an engine gets the default (every concept) unless the client writes its own system message
+            "introductions": {cid: assistant.tokens.introduction(cid) for cid in bank.concept_ids},
+            "trained_introduce": bank.recipe.get("introduce", "all"),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out.exists():
