@@ -62,6 +62,47 @@ def test_build_stages_and_resume(toy):
     assert "val" in log[-1] and "exists" in log[-1]["val"]  # the held-out reading check is always scored
 
 
+def test_a_pool_drawn_for_other_phases_is_drawn_again(toy):
+    """A run continued from another run's checkpoint must not score a held-out pool drawn for other phases (w13/w14
+    reported 0.8 on the describe phase's one-definition, no-look-alike pool while the gate said 0.57)."""
+    cfg, _ = toy
+    path = cfg.work / "lm" / "pool_val.pt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["spec"]["curriculum"]["lookalike"] == 0.5 and saved["spec"]["curriculum"]["max_definitions"] == 2
+    stale = {**saved, "spec": {**saved["spec"], "curriculum": {**saved["spec"]["curriculum"], "lookalike": 0.0}}}
+    torch.save(stale, path)
+    (cfg.work / "lm" / "done.json").unlink()
+    build(cfg, stages=("lm",))
+    assert torch.load(path, weights_only=False)["spec"] == saved["spec"]
+
+
+def test_lookalike_negatives_name_the_traits_they_change():
+    from mcllava.proving_base.build import EncodedPool, yes_no_report
+    from mcllava.proving_base.data import GATE_DEFINITIONS, defined_recognition, rng_for
+    from mcllava.world.traits import LOOKALIKE_TRAITS
+
+    samples = [defined_recognition(rng_for(0, "lm", i), 64, GATE_DEFINITIONS) for i in range(40)]
+    look = [s for s in samples if s["lookalike"]]
+    assert look and all(s["answer"] == "No" and 1 <= len(s["changed"]) <= 2 for s in look)
+    assert all(set(s["changed"]) <= set(LOOKALIKE_TRAITS) for s in look)
+    assert all(s["changed"] == () for s in samples if not s["lookalike"])
+    # the report splits look-alike negatives by the trait they change: here colour changes are caught, others not
+    n = len(samples)
+    pool = EncodedPool(torch.zeros(n, 1), torch.ones(n, 1), torch.zeros(n, 1), torch.zeros(n, 1, 1), torch.ones(n),
+                       ["defined"] * n, [s["answer"] for s in samples], changed=[s["changed"] for s in samples])
+    scores = torch.tensor([1.0 if s["answer"] == "Yes" else (-1.0 if "color" in s["changed"] or not s["lookalike"]
+                                                             else 1.0) for s in samples])
+    rep = yes_no_report(scores, pool)["defined"]
+    by = rep["lookalike_recall_by_trait"]
+    assert sum(v["n"] for v in by.values()) == sum(len(s["changed"]) for s in look)
+    for t, v in by.items():
+        caught = [("color" in s["changed"]) for s in look if t in s["changed"]]
+        assert v["n"] == len(caught) and v["recall"] == pytest.approx(sum(caught) / len(caught))
+    assert by["color"]["recall"] == 1.0
+    expected = sum("color" in s["changed"] for s in look) / len(look)
+    assert rep["lookalike_negative_recall"] == pytest.approx(expected)
+
+
 def test_load_from_export(toy):
     cfg, _ = toy
     from transformers import LlavaForConditionalGeneration

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..kmeans_init import covered_patches, rescale
 from ..tokens import word_embedding_norm
-from .data import PATCH_TRAITS, Curriculum, lm_sample, patch_coverage, patch_labels, scene_pool, to_pixels, trait_classes
+from .data import GATE_DEFINITIONS, PATCH_TRAITS, Curriculum, lm_sample, patch_coverage, patch_labels, scene_pool, to_pixels, trait_classes
 from .model import VisionSpec
 
 DEFAULT_WORK = Path("~/.cache/mcllava/proving-base-build").expanduser()
@@ -546,6 +546,7 @@ class EncodedPool:
     ref_features: torch.Tensor | None = None  # [n, R, N, hidden]
     ref_weights: torch.Tensor | None = None  # [n, R, k, N]
     n_refs: torch.Tensor | None = None  # [n]
+    changed: list[tuple[str, ...]] | None = None  # per sample: the traits its look-alike negative changes, or ()
 
 
 def cluster_weights(feats: torch.Tensor, coverage: np.ndarray, k: int, seed: int = 0) -> torch.Tensor:
@@ -574,7 +575,7 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4) -> Enc
     pixels = torch.from_numpy(np.stack([to_pixels(s["image"], size) for s in samples]))
     pool = EncodedPool(batch.input_ids, batch.attention_mask, batch.labels, tower_features(model, pixels),
                        torch.tensor([s["image"] is not None for s in samples]), [s["kind"] for s in samples],
-                       [s["answer"] for s in samples])
+                       [s["answer"] for s in samples], changed=[tuple(s.get("changed", ())) for s in samples])
     refs = [s.get("refs") or [] for s in samples]
     r_max = max(len(r) for r in refs)
     if r_max:
@@ -659,6 +660,12 @@ def yes_no_report(scores: torch.Tensor, pool: EncodedPool) -> dict:
         res[kind] = {"n": len(sel), "weighted_accuracy": float(np.mean(recalls)), "auc": auc,
                      "positive_recall": float(np.mean(pos)) if pos else None,
                      "negative_recall": float(np.mean(neg)) if neg else None}
+        look = [i for i in sel if pool.changed and pool.changed[i]]
+        if look:  # which differences the model sees: a look-alike changes one or two traits of the named character
+            res[kind]["lookalike_negative_recall"] = float(np.mean([scores[i].item() <= 0 for i in look]))
+            by_trait = {t: [scores[i].item() <= 0 for i in look if t in pool.changed[i]]
+                        for t in sorted({t for i in look for t in pool.changed[i]})}
+            res[kind]["lookalike_recall_by_trait"] = {t: {"n": len(v), "recall": float(np.mean(v))} for t, v in by_trait.items()}
     return res
 
 
@@ -675,19 +682,21 @@ def stage_lm(cfg: BuildConfig) -> dict:
     pools: dict[str, EncodedPool] = {}
     # held out: recognition with text, word and visual definitions ("val"; only Yes/No samples are scored, so no
     # generic questions), and "Is there a ...?" alone ("val_read": is the image read at all?)
-    compare = st.phases[-1].curriculum
-    val_cur = Curriculum(max(compare.max_definitions, 1), compare.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
+    # the recognition samples are drawn as the gate draws its definitions (1-2 definitions, half of the negatives
+    # look-alikes), whatever the phases are, so that the curve predicts the gate
+    val_cur = Curriculum(GATE_DEFINITIONS.max_definitions, GATE_DEFINITIONS.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
     read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
     wanted = [(p.name, p.curriculum, (i + 1) * 10**6, min(st.pool, p.steps * st.batch_size))
               for i, p in enumerate(st.phases) if p.steps > 0]
     wanted += [("val", val_cur, 10**8, st.val_pool), ("val_read", read_cur, 10**8 + 10**6, st.val_read)]
     for name, cur, start, n in wanted:  # each pool's samples come from its own index range
-        path = work / f"pool_{name}.pt"
-        if path.exists():
-            pools[name] = EncodedPool(**torch.load(path, weights_only=False))
-        else:
+        path, spec = work / f"pool_{name}.pt", {"curriculum": asdict(cur), "start": start, "n": n, "seed": cfg.seed}
+        saved = torch.load(path, weights_only=False) if path.exists() else {}
+        if saved.pop("spec", None) == spec:
+            pools[name] = EncodedPool(**saved)
+        else:  # none yet, or drawn for other phases (a run continued from another's checkpoint): draw it again
             pools[name] = make_pool(cfg, bb, model, cur, start, n, cfg.seed, desc=f"3/4 encode pool {name}")
-            _save_ckpt(path, pools[name].__dict__)
+            _save_ckpt(path, {**pools[name].__dict__, "spec": spec})
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     proj = [p for p in model.model.multi_modal_projector.parameters() if p.requires_grad]
     groups = [{"params": lora, "lr": st.lr_lora}] + ([{"params": proj, "lr": st.lr_projector}] if proj else [])

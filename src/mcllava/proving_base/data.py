@@ -162,6 +162,10 @@ class Curriculum:
     questions: tuple[float, ...] = (1, 1, 1, 1)  # weights of the generic questions' kinds: QUESTION_KINDS
 
 
+# How the quality gate draws recognition with definitions (1-2 names defined, half of the negatives look-alikes);
+# the build's held-out pool is drawn the same way
+GATE_DEFINITIONS = Curriculum(max_definitions=2, lookalike=0.5)
+
 QUESTION_KINDS = ("exists", "colour", "category", "position")
 
 
@@ -209,6 +213,7 @@ class RecognitionCase:
     positive: bool
     actors: list[Any]  # (identity, role, name) in render order
     lookalike: bool
+    changed: tuple[str, ...] = ()  # the traits a look-alike negative changes (what the model had to see)
 
 
 def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
@@ -224,20 +229,20 @@ def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "bas
     target = int(rng.integers(n_def))
     positive = bool(rng.random() < 0.5) if positive is None else positive
     actors: list[Any] = []
-    lookalike = False
+    lookalike, changed = False, ()
     for j, (nm, ident) in enumerate(zip(names, defined)):
         if (j == target and positive) or (j != target and rng.random() < 0.5):
             actors.append((ident, "concept", nm))
     if not positive and rng.random() < cur.lookalike:
-        look, _ = make_lookalike(defined[target], rng, half=half, avoid=set(defined))
+        look, diff = make_lookalike(defined[target], rng, half=half, avoid=set(defined))
         actors.append((look, "distractor", names[target]))
-        lookalike = True
+        lookalike, changed = True, tuple(diff)
     while len(actors) < 1 or (len(actors) < 3 and rng.random() < 0.3):
         other = _identities(rng, 1, half)[0]
         if other not in defined:
             actors.append((other, "other", None))
     perm = rng.permutation(len(actors))
-    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], lookalike)
+    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], lookalike, changed)
 
 
 def defined_recognition(
@@ -251,9 +256,10 @@ def defined_recognition(
     if text_only:
         shown = join_words([describe(a[0]) for a in c.actors])
         return {"image": None, "question": f"{question} The photo shows {shown}.", "answer": answer,
-                "kind": "text_compare", "lookalike": c.lookalike}
+                "kind": "text_compare", "lookalike": c.lookalike, "changed": c.changed}
     scene = sample_visible_scene(rng, c.actors, size)
-    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "lookalike": c.lookalike}
+    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "lookalike": c.lookalike,
+            "changed": c.changed}
 
 
 DEFINITION_SLOT = "<image>"  # one slot per definition in the system text; the build fills it with k visual rows
@@ -282,7 +288,7 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
     refs = [reference_photo(rng, ident, nm, size, half) for nm, ident in zip(c.names, c.defined)]
     system = " ".join(f"<{nm}> is {DEFINITION_SLOT}." for nm in c.names)
     scene = sample_visible_scene(rng, c.actors, size)
-    out = {"image": scene.image, "system": system, "refs": refs, "lookalike": c.lookalike}
+    out = {"image": scene.image, "system": system, "refs": refs, "lookalike": c.lookalike, "changed": c.changed}
     if caption:
         named = [f"<{a.ref}>" if a.role == "concept" else noun_phrase(a.identity) for a in scene.spec.actors]
         return {**out, "question": "Describe this photo.", "kind": "visual_caption",
@@ -316,11 +322,11 @@ def named_recognition(seed: int, index: int, size: int = 192, half: str = "perso
     positive = rng.random() < 0.5
     actors: list[Any] = [(ident, "concept", name)] if positive else []
     if not positive:
-        look, _ = make_lookalike(ident, rng, half=half)
+        look, diff = make_lookalike(ident, rng, half=half)
         actors.append((look, "distractor", name))
     scene = sample_visible_scene(rng, actors, size)
     return {"image": scene.image, "question": recognition_question([name]), "answer": "Yes" if positive else "No",
-            "kind": "named"}
+            "kind": "named", "lookalike": not positive, "changed": () if positive else tuple(diff)}
 
 
 def to_pixels(image: Image.Image | None, size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Curriculum, defined_recognition, lm_sample, named_recognition, visual_defined
+from .data import GATE_DEFINITIONS, Curriculum, defined_recognition, lm_sample, named_recognition, visual_defined
 from .data import rng_for as data_rng
 
 GATE_SEED = 9001  # never used for training (the build uses seed 0 and the base half only)
@@ -53,7 +53,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast)
 
     # recognition with definitions (personal half, look-alikes) and named recognition without definitions
-    cur = Curriculum(max_definitions=2, lookalike=0.5)
+    cur = GATE_DEFINITIONS
     defs = [defined_recognition(data_rng(cfg.seed, "lm", i), cfg.size, cur, half="personal") for i in range(cfg.definitions)]
     named = [named_recognition(cfg.seed, i, cfg.size) for i in range(cfg.named)]
     visual = [visual_defined(data_rng(cfg.seed, "named", 10**6 + i), cfg.size, cur, half="personal")
@@ -65,11 +65,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
         pool = encode_pool(bb, model, samples, cfg.size)
         with ac:
             scores = yes_no_scores(bb, pool)
-        rep = yes_no_report(scores, pool)[samples[0]["kind"]]
-        look = [i for i, s in enumerate(samples) if s.get("lookalike")]
-        if look:
-            rep["lookalike_negative_recall"] = float(np.mean([scores[i].item() <= 0 for i in look]))
-        res[key] = rep
+        res[key] = yes_no_report(scores, pool)[samples[0]["kind"]]  # with look-alike recall per changed trait
 
     # generic captions and questions (personal-half characters, generated answers)
     caps, gens = [], []
