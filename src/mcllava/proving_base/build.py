@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -684,7 +684,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
     # generic questions), and "Is there a ...?" alone ("val_read": is the image read at all?)
     # the recognition samples are drawn as the gate draws its definitions (1-2 definitions, half of the negatives
     # look-alikes), whatever the phases are, so that the curve predicts the gate
-    val_cur = Curriculum(GATE_DEFINITIONS.max_definitions, GATE_DEFINITIONS.lookalike, (0, 0, 0.1, 0.25, 0.25, 0))
+    val_cur = replace(GATE_DEFINITIONS, mix=(0, 0, 0.1, 0.25, 0.25, 0))
     read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
     wanted = [(p.name, p.curriculum, (i + 1) * 10**6, min(st.pool, p.steps * st.batch_size))
               for i, p in enumerate(st.phases) if p.steps > 0]

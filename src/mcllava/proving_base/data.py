@@ -212,8 +212,7 @@ class RecognitionCase:
     target: int
     positive: bool
     actors: list[Any]  # (identity, role, name) in render order
-    lookalike: bool
-    changed: tuple[str, ...] = ()  # the traits a look-alike negative changes (what the model had to see)
+    changed: tuple[str, ...] = ()  # a look-alike negative: the traits it changes (what the model had to see); else ()
 
 
 def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
@@ -229,20 +228,20 @@ def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "bas
     target = int(rng.integers(n_def))
     positive = bool(rng.random() < 0.5) if positive is None else positive
     actors: list[Any] = []
-    lookalike, changed = False, ()
+    changed: tuple[str, ...] = ()
     for j, (nm, ident) in enumerate(zip(names, defined)):
         if (j == target and positive) or (j != target and rng.random() < 0.5):
             actors.append((ident, "concept", nm))
     if not positive and rng.random() < cur.lookalike:
         look, diff = make_lookalike(defined[target], rng, half=half, avoid=set(defined))
         actors.append((look, "distractor", names[target]))
-        lookalike, changed = True, tuple(diff)
+        changed = tuple(diff)
     while len(actors) < 1 or (len(actors) < 3 and rng.random() < 0.3):
         other = _identities(rng, 1, half)[0]
         if other not in defined:
             actors.append((other, "other", None))
     perm = rng.permutation(len(actors))
-    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], lookalike, changed)
+    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], changed)
 
 
 def defined_recognition(
@@ -256,10 +255,9 @@ def defined_recognition(
     if text_only:
         shown = join_words([describe(a[0]) for a in c.actors])
         return {"image": None, "question": f"{question} The photo shows {shown}.", "answer": answer,
-                "kind": "text_compare", "lookalike": c.lookalike, "changed": c.changed}
+                "kind": "text_compare", "changed": c.changed}
     scene = sample_visible_scene(rng, c.actors, size)
-    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "lookalike": c.lookalike,
-            "changed": c.changed}
+    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "changed": c.changed}
 
 
 DEFINITION_SLOT = "<image>"  # one slot per definition in the system text; the build fills it with k visual rows
@@ -288,7 +286,7 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
     refs = [reference_photo(rng, ident, nm, size, half) for nm, ident in zip(c.names, c.defined)]
     system = " ".join(f"<{nm}> is {DEFINITION_SLOT}." for nm in c.names)
     scene = sample_visible_scene(rng, c.actors, size)
-    out = {"image": scene.image, "system": system, "refs": refs, "lookalike": c.lookalike, "changed": c.changed}
+    out = {"image": scene.image, "system": system, "refs": refs, "changed": c.changed}
     if caption:
         named = [f"<{a.ref}>" if a.role == "concept" else noun_phrase(a.identity) for a in scene.spec.actors]
         return {**out, "question": "Describe this photo.", "kind": "visual_caption",
@@ -326,7 +324,7 @@ def named_recognition(seed: int, index: int, size: int = 192, half: str = "perso
         actors.append((look, "distractor", name))
     scene = sample_visible_scene(rng, actors, size)
     return {"image": scene.image, "question": recognition_question([name]), "answer": "Yes" if positive else "No",
-            "kind": "named", "lookalike": not positive, "changed": () if positive else tuple(diff)}
+            "kind": "named", "changed": () if positive else tuple(diff)}
 
 
 def to_pixels(image: Image.Image | None, size: int) -> np.ndarray:
