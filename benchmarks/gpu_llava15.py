@@ -18,7 +18,9 @@ freed before the next. For each model it measures
 2. the latency of one greedy answer of `--new-tokens` tokens (EOS suppressed so every answer has that length),
    vision tower included, for a plain answer, a personalised answer (system text introducing the concepts) and a
    personalised answer with the visual prompt (location maps, Set-of-Mark marks drawn, marked image re-embedded,
-   "Mark n is <c>." added). Random weights locate nothing, so the marks are forced on every concept.
+   "Mark n is <c>." added). Random weights locate nothing, so the marks are forced on every concept. With
+   `--many N` (default 50) also a personalised answer with N concepts introduced, and one with only the concept
+   the question names (`--introduce relevant`): what the prompt's growth costs on the real architecture.
 
 On a GPU (a few minutes for both models; 13B's weights alone take 26 GB, so use an 80 GB card):
 
@@ -277,9 +279,13 @@ def _generate(bb: Backbone, prompt: str, features: torch.Tensor, n: int, clock: 
     return ids.shape[1]
 
 
-def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int) -> dict:
+def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int, many: int = 0) -> dict:
     """Latency of plain, personalised and visual-prompt answers, following `PersonalAssistant.respond`.
 
+    With `many` > 0 also a personalised answer whose system text introduces `many` concepts (benchmark 4's plain
+    method at that scale; the bank's introductions repeated, which gives the prompt exactly the length of `many`
+    distinct ones, and speed does not depend on which rows are read) and one introducing only the concept the
+    question names (the `--introduce relevant` remedy).
     answer_s: from the photo to the last token (vision tower, locating and marks included); first_token_s: to the
     first new token (the prompt's cost); per_token_s: each further token. Medians of `repeats` answers.
     """
@@ -307,26 +313,41 @@ def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats
         prompt = bb.format_prompt(question, tokens.system_text(extra=mark_prompt(marks, tokens.token)))
         return {"prompt_tokens": _generate(bb, prompt, feats, new_tokens, clock), "marks": len(marks), "marks_forced": forced}
 
+    def introducing(cids: list[str]) -> Callable[[_Clock], dict]:
+        def answer(clock: _Clock) -> dict:
+            feats = bb.visual_tokens([image]).features[0]
+            return {"prompt_tokens": _generate(bb, bb.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
+                    "concepts_introduced": len(cids)}
+        return answer
+
+    kinds = [("plain", plain), ("personalised", personalised), ("visual_prompt", visual_prompt)]
+    if many:
+        ids = tokens.concept_ids
+        kinds += [(f"personalised_{many}", introducing([ids[i % len(ids)] for i in range(many)])),
+                  ("personalised_relevant", introducing(tokens.relevant(question)))]
     for _ in range(warmup):  # kernels, caches
-        plain(_Clock())
-    out = {}
-    for name, fn in (("plain", plain), ("personalised", personalised), ("visual_prompt", visual_prompt)):
-        _reset_peak(bb.device)
-        total, first, per = [], [], []
-        for _ in range(repeats):
+        for _, fn in kinds:
+            fn(_Clock())
+    info: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {name: [] for name, _ in kinds}
+    for _ in range(repeats):  # round robin, so that drift in clocks or host load falls on every kind alike
+        for name, fn in kinds:
             clock = _Clock()
+            _reset_peak(bb.device)
             _sync(bb.device)
             t0 = time.perf_counter()
-            info = fn(clock)
+            info[name] = fn(clock)
             _sync(bb.device)
-            total.append(time.perf_counter() - t0)
+            end = time.perf_counter()
             assert len(clock.times) == new_tokens, "generate stopped early"
-            first.append(clock.times[0] - t0)
-            per.append((clock.times[-1] - clock.times[0]) / max(new_tokens - 1, 1))
-        out[name] = {
-            **info, "new_tokens": new_tokens, "answer_s": statistics.median(total), "first_token_s": statistics.median(first),
-            "per_token_s": statistics.median(per), **peak_memory(bb.device),
-        }
+            runs[name].append({"answer_s": end - t0, "first_token_s": clock.times[0] - t0,
+                               "per_token_s": (clock.times[-1] - clock.times[0]) / (new_tokens - 1),
+                               "peak_bytes": peak_memory(bb.device)["peak_bytes"]})
+    out = {}
+    for name, rs in runs.items():
+        medians = {key: statistics.median(r[key] for r in rs) for key in ("answer_s", "first_token_s", "per_token_s")}
+        out[name] = {**info[name], "new_tokens": new_tokens, **medians, "peak_bytes": max(r["peak_bytes"] for r in rs),
+                     "kind": peak_memory(bb.device)["kind"]}
     return out
 
 
@@ -347,7 +368,7 @@ def measure_model(model: str, args: argparse.Namespace, device: torch.device, pe
         "parameters_language_layers": _params(bb.model.model.language_model.layers),
         "build_s": build_s,
         "memory_after_build": peak_memory(device),
-        "answer": answer_latency(bb, tokens, args.new_tokens, args.repeats, args.warmup),
+        "answer": answer_latency(bb, tokens, args.new_tokens, args.repeats, args.warmup, args.many),
         # paper first: it trains plain weights; the fast recipe then wraps the layers in PEFT for good
         "train": {
             "paper": train_steps(bb, tokens, paper, args.steps, args.warmup, peak),
@@ -362,7 +383,8 @@ def measure_model(model: str, args: argparse.Namespace, device: torch.device, pe
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Bar plots of step time per sample and answer latency per model; False (with a note) without matplotlib."""
+    """Bar plots of step time per sample, time to the first answer token and whole-answer latency per model; False
+    (with a note) without matplotlib."""
     try:
         import matplotlib
 
@@ -372,17 +394,20 @@ def plot(results: dict, path: Path) -> bool:
         print("matplotlib is not installed: no plot (the JSON has every figure)")
         return False
     models = list(results["models"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, *latency) = plt.subplots(1, 3, figsize=(14, 4.5))
     x = np.arange(len(models))
     for i, recipe in enumerate(("fast", "paper")):
         a.bar(x + (i - 0.5) * 0.35, [results["models"][m]["train"][recipe]["seconds_per_sample"] for m in models], 0.35, label=recipe)
     a.set(xticks=x, xticklabels=models, ylabel="seconds per training sample", title="personalisation step")
-    a.legend()
-    kinds = ("plain", "personalised", "visual_prompt")
-    for i, kind in enumerate(kinds):
-        b.bar(x + (i - 1) * 0.27, [results["models"][m]["answer"][kind]["answer_s"] for m in models], 0.27, label=kind)
-    b.set(xticks=x, xticklabels=models, ylabel=f"seconds ({results['config']['new_tokens']} new tokens)", title="answer latency")
-    b.legend()
+    a.legend(fontsize=8)
+    kinds = list(results["models"][models[0]]["answer"])
+    w = 0.8 / len(kinds)
+    titles = {"first_token_s": "to the first answer token", "answer_s": f"whole answer ({results['config']['new_tokens']} new tokens)"}
+    for ax, (key, title) in zip(latency, titles.items()):
+        for i, kind in enumerate(kinds):
+            ax.bar(x + (i - (len(kinds) - 1) / 2) * w, [results["models"][m]["answer"][kind][key] for m in models], w, label=kind)
+        ax.set(xticks=x, xticklabels=models, ylabel="seconds", title=title)
+    latency[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"LLaVA-1.5, random bf16 weights, {results['device']['name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -401,6 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps (and answers) first")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="answers per kind (median reported)")
+    ap.add_argument("--many", type=int, default=50, help="also time answers with this many concepts introduced (0: skip)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the device (default: from a table for known GPUs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu_llava15.json")
     args = ap.parse_args(argv)
@@ -409,8 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown model(s) {bad}; choose from {sorted(PUBLISHED)}")
     if args.image_size is not None and (args.image_size <= 0 or args.image_size % 14):
         ap.error("--image-size must be a positive multiple of the patch size, 14")
-    if args.steps < 1 or args.repeats < 1 or args.new_tokens < 2 or args.warmup < 0:
-        ap.error("--steps and --repeats must be >= 1, --new-tokens >= 2, --warmup >= 0")
+    if args.steps < 1 or args.repeats < 1 or args.new_tokens < 2 or args.warmup < 0 or args.many < 0:
+        ap.error("--steps and --repeats must be >= 1, --new-tokens >= 2, --warmup and --many >= 0")
     return args
 
 

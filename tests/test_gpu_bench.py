@@ -48,9 +48,13 @@ def test_gpu_benchmark_measures_both_models_recipes_and_answers(tmp_path):
         assert paper["optimizer_state_bytes"] > 500 * fast["optimizer_state_bytes"] > 0  # 32064 rows against 34
         assert fast["tokens_per_step"] > 8 * 16  # every sample carries the 16 image tokens
         answers = m["answer"]
-        assert answers.keys() == {"plain", "personalised", "visual_prompt"}
+        assert answers.keys() == {"plain", "personalised", "visual_prompt", "personalised_50", "personalised_relevant"}
         for a in answers.values():
             assert a["answer_s"] > 0 and a["first_token_s"] > 0 and a["new_tokens"] == 3
         # concept introductions, then the marks' sentences, lengthen the prompt
         assert answers["plain"]["prompt_tokens"] < answers["personalised"]["prompt_tokens"] < answers["visual_prompt"]["prompt_tokens"]
         assert answers["visual_prompt"]["marks"] == concepts
+        # 50 introductions of 1 + 1 + 16 + 1 tokens each; the remedy introduces only the concept the question names
+        intro = (answers["personalised"]["prompt_tokens"] - answers["personalised_relevant"]["prompt_tokens"])
+        assert answers["personalised_relevant"]["concepts_introduced"] == 1 and intro >= k + 2
+        assert answers["personalised_50"]["prompt_tokens"] == answers["personalised_relevant"]["prompt_tokens"] + 49 * intro
