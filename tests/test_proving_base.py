@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from mcllava.errors import McLlavaError
 from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
 from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, Phase, VisionStage, build
 from mcllava.proving_base.data import MAX_ACTORS, PATCH_TRAITS, Curriculum, lm_sample, scene_pool
@@ -136,6 +138,15 @@ def test_backbone_loads_an_exported_folder_by_path(toy, monkeypatch):
     assert bb.name == str(cfg.work / "export")
     saved = load_file(cfg.work / "export" / "vision.safetensors")
     assert torch.equal(bb.model.model.multi_modal_projector.linear_1.weight, saved["multi_modal_projector.linear_1.weight"].float())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_vision_stage_on_a_missing_gpu_says_so(tmp_path):
+    cfg = BuildConfig(work=tmp_path, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
+                      vision_stage=replace(VisionStage.gpu(), scenes=72, steps=1), progress=False)
+    with pytest.raises(McLlavaError, match="no CUDA device"):
+        build(cfg, stages=("vision",))
+    assert not (tmp_path / "vision" / "done.json").exists()
 
 
 def test_missing_weights_error(tmp_path):

@@ -17,15 +17,20 @@ def build_cmd(
     out: Optional[Path] = typer.Option(None, help="where to export the weights (default WORK/export)"),
     stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
+    gpu_vision: bool = typer.Option(False, help="train the vision tower on the GPU with its larger recipe "
+                                                "(VisionSpec.gpu(), VisionStage.gpu(): ~2 min on an H100)"),
     phase_steps: Optional[str] = typer.Option(None, help="LM steps per phase, comma-separated: read,describe,compare"),
     mix: list[str] = typer.Option([], help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
                                            "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
-    from .build import DEFAULT_WORK, BuildConfig, build
+    from .build import DEFAULT_WORK, BuildConfig, VisionStage, build
+    from .model import VisionSpec
 
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed)
+    if gpu_vision:
+        cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:
         cfg.vision_stage.steps = vision_steps
     phases = {p.name: p for p in cfg.lm.phases}
