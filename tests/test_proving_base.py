@@ -233,3 +233,21 @@ def test_lm_phases_and_schedule():
     # warm-up, then flat until the last half, then a cosine to ~0
     assert st.lr_factor(0) == 0.5 and st.lr_factor(5) == st.lr_factor(10) == 1.0
     assert 0 < st.lr_factor(19) < 0.05 and st.lr_factor(12) > st.lr_factor(15) > st.lr_factor(18)
+
+
+def test_token_capacity_ceiling_counts_what_the_tokens_show():
+    """benchmarks/token_capacity.py: a look-alike counts as caught only when a changed trait is on its patches."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "token_capacity.py"
+    spec = importlib.util.spec_from_file_location("token_capacity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    owned = [{"category", "color"}, {"category"}, set(), {"pattern"}]
+    changes = [{"color"}, {"ears"}, {"color"}, {"pattern", "eyes"}]
+    res = module.ceiling(owned, changes)
+    assert res["owns_a_patch"] == 0.75 and res["lookalikes_shown"] == 0.5
+    # positives 0.75; negatives: half ordinary (right), half look-alikes: 0.5 shown + 0.25 with nothing to see
+    assert res["weighted_ceiling"] == pytest.approx((0.75 + 0.5 + 0.5 * 0.75) / 2)
+    everything = module.ceiling([{"color", "ears", "pattern", "eyes"}] * 4, changes)
+    assert everything["weighted_ceiling"] == 1.0
