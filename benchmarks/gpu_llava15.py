@@ -298,9 +298,13 @@ def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats
         feats = bb.visual_tokens([image]).features[0]
         return {"prompt_tokens": _generate(bb, bb.format_prompt("What is the person doing in this photo?"), feats, new_tokens, clock)}
 
-    def personalised(clock: _Clock) -> dict:
-        feats = bb.visual_tokens([image]).features[0]
-        return {"prompt_tokens": _generate(bb, bb.format_prompt(question, tokens.system_text()), feats, new_tokens, clock)}
+    def introducing(cids: list[str]) -> Callable[[_Clock], dict]:
+        """A personalised answer whose system text introduces `cids`."""
+        def answer(clock: _Clock) -> dict:
+            feats = bb.visual_tokens([image]).features[0]
+            return {"prompt_tokens": _generate(bb, bb.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
+                    "concepts_introduced": len(cids)}
+        return answer
 
     def visual_prompt(clock: _Clock) -> dict:
         feats = bb.visual_tokens([image]).features[0]
@@ -313,14 +317,7 @@ def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats
         prompt = bb.format_prompt(question, tokens.system_text(extra=mark_prompt(marks, tokens.token)))
         return {"prompt_tokens": _generate(bb, prompt, feats, new_tokens, clock), "marks": len(marks), "marks_forced": forced}
 
-    def introducing(cids: list[str]) -> Callable[[_Clock], dict]:
-        def answer(clock: _Clock) -> dict:
-            feats = bb.visual_tokens([image]).features[0]
-            return {"prompt_tokens": _generate(bb, bb.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
-                    "concepts_introduced": len(cids)}
-        return answer
-
-    kinds = [("plain", plain), ("personalised", personalised), ("visual_prompt", visual_prompt)]
+    kinds = [("plain", plain), ("personalised", introducing(tokens.concept_ids)), ("visual_prompt", visual_prompt)]
     if many:
         ids = tokens.concept_ids
         kinds += [(f"personalised_{many}", introducing([ids[i % len(ids)] for i in range(many)])),
