@@ -10,6 +10,7 @@ steps on scenes that the vision stage held out too. Image tokens, by --tokens:
     python benchmarks/read_probe.py WORK --tokens fit --words category --steps 125
     python benchmarks/read_probe.py WORK --tokens fit --words category,color,pattern --steps 100
     python benchmarks/read_probe.py WORK --tokens oracle --words category+color --questions exists,colour
+    python benchmarks/read_probe.py WORK144 --patch-size 16 --tokens oracle --words category,color,pattern,ears,...
 
 --words: comma-separated words cycled over the grid; "a+b" superposes two traits' words on the same patch.
 
@@ -30,6 +31,7 @@ from mcllava.backbone import Backbone
 from mcllava.proving_base.build import (BuildConfig, EncodedPool, _align_loss, _start, add_lora, patch_word_targets,
                                         tower_features, word_readout, yes_no_report, yes_no_scores)
 from mcllava.proving_base.data import PATCH_TRAITS, VALUES, patch_labels
+from mcllava.proving_base.model import VisionSpec
 from mcllava.training_data import collate
 
 
@@ -42,10 +44,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=125)
     ap.add_argument("--scenes", type=int, default=3000)
     ap.add_argument("--held-out", type=int, default=300)
+    ap.add_argument("--patch-size", type=int, default=32, help="the work folder's tower patch (16: 144 image tokens)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = ap.parse_args()
     words = tuple(args.words.split(","))
-    cfg = BuildConfig(work=args.work, progress=False)
+    cfg = BuildConfig(work=args.work, vision=VisionSpec(patch_size=args.patch_size), progress=False)
     tok, model, proc = _start(cfg, "read_probe")
     bb = Backbone(model, proc, "read-probe")
     pool = torch.load(args.work / "vision" / "pool.pt", weights_only=False)
