@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-ALL = ("category", "color", "pattern", "ears", "head", "eyes", "build", "accessory", "accessory_color")
+from mcllava.proving_base.build import patch_word_trait
+from mcllava.proving_base.data import PATCH_TRAITS as ALL
+
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")
 DESIGNS = [  # (grid at 192 px, words): 6 = patches of 32 px (the base's 36 tokens), 12 = 16 px (144 tokens)
     (6, ("category", "color")), (6, ("category", "color", "pattern")), (6, ALL), (6, GROUPS), (6, ("+".join(ALL),)),
@@ -57,8 +59,7 @@ def main() -> None:
         if grid not in pools:
             pools[grid] = scene_pool(1, args.scenes, 192, grid, workers=1)
         pool = pools[grid]
-        r, c = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-        which = ((r + c) % len(words)).reshape(-1)
+        which = patch_word_trait(grid, len(words)).numpy()
         owned, n_patches = [], []
         for s in range(len(pool.owner)):
             own = pool.owner[s].numpy()

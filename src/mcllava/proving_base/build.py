@@ -317,7 +317,7 @@ def _vision_val(tower, heads, pool, n_val: int) -> dict:
     tower.eval()
     dev = next(tower.parameters()).device
     feats = torch.cat([patch_tokens(tower, normalise(pool["pixels"][i : min(i + 64, n_val)].to(dev)))
-                       for i in range(0, n_val, 64)]).float()
+                       for i in range(0, n_val, 64)])
     tower.train()
     labels, owner = pool["labels"][:n_val].to(dev), pool["owner"][:n_val].to(dev)
     pooled, owns = heads.pooled(feats, owner, labels.shape[1])
