@@ -7,7 +7,9 @@ own patches, and it can only accept a positive if the character owns a patch at 
 renders `--scenes` pool scenes (base half) at the design's grid, draws the gate's look-alikes (personal half,
 `make_lookalike`), and reports the median patches per character, the share that own a patch, the share of
 look-alikes whose change the tokens show, and the weighted-accuracy ceiling of the gate's definition check (half
-of the negatives look-alikes) with every shown word read perfectly. Written to benchmarks/out/token_capacity.json.
+of the negatives look-alikes) with every shown word read perfectly. The "slots" design (36 tokens, row r the
+character at scene slot r, one word of `SLOT_WORDS` per token) gives every character its own row whatever its
+size. Written to benchmarks/out/token_capacity.json.
 
     python benchmarks/token_capacity.py [--scenes 400]
 """
@@ -20,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mcllava.proving_base.build import patch_word_trait
+from mcllava.proving_base.build import SLOT_WORDS, patch_word_trait
 from mcllava.proving_base.data import PATCH_TRAITS as ALL
 
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")
 DESIGNS = [  # (grid at 192 px, words): 6 = patches of 32 px (the base's 36 tokens), 12 = 16 px (144 tokens)
     (6, ("category", "color")), (6, ("category", "color", "pattern")), (6, ALL), (6, GROUPS), (6, ("+".join(ALL),)),
-    (12, ("category", "color", "pattern")), (12, ALL), (12, GROUPS),
+    (12, ("category", "color", "pattern")), (12, ALL), (12, GROUPS), ("slots", SLOT_WORDS),
 ]
 
 
@@ -56,6 +58,14 @@ def main() -> None:
     changes = [set(make_lookalike(_identities(rng, 1, "personal")[0], rng)[1]) for _ in range(args.lookalikes)]
     results, pools = [], {}
     for grid, words in DESIGNS:
+        if grid == "slots":  # every visible character has its slot's row, whatever patches it covers
+            owned = [set(words)] * len(changes)
+            res = {"grid": "slots", "tokens": 36, "words": list(words), "characters": None,
+                   "median_patches": None, **ceiling(owned, changes)}
+            results.append(res)
+            print(f"  36 tokens, slots: {'/'.join(words):52s} every character a row, look-alikes shown "
+                  f"{res['lookalikes_shown']:.2f}, ceiling {res['weighted_ceiling']:.3f}")
+            continue
         if grid not in pools:
             pools[grid] = scene_pool(1, args.scenes, 192, grid, workers=1)
         pool = pools[grid]

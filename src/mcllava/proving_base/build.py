@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..errors import McLlavaError
 from ..kmeans_init import covered_patches, rescale
 from ..tokens import word_embedding_norm
-from .data import GATE_DEFINITIONS, PATCH_TRAITS, Curriculum, lm_sample, patch_coverage, patch_labels, scene_pool, to_pixels, trait_classes
+from .data import (GATE_DEFINITIONS, MIRROR_SLOTS, N_SLOTS, PATCH_TRAITS, VALUES, Curriculum, lm_sample, patch_coverage,
+                   patch_labels, scene_pool, to_pixels, trait_classes)
 from .model import VisionSpec
 
 DEFAULT_WORK = Path("~/.cache/mcllava/proving-base-build").expanduser()
@@ -57,6 +58,14 @@ class VisionStage:
         stopped at step 3,000, docs/proving_base.md): every trait of held-out characters read 0.06-0.14 better
         than the CPU default's tower (category 0.91, ears 0.67, eyes 0.78 against 0.83, 0.55, 0.64)."""
         return cls(scenes=48000, steps=3000, batch_size=256, device="cuda")
+
+
+# The "slots" layout: image-token row r shows the character at scene slot r (`data._slot`: left / centre / right
+# x near / far), one trait word per token in this order; an empty slot's row is the background word. A character
+# then reads as six adjacent words ("cat red striped slim hat round"), like the text comparisons SmolLM2 learns in
+# ~100 steps, instead of the median two patches the "grid" layout gives it (docs/proving_base.md, eighth session).
+# The three traits left out (ears, head, accessory colour) change the fewest pixels.
+SLOT_WORDS = ("category", "color", "pattern", "build", "accessory", "eyes")
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Phase:
     name: str
     steps: int
     curriculum: Curriculum
+    # "slots" layout only: the image rows are the exact align targets (word embeddings of who stands where)
+    # instead of the tower's projected tokens: the language model learns to read and compare on clean tokens
+    # (no tower needed yet), then later phases move it to the tower's own tokens
+    oracle: bool = False
 
 
 def default_phases() -> tuple[Phase, ...]:
@@ -148,6 +161,9 @@ class BuildConfig:
     vision_stage: VisionStage = field(default_factory=VisionStage)
     align: AlignStage = field(default_factory=AlignStage)
     lm: LMStage = field(default_factory=LMStage)
+    # what the image tokens show: "grid" (each patch its owner's trait word, `AlignStage.words` cycled over the
+    # grid) or "slots" (token row r the character at scene slot r, one word of `AlignStage.words` per column)
+    layout: str = "grid"
     autocast: bool = True  # bf16 autocast on CPU: ~4x faster steps through SmolLM2 here
     progress: bool = True
     text_model: Callable | None = None  # tests: a factory (tokenizer -> small Llama) instead of SmolLM2
@@ -233,6 +249,36 @@ class CharacterHeads(torch.nn.Module):
         return torch.stack(losses).mean(), torch.cat(correct)
 
 
+class SlotHeads(torch.nn.Module):
+    """The "slots" layout's read-out: token (r, t) names trait `words[t]` of the character at slot r, or "empty".
+
+    The projector maps each token on its own, so a token must itself carry the one word its position shows: the
+    tower's last layer routes each character's traits to its slot's row (positions are fixed, so this is a
+    learned look-up of "who stands there"), while the pooled per-character heads keep training an earlier layer.
+    """
+
+    def __init__(self, hidden: int, words: tuple[str, ...]):
+        super().__init__()
+        self.words = words
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(VALUES[w]) + 1) for w in words)  # + empty
+
+    def forward(self, tokens: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean cross-entropy over every token, and per word the correctness of the tokens of occupied slots.
+
+        tokens: [B, N_SLOTS * W, hidden]; slots: [B, N_SLOTS, len(PATCH_TRAITS)] (-100: empty slot).
+        """
+        grid = tokens.view(len(tokens), N_SLOTS, len(self.words), -1)
+        occupied = slots[..., 0] != -100  # [B, S]
+        losses, correct = [], {}
+        for t, (word, head) in enumerate(zip(self.words, self.heads)):
+            y = slots[..., PATCH_TRAITS.index(word)].clone()
+            y[~occupied] = len(VALUES[word])  # the "empty" class
+            logits = head(grid[:, :, t])
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+            correct[word] = (logits.argmax(-1) == y)[occupied].float()
+        return torch.stack(losses).mean(), correct
+
+
 def vision_model(spec: VisionSpec):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -267,7 +313,10 @@ def stage_vision(cfg: BuildConfig) -> dict:
         pool = pool.__dict__
     n_val = max(64, st.scenes // 20)
     tower, heads = vision_model(cfg.vision).to(dev), CharacterHeads(cfg.vision.hidden).to(dev)
-    params = list(tower.parameters()) + list(heads.parameters())
+    slot_heads = SlotHeads(cfg.vision.hidden, cfg.align.words).to(dev) if cfg.layout == "slots" else None
+    if slot_heads is not None and pool.get("slots") is None:
+        raise McLlavaError(f"{pool_path} was rendered without slot labels: delete it to render it again")
+    params = list(tower.parameters()) + list(heads.parameters()) + (list(slot_heads.parameters()) if slot_heads else [])
     opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=st.steps, pct_start=0.05)
     step = 0
@@ -276,6 +325,8 @@ def stage_vision(cfg: BuildConfig) -> dict:
         s = torch.load(ckpt, weights_only=False, map_location=dev)
         tower.load_state_dict(s["tower"]), heads.load_state_dict(s["heads"]), opt.load_state_dict(s["opt"])
         sched.load_state_dict(s["sched"])
+        if slot_heads is not None:
+            slot_heads.load_state_dict(s["slot_heads"])
         step = s["step"]
     gen = torch.Generator().manual_seed(cfg.seed + step)
     t0 = time.time()
@@ -289,8 +340,16 @@ def stage_vision(cfg: BuildConfig) -> dict:
         owner = pool["owner"][idx].view(-1, grid, grid)
         owner[flip] = owner[flip].flip(2)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            patches = patch_tokens(tower, normalise(pixels.to(dev))).float()
+            hidden = tower(pixel_values=normalise(pixels.to(dev)), output_hidden_states=True).hidden_states
+        # "slots": the per-character heads read the layer below the last, whose tokens stay where their patches are
+        patches = hidden[-2 if slot_heads is not None else -1][:, 1:].float()
         loss, correct = heads(patches, pool["labels"][idx].to(dev), owner.reshape(len(idx), -1).to(dev))
+        if slot_heads is not None:
+            slots = pool["slots"][idx]
+            slots[flip] = slots[flip][:, MIRROR_SLOTS]
+            slot_loss, slot_correct = slot_heads(hidden[-1][:, 1:].float(), slots.to(dev))
+            loss = loss + slot_loss
+            correct = torch.cat(list(slot_correct.values()))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -301,24 +360,31 @@ def stage_vision(cfg: BuildConfig) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.mean().item():.3f}")
         if step % 50 == 0 or step == st.steps:
             _save_ckpt(ckpt, {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                              "sched": sched.state_dict(), "step": step})
-            val = _vision_val(tower, heads, pool, n_val)
+                              "sched": sched.state_dict(), "step": step,
+                              **({"slot_heads": slot_heads.state_dict()} if slot_heads is not None else {})})
+            val = _vision_val(tower, heads, pool, n_val, slot_heads)
             _log(cfg.work, "vision", {"step": step, "loss": loss.item(), "train_acc": correct.mean().item(),
                                       **val, "seconds": time.time() - t0})
     bar.close()
     save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
-    return _finish(cfg.work, "vision", {"steps": step, **_vision_val(tower, heads, pool, n_val), "device": st.device,
+    return _finish(cfg.work, "vision", {"steps": step, **_vision_val(tower, heads, pool, n_val, slot_heads), "device": st.device,
                                          "seconds": time.time() - t0})
 
 
 @torch.no_grad()
-def _vision_val(tower, heads, pool, n_val: int) -> dict:
-    """Held-out accuracy per trait of the characters (from their pooled patches) and per-patch category."""
+def _vision_val(tower, heads, pool, n_val: int, slot_heads: SlotHeads | None = None) -> dict:
+    """Held-out accuracy per trait of the characters (from their pooled patches) and per-patch category; with
+    slot heads, per word the accuracy of the slot tokens of occupied slots (`val_slot_<word>`)."""
     tower.eval()
     dev = next(tower.parameters()).device
-    feats = torch.cat([patch_tokens(tower, normalise(pool["pixels"][i : min(i + 64, n_val)].to(dev)))
-                       for i in range(0, n_val, 64)])
+    hidden = [tower(pixel_values=normalise(pool["pixels"][i : min(i + 64, n_val)].to(dev)), output_hidden_states=True).hidden_states
+              for i in range(0, n_val, 64)]
+    feats = torch.cat([h[-2 if slot_heads is not None else -1][:, 1:] for h in hidden]).float()
     tower.train()
+    slot_res = {}
+    if slot_heads is not None:
+        _, correct = slot_heads(torch.cat([h[-1][:, 1:] for h in hidden]).float(), pool["slots"][:n_val].to(dev))
+        slot_res = {f"val_slot_{w}": c.mean().item() for w, c in correct.items()}
     labels, owner = pool["labels"][:n_val].to(dev), pool["owner"][:n_val].to(dev)
     pooled, owns = heads.pooled(feats, owner, labels.shape[1])
     out, res, start = heads.head(pooled), {}, 0
@@ -330,7 +396,7 @@ def _vision_val(tower, heads, pool, n_val: int) -> dict:
     y_p = patch_labels(labels, owner)[..., 0]
     res["val_patch_category"] = (heads.head(feats)[..., : heads.classes[0]].argmax(-1) == y_p).float().mean().item()
     res["val_mean"] = float(np.mean(list(res.values())))
-    return res
+    return {**res, **slot_res}
 
 
 # ============================================================================================ shared
@@ -425,6 +491,48 @@ def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tens
     return out
 
 
+def slot_word_targets(model, tokenizer, slots: torch.Tensor, words: tuple[str, ...] = SLOT_WORDS,
+                      background: str = "grass") -> torch.Tensor:
+    """[n, N_SLOTS * len(words), D] align targets of the "slots" layout: token (r, t) is the word of trait
+    `words[t]` of the character at slot r; every token of an empty slot the background word (scaled)."""
+    bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
+    out = bg.expand(len(slots), N_SLOTS, len(words), -1).clone()
+    occupied = slots[..., 0] != -100
+    for t, word in enumerate(words):
+        values = slots[..., PATCH_TRAITS.index(word)][occupied]
+        out[:, :, t][occupied] = trait_word_vectors(model, tokenizer, word)[values]
+    return out.reshape(len(slots), N_SLOTS * len(words), -1)
+
+
+@torch.no_grad()
+def slot_word_readout(model, tokenizer, tokens: torch.Tensor, slots: torch.Tensor,
+                      words: tuple[str, ...] = SLOT_WORDS) -> dict[str, float]:
+    """Per word of the "slots" layout: share of occupied slots' tokens closest (cosine) to the right word among
+    all words of all traits shown, and share of empty slots' tokens closest to none of them but the background."""
+    vocab = [F.normalize(trait_word_vectors(model, tokenizer, w), dim=-1) for w in words]
+    offset = np.cumsum([0] + [len(v) for v in vocab])
+    union = torch.cat(vocab + [F.normalize(word_vectors(model, tokenizer, ["grass"]), dim=-1)])
+    guess = (F.normalize(tokens.float(), dim=-1) @ union.T).argmax(-1).view(len(slots), N_SLOTS, len(words))
+    occupied = slots[..., 0] != -100
+    out = {w: round(float((guess[:, :, t][occupied] == slots[..., PATCH_TRAITS.index(w)][occupied] + int(offset[t]))
+                          .float().mean()), 3) for t, w in enumerate(words)}
+    out["empty"] = round(float((guess[~occupied] == len(union) - 1).float().mean()), 3)
+    return out
+
+
+def check_layout(cfg: BuildConfig) -> None:
+    """A "slots" build needs a 6 x 6 token grid with one single word per column."""
+    if cfg.layout not in ("grid", "slots"):
+        raise McLlavaError(f"layout must be 'grid' or 'slots', got {cfg.layout!r}")
+    if cfg.layout == "slots":
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        if grid != N_SLOTS or len(cfg.align.words) != grid or any("+" in w for w in cfg.align.words):
+            raise McLlavaError(f"the slots layout needs a {N_SLOTS} x {N_SLOTS} token grid and {N_SLOTS} single align "
+                               f"words (one per token column); got a {grid} x {grid} grid and {cfg.align.words}")
+    elif any(p.oracle for p in cfg.lm.phases):
+        raise McLlavaError("oracle LM phases need layout='slots'")
+
+
 def _start(cfg: BuildConfig, stage: str):
     """Seed, make the stage folder, and assemble the model: (tokenizer, model, processor)."""
     (cfg.work / stage).mkdir(parents=True, exist_ok=True)
@@ -441,7 +549,9 @@ def stage_align(cfg: BuildConfig) -> dict:
     pool = torch.load(cfg.work / "vision" / "pool.pt", weights_only=False)
     owner, labels, tower = pool["owner"], pool["labels"], model.model.vision_tower
     feats = tower_features(model, pool["pixels"])
-    tgt = patch_word_targets(model, tok, labels, owner, st.words, st.background_word)
+    slots = cfg.layout == "slots"
+    tgt = (slot_word_targets(model, tok, pool["slots"], st.words, st.background_word) if slots
+           else patch_word_targets(model, tok, labels, owner, st.words, st.background_word))
     proj = model.model.multi_modal_projector
     n_val = max(64, len(owner) // 20)
     gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
@@ -472,7 +582,7 @@ def stage_align(cfg: BuildConfig) -> dict:
     # (2) optionally the tower too, end to end from pixels: a frozen tower's patch features hardly tell a patch's
     # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md). The
     # vision stage's trait heads stay on as a second loss so that the tower keeps every trait.
-    if st.tower_steps > 0:
+    if st.tower_steps > 0 and not slots:  # the slots tower already writes each token's word where it belongs
         vis = torch.load(cfg.work / "vision" / "ckpt.pt", weights_only=False)
         heads = CharacterHeads(cfg.vision.hidden)
         heads.load_state_dict(vis["heads"])
@@ -492,8 +602,9 @@ def stage_align(cfg: BuildConfig) -> dict:
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
     with torch.no_grad():
         val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
-        words = word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words)
-    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": st.tower_steps, "val_loss": val,
+        words = (slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words) if slots
+                 else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words))
+    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": 0 if slots else st.tower_steps, "val_loss": val,
                                        "held_out_word_accuracy": words, "seconds": time.time() - t0})
 
 
@@ -564,6 +675,7 @@ class EncodedPool:
     ref_weights: torch.Tensor | None = None  # [n, R, k, N]
     n_refs: torch.Tensor | None = None  # [n]
     changed: list[tuple[str, ...]] | None = None  # per sample: the traits its look-alike negative changes, or ()
+    oracle: torch.Tensor | None = None  # [n, N, D] "slots" layout: the exact align targets of each image
 
 
 def cluster_weights(feats: torch.Tensor, coverage: np.ndarray, k: int, seed: int = 0) -> torch.Tensor:
@@ -583,7 +695,9 @@ def cluster_weights(feats: torch.Tensor, coverage: np.ndarray, k: int, seed: int
     return w / w.sum(1, keepdim=True)
 
 
-def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4) -> EncodedPool:
+def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4, words: tuple[str, ...] | None = None
+                ) -> EncodedPool:
+    """Tokenise and pre-encode samples; with `words` (the "slots" layout) also their exact image rows (`oracle`)."""
     from ..training_data import collate
 
     enc = [bb.encode(bb.format_prompt(s["question"], s.get("system"), image=s["image"] is not None), s["answer"],
@@ -593,6 +707,10 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4) -> Enc
     pool = EncodedPool(batch.input_ids, batch.attention_mask, batch.labels, tower_features(model, pixels),
                        torch.tensor([s["image"] is not None for s in samples]), [s["kind"] for s in samples],
                        [s["answer"] for s in samples], changed=[tuple(s.get("changed", ())) for s in samples])
+    if words is not None:
+        empty = np.full((N_SLOTS, len(PATCH_TRAITS)), -100)  # text-only samples: rows never used
+        slots = torch.from_numpy(np.stack([s.get("slots", empty) for s in samples]))
+        pool.oracle = slot_word_targets(model, bb.tokenizer, slots, words)
     refs = [s.get("refs") or [] for s in samples]
     r_max = max(len(r) for r in refs)
     if r_max:
@@ -612,11 +730,13 @@ def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, 
               desc: str = "pool") -> EncodedPool:
     samples = [lm_sample(seed, start + i, cur, cfg.vision.image_size, half)
                for i in tqdm(range(n), desc=desc, disable=not cfg.progress, mininterval=5)]
-    return encode_pool(bb, model, samples, cfg.vision.image_size, cfg.lm.definition_rows)
+    return encode_pool(bb, model, samples, cfg.vision.image_size, cfg.lm.definition_rows,
+                       cfg.align.words if cfg.layout == "slots" else None)
 
 
-def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> torch.Tensor | None:
-    """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image."""
+def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor | None:
+    """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image
+    (the projected tower tokens, or with `oracle` the pool's exact align targets)."""
     proj = bb.model.model.multi_modal_projector
     chunks = []
     for i in idx.tolist():
@@ -626,14 +746,14 @@ def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> to
             refs = refs.reshape(-1, refs.shape[-1])
             chunks.append(rescale(refs, norm))
         if pool.has_image[i]:
-            chunks.append(proj(pool.features[i]))
+            chunks.append(pool.oracle[i] if oracle else proj(pool.features[i]))
     return torch.cat(chunks) if chunks else None
 
 
-def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor, norm: float) -> torch.Tensor:
+def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor:
     width = int(pool.attention_mask[idx].sum(1).max())
     ids, mask, labels = (t[idx, :width] for t in (pool.input_ids, pool.attention_mask, pool.labels))
-    return bb.answer_loss(ids, mask, labels, sample_features(bb, pool, idx, norm))
+    return bb.answer_loss(ids, mask, labels, sample_features(bb, pool, idx, norm, oracle))
 
 
 @torch.no_grad()
@@ -729,12 +849,12 @@ def stage_lm(cfg: BuildConfig) -> dict:
     t0, losses, norm = time.time(), [], word_embedding_norm(model, len(tok))
     bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
     while step < total:
-        phase = st.phases[st.phase_at(step)].name
+        phase, oracle = st.phases[st.phase_at(step)].name, st.phases[st.phase_at(step)].oracle
         pool = pools[phase]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
         with _autocast(cfg):
-            loss = lm_loss(bb, pool, idx, norm)
+            loss = lm_loss(bb, pool, idx, norm, oracle)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora + proj, 1.0)
@@ -747,9 +867,15 @@ def stage_lm(cfg: BuildConfig) -> dict:
         record = {"step": step, "phase": phase, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
         if step % st.eval_every == 0 or step == total:
             model.eval()
+            record["tokens"] = "oracle" if oracle else "tower"  # the held-out pools are scored on the phase's tokens
             with _autocast(cfg):
-                record["val"] = yes_no_report(yes_no_scores(bb, pools["val"]), pools["val"])
-                record["val"]["exists"] = yes_no_report(yes_no_scores(bb, pools["val_read"]), pools["val_read"])["exists"]
+                for name in ("val", "val_read"):
+                    p = pools[name]
+                    scores = yes_no_scores(bb, p, features=lambda idx, p=p: sample_features(bb, p, idx, norm, oracle))
+                    if name == "val":
+                        record["val"] = yes_no_report(scores, p)
+                    else:
+                        record["val"]["exists"] = yes_no_report(scores, p)["exists"]
             model.train()
             tqdm.write(f"step {step}: " + json.dumps({k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3))
                                                       for k, v in record["val"].items()}))
@@ -798,6 +924,7 @@ def stage_export(cfg: BuildConfig, out: Path | None = None) -> dict:
 
 def build(cfg: BuildConfig, stages: tuple[str, ...] = ("vision", "align", "lm", "export"), out: Path | None = None) -> dict:
     """Run (or resume) the stages in order; returns each stage's summary."""
+    check_layout(cfg)
     cfg.work.mkdir(parents=True, exist_ok=True)
     (cfg.work / "config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
     res = {}

@@ -80,6 +80,22 @@ def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarra
     return labels, cover.argmax(0) - 1
 
 
+def slot_labels(scene: RenderedScene) -> np.ndarray:
+    """Trait labels per scene position [N_SLOTS, len(PATCH_TRAITS)] (-100 = nobody there).
+
+    A scene places each character at a distinct (column, depth) slot (`_slot`: left / centre / right x near / far),
+    so "what stands where" is a fixed-size table: the `"slots"` token layout shows it one row per slot.
+    """
+    out = np.full((N_SLOTS, len(PATCH_TRAITS)), -100, dtype=np.int64)
+    labels, _ = scene_labels(scene, 1)
+    for k in range(len(scene.spec.actors)):
+        out[_slot(scene, k)] = labels[k]
+    return out
+
+
+MIRROR_SLOTS = [(2 - s // 2) * 2 + s % 2 for s in range(N_SLOTS)]  # slot of each slot in the mirrored scene
+
+
 def patch_labels(labels: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """Per-patch trait labels [B, P, T] from per-actor labels [B, A, T] and owners [B, P] (-1 = background)."""
     out = torch.gather(labels, 1, owner.clamp_min(0).unsqueeze(-1).expand(-1, -1, labels.shape[-1]))
@@ -95,6 +111,7 @@ class ScenePool:
     labels: torch.Tensor  # [n, MAX_ACTORS, len(PATCH_TRAITS)]
     owner: torch.Tensor  # [n, grid*grid] actor index or -1
     descs: list[list[str]]  # per scene, per actor: short description (the projector alignment target)
+    slots: torch.Tensor | None = None  # [n, N_SLOTS, len(PATCH_TRAITS)]: who stands where (`slot_labels`)
 
 
 def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
@@ -103,14 +120,16 @@ def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, MAX_ACTORS, len(PATCH_TRAITS)), dtype=np.int64)
     owner = np.zeros((n, grid * grid), dtype=np.int64)
+    slots = np.zeros((n, N_SLOTS, len(PATCH_TRAITS)), dtype=np.int64)
     descs = []
     for j, i in enumerate(range(start, stop)):
         rng = rng_for(seed, "scenes", i)
         scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), half), size)
         pixels[j] = np.asarray(scene.image.convert("RGB"))
         labels[j], owner[j] = scene_labels(scene, grid)
+        slots[j] = slot_labels(scene)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
-    return pixels, labels, owner, descs
+    return pixels, labels, owner, descs, slots
 
 
 def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False,
@@ -138,7 +157,8 @@ def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "b
             bar.update(len(parts[-1][0]))
     bar.close()
     return ScenePool(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts])),
-                     torch.from_numpy(np.concatenate([p[2] for p in parts])), [d for p in parts for d in p[3]])
+                     torch.from_numpy(np.concatenate([p[2] for p in parts])), [d for p in parts for d in p[3]],
+                     torch.from_numpy(np.concatenate([p[4] for p in parts])))
 
 
 # ------------------------------------------------------------------------------------------------ LM samples
@@ -257,7 +277,8 @@ def defined_recognition(
         return {"image": None, "question": f"{question} The photo shows {shown}.", "answer": answer,
                 "kind": "text_compare", "changed": c.changed}
     scene = sample_visible_scene(rng, c.actors, size)
-    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "changed": c.changed}
+    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "changed": c.changed,
+            "slots": slot_labels(scene)}
 
 
 DEFINITION_SLOT = "<image>"  # one slot per definition in the system text; the build fills it with k visual rows
@@ -286,7 +307,7 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
     refs = [reference_photo(rng, ident, nm, size, half) for nm, ident in zip(c.names, c.defined)]
     system = " ".join(f"<{nm}> is {DEFINITION_SLOT}." for nm in c.names)
     scene = sample_visible_scene(rng, c.actors, size)
-    out = {"image": scene.image, "system": system, "refs": refs, "changed": c.changed}
+    out = {"image": scene.image, "system": system, "refs": refs, "changed": c.changed, "slots": slot_labels(scene)}
     if caption:
         named = [f"<{a.ref}>" if a.role == "concept" else noun_phrase(a.identity) for a in scene.spec.actors]
         return {**out, "question": "Describe this photo.", "kind": "visual_caption",
@@ -297,7 +318,8 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
 
 
 def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str = "base") -> dict[str, Any]:
-    """Sample `index` of the language-model stage: image (PIL or None), question, answer, kind (+ system, refs)."""
+    """Sample `index` of the language-model stage: image (PIL or None), question, answer, kind (+ system, refs,
+    and with an image its `slot_labels`)."""
     rng = rng_for(seed, "lm", index)
     kind = KINDS[rng.choice(len(KINDS), p=np.array(cur.mix) / sum(cur.mix))]
     if kind in ("text_compare", "defined"):
@@ -307,9 +329,10 @@ def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str
     scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, 4)), half), size)
     if kind == "caption":
         return {"image": scene.image, "question": "Describe this photo.", "answer": short_caption(scene),
-                "kind": "caption", "categories": sorted({a.identity.category for a in scene.spec.actors})}
+                "kind": "caption", "categories": sorted({a.identity.category for a in scene.spec.actors}),
+                "slots": slot_labels(scene)}
     q, a, kind = generic_question(rng, scene, cur.questions)
-    return {"image": scene.image, "question": q, "answer": a, "kind": kind}
+    return {"image": scene.image, "question": q, "answer": a, "kind": kind, "slots": slot_labels(scene)}
 
 
 def named_recognition(seed: int, index: int, size: int = 192, half: str = "personal") -> dict[str, Any]:
