@@ -79,7 +79,8 @@ class PersonalAssistant:
         if features is None:
             features = self.backbone.visual_tokens([image]).features[0]
         gh, gw = self.backbone.grid
-        return locate(features[-gh * gw :].float().cpu(), self.references(), (gh, gw), image.size, self.locate_config)
+        return locate(features[-gh * gw :].float().cpu(), self.references(), (gh, gw), image.size, self.locate_config,
+                      self.backbone.layout.spatial)
 
     def locate(self, image: Image.Image) -> dict[str, tuple[float, float] | None]:
         """Predicted point of each concept (None where it looks absent) — the evaluation runner's grounding hook."""

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import McLlavaError
+from .layout import layout_for
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PROVING_GROUND = "proving-ground"
@@ -105,6 +106,7 @@ class Backbone:
         vcfg = cfg.vision_config
         side = vcfg.image_size // vcfg.patch_size
         self.grid: tuple[int, int] = (side, side)
+        self.layout = layout_for(cfg, self.grid)  # which tokens show a mask; where a token map lies in the image
         self.strategy: str = cfg.vision_feature_select_strategy
         self.num_image_tokens: int = side * side + (1 if self.strategy == "full" else 0)
         self.image_size: int = vcfg.image_size
@@ -167,7 +169,8 @@ class Backbone:
         return out["pixel_values"]
 
     def mask_coverage(self, masks: Sequence[np.ndarray | None], images: Sequence[Image.Image]) -> torch.Tensor:
-        """Fraction of each patch inside each mask, after the same resize/crop as the image ([B, gh*gw])."""
+        """Share of each image token showing what each mask covers, after the same resize/crop as the image
+        ([B, gh*gw]; for the patch grid, the fraction of each patch inside the mask)."""
         gh, gw = self.grid
         out = torch.ones(len(images), gh * gw)
         for i, (mask, image) in enumerate(zip(masks, images)):
@@ -177,7 +180,7 @@ class Backbone:
             px = self.processor.image_processor(
                 [as_image], do_normalize=False, do_rescale=True, return_tensors="pt"
             )["pixel_values"][0, 0]
-            out[i] = torch.nn.functional.adaptive_avg_pool2d(px[None, None].float(), (gh, gw)).flatten()
+            out[i] = self.layout.coverage(px)
         return out
 
     @torch.no_grad()

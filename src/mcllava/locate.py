@@ -165,16 +165,20 @@ def locate(
     grid: tuple[int, int],
     image_size: tuple[int, int],
     config: LocateConfig = LocateConfig(),
+    spatial: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Location]:
     """Locate every concept of `references` (in its order) in a query image of `image_size` = (width, height).
 
     `features` are the image's projected visual tokens [gh*gw, D], row-major on the patch grid; the grid is
     assumed to cover the whole image, so patch (row, col) spans pixels scaled by (width/gw, height/gh).
+    `spatial` turns a [gh, gw] map over tokens that are not patches into a map over the image
+    (`layout.SlotLayout.spatial`); by default the tokens are the patches.
     """
     if len(image_size) != 2 or min(image_size) <= 0:
         raise ValueError(f"image_size must be a positive (width, height), got {image_size}")
     maps = normalise_across_concepts(similarity_maps(features, references, grid), config)
-    return [_locate_one(cid, conf, image_size, config) for cid, conf in maps.items()]
+    spatial = spatial or (lambda m: m)
+    return [_locate_one(cid, spatial(conf), image_size, config) for cid, conf in maps.items()]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from ..errors import McLlavaError
 from ..kmeans_init import covered_patches, rescale
+from ..layout import LAYOUT_KEY
 from ..tokens import word_embedding_norm
-from .data import (GATE_DEFINITIONS, MIRROR_SLOTS, N_SLOTS, PATCH_TRAITS, VALUES, Curriculum, lm_sample, patch_coverage,
+from .data import (GATE_DEFINITIONS, MIRROR_SLOTS, N_SLOTS, PATCH_TRAITS, VALUES, Curriculum, lm_sample,
                    patch_labels, scene_pool, to_pixels, trait_classes)
 from .model import VisionSpec
 
@@ -413,6 +414,8 @@ def assemble(cfg: BuildConfig, tokenizer=None):
     tokenizer = tokenizer or tokenizer_for(cfg)
     text = cfg.text_model(tokenizer) if cfg.text_model is not None else load_smollm2()
     model, processor = build_llava(text, tokenizer, cfg.vision, seed=cfg.seed)
+    if cfg.layout != "grid":  # Backbone (and every export) reads the token layout from the config
+        setattr(model.config, LAYOUT_KEY, cfg.layout)
     tuned = cfg.work / "align" / "tower.safetensors"  # the align stage's tower, when it tuned it
     model.model.vision_tower.load_state_dict(load_file(tuned if tuned.exists() else cfg.work / "vision" / "tower.safetensors"))
     proj = cfg.work / "align" / "projector.safetensors"
@@ -721,7 +724,8 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4, words:
         pool.ref_weights = torch.zeros(n, r_max, rows, grid * grid)
         for (i, j, _, mask), f in zip(flat, feats):
             pool.ref_features[i, j] = f
-            pool.ref_weights[i, j] = cluster_weights(f, patch_coverage(mask, grid), rows, seed=i)
+            coverage = bb.layout.coverage(torch.from_numpy(np.asarray(mask, dtype=np.float32))).numpy()
+            pool.ref_weights[i, j] = cluster_weights(f, coverage, rows, seed=i)
         pool.n_refs = torch.tensor([len(r) for r in refs])
     return pool
 
