@@ -34,7 +34,7 @@ def slots_toy(tmp_path_factory):
         progress=False, text_model=lambda tok: tiny_text_model(tok),
     )
     (work / "tokenizer").mkdir(exist_ok=True)
-    return cfg, build(cfg, stages=("vision", "align", "lm"))
+    return cfg, build(cfg)
 
 
 def test_slot_labels_put_each_character_at_its_scene_position_and_mirror():
@@ -95,6 +95,16 @@ def test_slots_build_trains_slot_heads_and_oracle_phases(slots_toy):
     idx = torch.tensor([0, 1])
     assert torch.equal(sample_features(FakeBackbone, pool, idx, 1.0, oracle=True), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1]))
     assert not torch.equal(sample_features(FakeBackbone, pool, idx, 1.0), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1]))
+
+
+def test_a_slots_export_loads_with_its_layout(slots_toy):
+    from mcllava.backbone import Backbone
+    from mcllava.layout import SlotLayout
+    from mcllava.proving_base import load
+
+    cfg, _ = slots_toy
+    model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
+    assert isinstance(Backbone(model, processor, "slots-export").layout, SlotLayout)
 
 
 def test_lm_samples_carry_the_slot_table():
