@@ -182,7 +182,8 @@ def test_build_cli_refuses_a_bad_mix_or_phase_steps(tmp_path):
     from mcllava.cli import app
 
     for args, msg in ((["--mix", "describe=1,2,3"], "6 non-negative weights"), (["--mix", "nope=1,1,1,1,1,1"], "PHASE one of"),
-                      (["--phase-steps", "1,2"], "3 non-negative counts")):
+                      (["--phase-steps", "1,2"], "3 non-negative counts"), (["--layout", "rows"], "grid or slots"),
+                      (["--layout", "slots", "--phase-steps", "1,2,3"], "6 non-negative counts")):
         res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), *args])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "vision").exists()  # refused before any stage ran

@@ -78,7 +78,7 @@ def test_slot_word_targets_show_one_word_per_token_and_read_back(slots_toy):
 def test_slots_build_trains_slot_heads_and_oracle_phases(slots_toy):
     cfg, res = slots_toy
     assert {f"val_slot_{w}" for w in SLOT_WORDS} <= set(res["vision"])
-    assert set(res["align"]["held_out_word_accuracy"]) == {*SLOT_WORDS, "empty"} and res["align"]["tower_steps"] == 0
+    assert set(res["align"]["held_out_word_accuracy"]) == {*SLOT_WORDS, "empty"} and res["align"]["tower_steps"] == 2
     log = [json.loads(x) for x in (cfg.work / "lm" / "log.jsonl").read_text().splitlines() if "val" in x]
     assert [r["tokens"] for r in log] == ["oracle", "tower"]  # each evaluation scores the phase's own tokens
     # an oracle phase feeds the pool's exact targets in place of the projected tower tokens

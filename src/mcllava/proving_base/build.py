@@ -113,6 +113,19 @@ def default_phases() -> tuple[Phase, ...]:
             Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
 
 
+def slots_phases() -> tuple[Phase, ...]:
+    """The "slots" layout's curriculum: compare in text first (w17: AUC 0.91 at 100 steps), then read, describe,
+    ground one definition against easy negatives and compare 1-2 definitions against look-alikes, all on the
+    exact slot words (oracle), and last the same comparisons on the tower's own tokens."""
+    look = Curriculum(2, 0.5, (0.1, 0.15, 0.1, 0.65, 0, 0))
+    return (Phase("text", 100, Curriculum(1, 0.5, (0, 0, 1, 0, 0, 0))),
+            Phase("read", 50, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0)), oracle=True),
+            Phase("describe", 100, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.25, 0.25, 0.25, 0.25)), oracle=True),
+            Phase("ground", 150, Curriculum(1, 0.0, (0.1, 0.15, 0.15, 0.6, 0, 0)), oracle=True),
+            Phase("lookalike", 150, look, oracle=True),
+            Phase("tower", 100, look))
+
+
 @dataclass
 class LMStage:
     phases: tuple[Phase, ...] = field(default_factory=default_phases)
@@ -578,27 +591,44 @@ def stage_align(cfg: BuildConfig) -> dict:
             if (step + 1) % 100 == 0:
                 _log(cfg.work, "align", {"part": desc, "step": step + 1, "loss": loss.item(), "val_loss": held_out()})
 
+    # what each token shows: an owned patch, or a token of an occupied slot; the rest shows the background word
+    shown = (pool["slots"][..., 0] != -100).repeat_interleave(len(st.words), dim=1) if slots else owner >= 0
+
+    def balanced(pred: torch.Tensor, target: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Shown tokens weigh as much as the background ones (most tokens of a slots grid are empty slots)."""
+        return sum(_align_loss(pred[k], target[k]) for k in (m, ~m) if k.any())
+
     # (1) the projector alone, on cached tower features
     proj.requires_grad_(True)
-    fit(list(proj.parameters()), st.steps, st.lr, st.batch_size, lambda i: _align_loss(proj(feats[i]), tgt[i]),
+    fit(list(proj.parameters()), st.steps, st.lr, st.batch_size,
+        (lambda i: balanced(proj(feats[i]), tgt[i], shown[i])) if slots else (lambda i: _align_loss(proj(feats[i]), tgt[i])),
         "2/4 projector alignment")
     # (2) optionally the tower too, end to end from pixels: a frozen tower's patch features hardly tell a patch's
-    # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md). The
-    # vision stage's trait heads stay on as a second loss so that the tower keeps every trait.
-    if st.tower_steps > 0 and not slots:  # the slots tower already writes each token's word where it belongs
+    # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md), and a
+    # projector alone on the slots tower read the words it shows less well than the tower's own heads. The vision
+    # stage's heads stay on as a second loss so that the tower keeps every trait.
+    if st.tower_steps > 0:
         vis = torch.load(cfg.work / "vision" / "ckpt.pt", weights_only=False)
         heads = CharacterHeads(cfg.vision.hidden)
         heads.load_state_dict(vis["heads"])
+        extra = [heads]
+        if slots:
+            slot_heads = SlotHeads(cfg.vision.hidden, st.words)
+            slot_heads.load_state_dict(vis["slot_heads"])
+            extra.append(slot_heads)
         tower.requires_grad_(True)
 
-        def joint_loss(i: torch.Tensor) -> torch.Tensor:  # owned patches weigh as much as the background
-            patches, owned = patch_tokens(tower, normalise(pool["pixels"][i])), owner[i] >= 0
-            pred = proj(patches)
-            align = sum(_align_loss(pred[m], tgt[i][m]) for m in (owned, ~owned) if m.any())
-            return align + st.heads_weight * heads(patches, labels[i], owner[i])[0]
+        def joint_loss(i: torch.Tensor) -> torch.Tensor:
+            hidden = tower(pixel_values=normalise(pool["pixels"][i]), output_hidden_states=True).hidden_states
+            tokens = hidden[-1][:, 1:]
+            align = balanced(proj(tokens), tgt[i], shown[i])
+            if slots:  # as in the vision stage: per-character heads below the last layer, slot heads on it
+                return align + st.heads_weight * (heads(hidden[-2][:, 1:], labels[i], owner[i])[0]
+                                                  + slot_heads(tokens, pool["slots"][i])[0])
+            return align + st.heads_weight * heads(tokens, labels[i], owner[i])[0]
 
-        fit(list(proj.parameters()) + list(tower.parameters()) + list(heads.parameters()), st.tower_steps, st.tower_lr,
-            st.tower_batch_size, joint_loss, "2/4 tower + projector alignment")
+        fit(list(proj.parameters()) + list(tower.parameters()) + [p for m in extra for p in m.parameters()],
+            st.tower_steps, st.tower_lr, st.tower_batch_size, joint_loss, "2/4 tower + projector alignment")
         tower.requires_grad_(False)
         save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
         feats = tower_features(model, pool["pixels"][:n_val])
@@ -607,7 +637,7 @@ def stage_align(cfg: BuildConfig) -> dict:
         val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
         words = (slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words) if slots
                  else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words))
-    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": 0 if slots else st.tower_steps, "val_loss": val,
+    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": st.tower_steps, "val_loss": val,
                                        "held_out_word_accuracy": words, "seconds": time.time() - t0})
 
 

@@ -19,16 +19,23 @@ def build_cmd(
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
     gpu_vision: bool = typer.Option(False, help="train the vision tower on the GPU with its larger recipe "
                                                 "(VisionSpec.gpu(), VisionStage.gpu(): ~2 min on an H100)"),
-    phase_steps: Optional[str] = typer.Option(None, help="LM steps per phase, comma-separated: read,describe,compare"),
+    layout: str = typer.Option("grid", help="what the image tokens show: grid (each patch its owner's words) or "
+                                            "slots (each token row the character at one scene slot, one word per token)"),
+    phase_steps: Optional[str] = typer.Option(None, help="LM steps per phase, comma-separated (grid: read,describe,"
+                                                         "compare; slots: text,read,describe,ground,lookalike,tower)"),
     mix: list[str] = typer.Option([], help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
                                            "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
-    from .build import DEFAULT_WORK, BuildConfig, VisionStage, build
+    from .build import DEFAULT_WORK, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build, slots_phases
     from .model import VisionSpec
 
-    cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed)
+    if layout not in ("grid", "slots"):
+        raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
+    cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed, layout=layout)
+    if layout == "slots":
+        cfg.align, cfg.lm = AlignStage(words=SLOT_WORDS), LMStage(phases=slots_phases())
     if gpu_vision:
         cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:
