@@ -6,7 +6,8 @@
              is one word's embedding (its owner's category or colour word, alternating over the grid; background:
              "grass" at half norm): the language model meets image tokens that already read like words. Then
              tower and projector are tuned together from pixels, so that each patch shows the word of its
-             position instead of a blend. The projector then stays frozen.
+             position instead of a blend. The projector then stays frozen. With `layout="slots"` the tokens are
+             not patches: row r spells out the character at scene slot r, one word per token (`SLOT_WORDS`).
 3. lm      - LoRA on every attention and MLP matrix of SmolLM2, answer-only loss, in curriculum phases
              (`LMStage.phases`): read ("Is there a ...?"), describe (captions, colour / category / position
              questions), compare (one or two definitions, look-alike negatives; reading kept up).
@@ -522,12 +523,12 @@ def slot_word_targets(model, tokenizer, slots: torch.Tensor, words: tuple[str, .
 
 @torch.no_grad()
 def slot_word_readout(model, tokenizer, tokens: torch.Tensor, slots: torch.Tensor,
-                      words: tuple[str, ...] = SLOT_WORDS) -> dict[str, float]:
+                      words: tuple[str, ...] = SLOT_WORDS, background: str = "grass") -> dict[str, float]:
     """Per word of the "slots" layout: share of occupied slots' tokens closest (cosine) to the right word among
     all words of all traits shown, and share of empty slots' tokens closest to none of them but the background."""
     vocab = [F.normalize(trait_word_vectors(model, tokenizer, w), dim=-1) for w in words]
     offset = np.cumsum([0] + [len(v) for v in vocab])
-    union = torch.cat(vocab + [F.normalize(word_vectors(model, tokenizer, ["grass"]), dim=-1)])
+    union = torch.cat(vocab + [F.normalize(word_vectors(model, tokenizer, [background]), dim=-1)])
     guess = (F.normalize(tokens.float(), dim=-1) @ union.T).argmax(-1).view(len(slots), N_SLOTS, len(words))
     occupied = slots[..., 0] != -100
     out = {w: round(float((guess[:, :, t][occupied] == slots[..., PATCH_TRAITS.index(w)][occupied] + int(offset[t]))
@@ -635,7 +636,7 @@ def stage_align(cfg: BuildConfig) -> dict:
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
     with torch.no_grad():
         val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
-        words = (slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words) if slots
+        words = (slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words, st.background_word) if slots
                  else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words))
     return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": st.tower_steps, "val_loss": val,
                                        "held_out_word_accuracy": words, "seconds": time.time() - t0})
