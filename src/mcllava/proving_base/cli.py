@@ -35,7 +35,7 @@ def build_cmd(
         raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed, layout=layout)
     if layout == "slots":
-        cfg.align, cfg.lm = AlignStage(words=SLOT_WORDS), LMStage(phases=slots_phases())
+        cfg.align, cfg.lm = AlignStage(words=SLOT_WORDS, steps=1000), LMStage(phases=slots_phases())
     if gpu_vision:
         cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:
