@@ -73,11 +73,15 @@ def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarra
     cover = np.zeros((len(scene.spec.actors) + 1, grid * grid), dtype=np.float32)
     cover[0] = 0.35  # background wins unless a character covers more than 35% of the patch
     for k, a in enumerate(scene.spec.actors):
-        for j, t in enumerate(PATCH_TRAITS):
-            v = getattr(a.identity, t)
-            labels[k, j] = len(VALUES[t]) if v is None else VALUES[t].index(v)
+        labels[k] = trait_labels(a.identity)
         cover[k + 1] = patch_coverage(scene.mask(k), grid)
     return labels, cover.argmax(0) - 1
+
+
+def trait_labels(identity: Identity) -> np.ndarray:
+    """[len(PATCH_TRAITS)] class index of each trait (a missing accessory colour is its own last class)."""
+    return np.array([len(VALUES[t]) if getattr(identity, t) is None else VALUES[t].index(getattr(identity, t))
+                     for t in PATCH_TRAITS], dtype=np.int64)
 
 
 def slot_labels(scene: RenderedScene) -> np.ndarray:
@@ -87,9 +91,8 @@ def slot_labels(scene: RenderedScene) -> np.ndarray:
     so "what stands where" is a fixed-size table: the `"slots"` token layout shows it one row per slot.
     """
     out = np.full((N_SLOTS, len(PATCH_TRAITS)), -100, dtype=np.int64)
-    labels, _ = scene_labels(scene, 1)
-    for k in range(len(scene.spec.actors)):
-        out[_slot(scene, k)] = labels[k]
+    for k, a in enumerate(scene.spec.actors):
+        out[_slot(scene, k)] = trait_labels(a.identity)
     return out
 
 
