@@ -68,6 +68,7 @@ class VisionStage:
 # ~100 steps, instead of the median two patches the "grid" layout gives it (docs/proving_base.md, eighth session).
 # The three traits left out (ears, head, accessory colour) change the fewest pixels.
 SLOT_WORDS = ("category", "color", "pattern", "build", "accessory", "eyes")
+LAYOUTS = ("grid", "slots")
 
 
 @dataclass
@@ -539,7 +540,7 @@ def slot_word_readout(model, tokenizer, tokens: torch.Tensor, slots: torch.Tenso
 
 def check_layout(cfg: BuildConfig) -> None:
     """A "slots" build needs a 6 x 6 token grid with one single word per column."""
-    if cfg.layout not in ("grid", "slots"):
+    if cfg.layout not in LAYOUTS:
         raise McLlavaError(f"layout must be 'grid' or 'slots', got {cfg.layout!r}")
     if cfg.layout == "slots":
         grid = cfg.vision.image_size // cfg.vision.patch_size
@@ -753,10 +754,10 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4, words:
         feats = tower_features(model, torch.from_numpy(np.stack([to_pixels(img, size) for _, _, img, _ in flat])))
         pool.ref_features = torch.zeros(n, r_max, *pool.features.shape[1:])
         pool.ref_weights = torch.zeros(n, r_max, rows, grid * grid)
-        for (i, j, _, mask), f in zip(flat, feats):
+        coverage = bb.mask_coverage([mask for *_, mask in flat], [img for _, _, img, _ in flat])  # through the layout
+        for (i, j, _, _), f, cov in zip(flat, feats, coverage):
             pool.ref_features[i, j] = f
-            coverage = bb.layout.coverage(torch.from_numpy(np.asarray(mask, dtype=np.float32))).numpy()
-            pool.ref_weights[i, j] = cluster_weights(f, coverage, rows, seed=i)
+            pool.ref_weights[i, j] = cluster_weights(f, cov.numpy(), rows, seed=i)
         pool.n_refs = torch.tensor([len(r) for r in refs])
     return pool
 
@@ -884,7 +885,8 @@ def stage_lm(cfg: BuildConfig) -> dict:
     t0, losses, norm = time.time(), [], word_embedding_norm(model, len(tok))
     bar = tqdm(total=total, initial=step, desc="3/4 projector + LoRA", disable=not cfg.progress)
     while step < total:
-        phase, oracle = st.phases[st.phase_at(step)].name, st.phases[st.phase_at(step)].oracle
+        current = st.phases[st.phase_at(step)]
+        phase, oracle = current.name, current.oracle
         pool = pools[phase]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
@@ -903,14 +905,12 @@ def stage_lm(cfg: BuildConfig) -> dict:
         if step % st.eval_every == 0 or step == total:
             model.eval()
             record["tokens"] = "oracle" if oracle else "tower"  # the held-out pools are scored on the phase's tokens
+            def report(p: EncodedPool) -> dict:
+                return yes_no_report(yes_no_scores(bb, p, features=lambda idx: sample_features(bb, p, idx, norm, oracle)), p)
+
             with _autocast(cfg):
-                for name in ("val", "val_read"):
-                    p = pools[name]
-                    scores = yes_no_scores(bb, p, features=lambda idx, p=p: sample_features(bb, p, idx, norm, oracle))
-                    if name == "val":
-                        record["val"] = yes_no_report(scores, p)
-                    else:
-                        record["val"]["exists"] = yes_no_report(scores, p)["exists"]
+                record["val"] = report(pools["val"])
+                record["val"]["exists"] = report(pools["val_read"])["exists"]
             model.train()
             tqdm.write(f"step {step}: " + json.dumps({k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3))
                                                       for k, v in record["val"].items()}))

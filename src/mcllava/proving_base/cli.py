@@ -28,10 +28,10 @@ def build_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
-    from .build import DEFAULT_WORK, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build, slots_phases
+    from .build import DEFAULT_WORK, LAYOUTS, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build, slots_phases
     from .model import VisionSpec
 
-    if layout not in ("grid", "slots"):
+    if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed, layout=layout)
     if layout == "slots":
