@@ -134,51 +134,100 @@ def describe(colour: str, shape: str) -> str:
     return f"the {colour} {shape}"
 
 
-def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int):
-    """One pretraining sample: (image or None, question, answer).
+# Made-up concept ids for the system text of pretraining samples (see `concept_system_text`).
+PLACEHOLDER_IDS = ("zib", "tor", "mek", "pav", "lun", "dax", "wop", "fen", "kel", "rud", "sav", "nim")
 
-    Three kinds, mixed: reading the image ("What colours do you see?"), comparing two descriptions in text
-    (a quick way over the plateau every small model sits on before it learns to compare), and recognising
-    a described shape in the image — the skill personal concept tokens plug into.
+
+def concept_system_text(rng: random.Random) -> str:
+    """System text shaped like a concept bank's introductions ("<zib> is <zib_1><zib_2>."), for 1-4 made-up ids.
+
+    Every personalised prompt starts with such text. A base that never saw a system turn answered "Yes" to almost
+    every question once one was there (0.92 -> 0.58 weighted accuracy with four introductions): half of the
+    pretraining samples carry one, so the base keeps reading the question and the photo with it in front.
+    """
+    ids = rng.sample(PLACEHOLDER_IDS, rng.randint(1, 4))
+    k = rng.randint(1, 4)
+    return " ".join(f"<{c}> is " + "".join(f"<{c}_{i}>" for i in range(1, k + 1)) + "." for c in ids)
+
+
+SOFT_MARK = "§"  # stands, in a pretraining question, for a kind's one-position description (see `pretrain_tiny`)
+SOFT_SHARE = 0.5  # share of pretraining questions that ask with the one-position form
+
+
+def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int):
+    """One pretraining sample: (image or None, question, answer, kind written as SOFT_MARK or None).
+
+    Three kinds, mixed: reading the image ("What do you see?"), comparing two descriptions in text (a quick way
+    over the plateau every small model sits on before it learns to compare), and recognising a described shape
+    in the image, the skill personal concept tokens plug into. Half of the time the asked-for shape is one
+    position (`SOFT_MARK`), as a concept's token is in "Is <bo> in this photo?".
     """
     from .training_data import RECOGNITION_QUESTIONS
 
     objs = rng.sample(kinds, rng.randint(1, 2))
     positive = rng.random() < 0.5
     target = rng.choice(objs) if positive else rng.choice([k for k in kinds if k not in objs])
+    soft = rng.random() < SOFT_SHARE
+    asked = SOFT_MARK if soft else describe(*target)
+    answer = "Yes." if positive else "No."
     roll = rng.random()
     if roll < 0.2:
         said = " and ".join(describe(*o) for o in objs)
-        return None, f"I have {said}. Do I have {describe(*target)}?", "Yes." if positive else "No."
+        return None, f"I have {said}. Do I have {asked}?", answer, target if soft else None
     image, _ = draw_shapes(objs, size, rng)
     if roll < 0.4:
-        return image, "What do you see?", "I see " + " and ".join(describe(*o) for o in objs) + "."
-    question = rng.choice(RECOGNITION_QUESTIONS).format(c=describe(*target))
-    return image, question, "Yes." if positive else "No."
+        return image, "What do you see?", "I see " + " and ".join(describe(*o) for o in objs) + ".", None
+    return image, rng.choice(RECOGNITION_QUESTIONS).format(c=asked), answer, target if soft else None
 
 
 def pretrain_tiny(
-    model, processor, steps: int = 2000, batch_size: int = 32, lr: float = 3e-3, pool: int = 4096, seed: int = 0,
+    model, processor, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, pool: int = 4096, seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
     """Train the whole tiny model on recognition of described shapes ("Is the red circle in this photo?").
 
     The questions use personalisation's own wording with a description where a concept token will later stand,
-    so learned concept rows have a skill to plug into. A fixed pool of samples is encoded once up front, so a
-    step is pure tensor work.
+    and half of the prompts open with concept-style system text, so learned concept rows have a skill to plug
+    into. lr 1e-3 over 3,000 steps: at 3e-3 over 2,000, builds on this CPU often stayed on the plateau where
+    every answer is the same (final loss 0.27-0.31 against 0.15-0.17). A fixed pool of samples is encoded once
+    up front, so a step is pure tensor work.
     """
     from .backbone import Backbone
     from .training_data import collate
 
     bb = Backbone(model, processor, "tiny")
+    tok = bb.tokenizer
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    # A concept's token is one position, and a base that only met three-word descriptions ("the red circle") had
+    # no one-position form for a learned row to take: a row set to the sum of the words' embeddings got no
+    # Yes/No answer at all, and personalising such a base stalled at chance. So each kind also gets a row of
+    # its own past the tokenizer's end (spare rows, which concept tokens later reuse): its colour and shape
+    # words' embeddings summed, at word norm. Recognition questions use it half of the time.
+    emb = model.get_input_embeddings().weight
+    soft_ids = {kind: len(tok) + i for i, kind in enumerate(kinds)}
+    if max(soft_ids.values()) >= emb.shape[0]:
+        raise McLlavaError("the tiny base has too few spare embedding rows for its shape kinds")
+    mark = tok(" " + SOFT_MARK, add_special_tokens=False)["input_ids"]
+    if len(mark) != 1:
+        raise McLlavaError(f"{SOFT_MARK!r} is not one token for this tokenizer")
+    with torch.no_grad():
+        norm = emb[: len(tok)].norm(dim=-1).mean()
+        for kind, row in soft_ids.items():
+            v = sum(emb[tok(" " + w, add_special_tokens=False)["input_ids"]].sum(0) for w in kind)
+            emb[row] = v / v.norm() * norm
     samples = [shape_questions(rng, kinds, bb.image_size) for _ in range(pool)]
+    systems = [concept_system_text(rng) if rng.random() < 0.5 else None for _ in range(pool)]
     blank = Image.new("RGB", (bb.image_size, bb.image_size))
-    pixels = bb.pixel_values([im or blank for im, _, _ in samples])
-    has_image = torch.tensor([im is not None for im, _, _ in samples])
-    encoded = [bb.encode(bb.format_prompt(q, image=im is not None), a) for im, q, a in samples]
+    pixels = bb.pixel_values([im or blank for im, *_ in samples])
+    has_image = torch.tensor([im is not None for im, *_ in samples])
+    encoded = []
+    for (im, q, a, soft), system in zip(samples, systems):
+        enc = bb.encode(bb.format_prompt(q, system=system, image=im is not None), a)
+        if soft is not None:
+            enc.input_ids = [soft_ids[soft] if t == mark[0] else t for t in enc.input_ids]
+        encoded.append(enc)
     batch_all = collate(encoded, [None] * pool, bb.tokenizer.pad_token_id)
 
     # Word embeddings stay at their random values (fixed codes for words): training 49k rows would cost much
@@ -209,7 +258,7 @@ def pretrain_tiny(
     return losses
 
 
-def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 2000, seed: int = 0) -> Path:
+def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 3000, seed: int = 0) -> Path:
     """Build, pretrain and save a tiny base model folder (model + processor); reuses the folder if it exists."""
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "mcllava-tiny.json").exists():
@@ -224,8 +273,8 @@ def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = Non
     return out
 
 
-def tiny_train_config(epochs: int = 40, seed: int = 0, **overrides) -> TrainConfig:
-    """The personalisation recipe of `make demo` for the tiny shapes base: k=4, lr 3e-2, batch 8, short answers.
+def tiny_train_config(epochs: int = 60, seed: int = 0, **overrides) -> TrainConfig:
+    """The personalisation recipe of `make demo` for the tiny shapes base: k=4, lr 1e-2, batch 8, short answers.
 
     The tiny base only ever answered "Yes." / "No.", so it trains on short answers and no text-only questions
     (real LLaVA bases take the full set, `TrainConfig()`).
@@ -233,7 +282,7 @@ def tiny_train_config(epochs: int = 40, seed: int = 0, **overrides) -> TrainConf
     from .train import TrainConfig
     from .training_data import DataOptions
 
-    settings = {"k": 4, "epochs": epochs, "lr": 3e-2, "batch_size": 8, "seed": seed, "data": DataOptions(short_answers=True, text=False)}
+    settings = {"k": 4, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed, "data": DataOptions(short_answers=True, text=False)}
     return TrainConfig(**{**settings, **overrides})
 
 
