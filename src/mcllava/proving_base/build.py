@@ -118,14 +118,20 @@ def default_phases() -> tuple[Phase, ...]:
 def slots_phases() -> tuple[Phase, ...]:
     """The "slots" layout's curriculum: compare in text first (w17: AUC 0.91 at 100 steps), then read, describe,
     ground one definition against easy negatives and compare 1-2 definitions against look-alikes, all on the
-    exact slot words (oracle), and last the same comparisons on the tower's own tokens."""
+    exact slot words (oracle), then the same comparisons on the tower's own tokens; a second look-alike stretch
+    on the slot words, and two on the tower's tokens with category and position questions weighed up (ninth
+    session: definitions 0.74 -> 0.77 and generic questions 0.72 -> 0.83 at the gate, docs/proving_base.md)."""
     look = Curriculum(2, 0.5, (0.1, 0.15, 0.1, 0.65, 0, 0))
+    generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
     return (Phase("text", 100, Curriculum(1, 0.5, (0, 0, 1, 0, 0, 0))),
             Phase("read", 50, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0)), oracle=True),
             Phase("describe", 100, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.25, 0.25, 0.25, 0.25)), oracle=True),
             Phase("ground", 150, Curriculum(1, 0.0, (0.1, 0.15, 0.15, 0.6, 0, 0)), oracle=True),
             Phase("lookalike", 150, look, oracle=True),
-            Phase("tower", 100, look))
+            Phase("tower", 100, look),
+            Phase("lookalike2", 200, look, oracle=True),
+            Phase("tower2", 150, Curriculum(2, 0.5, (0.1, 0.25, 0.05, 0.6, 0, 0), generic)),
+            Phase("tower3", 150, Curriculum(2, 0.5, (0.05, 0.2, 0.05, 0.7, 0, 0), generic)))
 
 
 @dataclass
