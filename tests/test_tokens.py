@@ -127,6 +127,17 @@ def test_epoch_is_balanced_and_uses_other_concepts_as_negatives():
     assert sum(s.kind == "negative" for s in unbalanced) > sum(s.kind == "positive" for s in unbalanced)
 
 
+def test_short_answers_take_the_bases_own_form():
+    """A base trained on "Yes" / "No" (the proving ground) must not be taught a full stop on every answer:
+    recognition and group samples both use `DataOptions.yes_no`."""
+    concepts = [ConceptFacts("bo"), ConceptFacts("ana"), ConceptFacts("kiki")]
+    default = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(short_answers=True, text=False))
+    assert {s.answer for s in default} == {"Yes.", "No."}
+    bare = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(short_answers=True, text=False, yes_no=("Yes", "No")))
+    assert {s.answer for s in bare} == {"Yes", "No"}
+    assert [s.kind for s in bare] == [s.kind for s in default]
+
+
 def test_template_counts():
     assert len(set(RECOGNITION_QUESTIONS)) >= 20
     assert len(set(YES_ANSWERS)) >= 20 and all(a.startswith("Yes") for a in YES_ANSWERS)

@@ -130,7 +130,8 @@ class DataOptions:
     balance: bool = True  # as many No as Yes for every concept, every epoch
     text: bool = True  # text-only questions from descriptions and facts
     group: bool = True  # "are A and B both here?" on group photos
-    short_answers: bool = False  # plain "Yes." / "No." (for small bases that never learned fuller phrasings)
+    short_answers: bool = False  # plain `yes_no` answers (for small bases that never learned fuller phrasings)
+    yes_no: tuple[str, str] = ("Yes.", "No.")  # the short answers, in the form the base was trained on
 
 
 @dataclass
@@ -157,7 +158,7 @@ def build_epoch(
             neg = rng.sample(neg_pool, n_neg) if n_neg <= len(neg_pool) else rng.choices(neg_pool, k=n_neg)
         else:
             neg = []
-        yes, no = (["Yes."], ["No."]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
+        yes, no = ([options.yes_no[0]], [options.yes_no[1]]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
         for entries, answers, kind in ((pos, yes, "positive"), (neg, no, "negative")):
             for e in entries:
                 samples.append(
@@ -192,13 +193,13 @@ def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Ran
             continue
         toks = [f"<{c}>" for c in shown]
         q = rng.choice(GROUP_QUESTIONS)
-        out.append(Sample(q.format(cs=join_names(toks)), "Yes.", ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(shown)))
+        out.append(Sample(q.format(cs=join_names(toks)), options.yes_no[0], ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(shown)))
         absent = sorted(known - e.present)
         if absent and options.balance:
             pair = [rng.choice(shown), rng.choice(absent)]
             rng.shuffle(pair)
             out.append(
-                Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), "No.", ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(pair))
+                Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), options.yes_no[1], ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(pair))
             )
     return out
 
