@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,29 @@ def test_token_capacity_ceiling_counts_what_the_tokens_show():
     assert res["weighted_ceiling"] == pytest.approx((0.75 + 0.5 + 0.5 * 0.75) / 2)
     everything = module.ceiling([{"color", "ears", "pattern", "eyes"}] * 4, changes)
     assert everything["weighted_ceiling"] == 1.0
+
+
+def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
+    """`personalize --base proving-ground` trains with the base's recipe (k = one slot row, short bare answers),
+    and explicit options still win."""
+    from typer.testing import CliRunner
+
+    import mcllava.train
+    from mcllava.cli import app
+    from mcllava.proving_base import train_config
+
+    seen = {}
+
+    def fake_run(concept_set, backbone, out, config, **kw):
+        seen["config"] = config
+        raise McLlavaError("stop here")
+
+    monkeypatch.setattr(mcllava.train, "personalize", fake_run)
+    monkeypatch.setattr("mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None)))
+    monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
+    for args, k, lr in (([], 6, 1e-2), (["--k", "3", "--lr", "0.5"], 3, 0.5)):
+        res = CliRunner().invoke(app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args])
+        assert res.exit_code != 0 and "stop here" in res.output, res.output
+        cfg = seen["config"]
+        assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers) == (k, lr, ("Yes", "No"), True)
+    assert train_config().data.text is False

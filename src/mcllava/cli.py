@@ -56,9 +56,9 @@ def personalize(
     concepts_dir: Path = typer.Argument(..., help="Folder with one sub-folder per concept (see README)."),
     base: str = typer.Option(..., "--base", help="HF id, local folder (save_pretrained), or 'proving-ground'."),
     out: Path = typer.Option(..., "--out", help="Where to write the concept bank (a folder)."),
-    k: int = typer.Option(16, "--k", min=1, help="Soft tokens per concept."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 1e-3."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Soft tokens per concept. Default: 16 (6 on proving-ground)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper); 10 on proving-ground."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 1e-3 (1e-2 on proving-ground)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 8 (fast) or 1 (paper)."),
     init: str = typer.Option("kmeans", "--init", help="kmeans | random"),
     recipe: str = typer.Option("fast", "--recipe", help="fast | paper (the MC-LLaVA code's choices, for comparison)"),
@@ -70,7 +70,7 @@ def personalize(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one concept bank for every concept in CONCEPTS_DIR, jointly."""
-    from .backbone import Backbone
+    from .backbone import PROVING_GROUND, Backbone
     from .concepts import ConceptSet
     from .train import TrainConfig, personalize as run
 
@@ -79,9 +79,15 @@ def personalize(
     if recipe not in ("fast", "paper"):
         _fail(ValueError(f"--recipe must be fast or paper, not {recipe!r}"))
     _introduce(introduce)
-    overrides = {k_: v for k_, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
-    common = {"k": k, "init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
-    config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
+    overrides = {k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+    common = {"init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
+    if base == PROVING_GROUND:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
+        from .proving_base import train_config
+
+        paper = {"recipe": "paper", "batch_size": 1, "epochs": 15} if recipe == "paper" else {}
+        config = train_config(**{**paper, **common})
+    else:
+        config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
@@ -89,7 +95,7 @@ def personalize(
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     last = result.history[-1] if result.history else {}
-    console.print(f"[green]saved[/] {out} ({len(concept_set)} concepts, k={k}); final loss {last.get('loss', float('nan')):.4f}")
+    console.print(f"[green]saved[/] {out} ({len(concept_set)} concepts, k={config.k}); final loss {last.get('loss', float('nan')):.4f}")
 
 
 @app.command()

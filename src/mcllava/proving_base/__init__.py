@@ -82,3 +82,18 @@ def load(weights: str | Path | None = None, text_model=None, dtype: torch.dtype 
     model.requires_grad_(False)
     model.eval()
     return model.to(dtype), processor
+
+
+def train_config(epochs: int = 10, seed: int = 0, **overrides):
+    """The personalisation recipe measured on this base (`--base proving-ground` defaults to it).
+
+    k = 6 soft tokens, one per token of a character's slot row (the base shows each character as six words);
+    lr 1e-2, batch 8; answers in the short form the base was trained on ("Yes" / "No", no full stop), and no
+    text-only questions (the base never learned to answer facts from concept tokens).
+    """
+    from ..train import TrainConfig
+    from ..training_data import DataOptions
+
+    settings = {"k": 6, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed, "cpu_bf16": True,
+                "data": DataOptions(short_answers=True, text=False, yes_no=("Yes", "No"))}
+    return TrainConfig(**{**settings, **overrides})
