@@ -193,6 +193,8 @@ def pretrain_tiny(
     up front, so a step is pure tensor work.
     """
     from .backbone import Backbone
+    from .kmeans_init import rescale
+    from .tokens import word_embedding_norm
     from .training_data import collate
 
     bb = Backbone(model, processor, "tiny")
@@ -213,10 +215,10 @@ def pretrain_tiny(
     if len(mark) != 1:
         raise McLlavaError(f"{SOFT_MARK!r} is not one token for this tokenizer")
     with torch.no_grad():
-        norm = emb[: len(tok)].norm(dim=-1).mean()
+        norm = word_embedding_norm(model, len(tok))
         for kind, row in soft_ids.items():
             v = sum(emb[tok(" " + w, add_special_tokens=False)["input_ids"]].sum(0) for w in kind)
-            emb[row] = v / v.norm() * norm
+            emb[row] = rescale(v, norm)
     samples = [shape_questions(rng, kinds, bb.image_size) for _ in range(pool)]
     systems = [concept_system_text(rng) if rng.random() < 0.5 else None for _ in range(pool)]
     blank = Image.new("RGB", (bb.image_size, bb.image_size))
