@@ -104,7 +104,8 @@ class PersonalAssistant:
             raise McLlavaError(f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
         if image is None:
             system = self.tokens.system_text(self.introduced(question, []))
-            text = self.backbone.generate(self.backbone.format_prompt(question, system, image=False), None, max_new_tokens)
+            prompt = self.backbone.format_prompt(question, system, image=False)
+            text = self.backbone.generate(prompt, None, max_new_tokens, suppress=self.tokens.soft_ids)
             return Answer(text=text, system=system)
         image = image.convert("RGB")
         features = self.backbone.visual_tokens([image]).features[0]
@@ -116,7 +117,7 @@ class PersonalAssistant:
                 marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
                 features = self.backbone.visual_tokens([marked]).features[0]
         system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
-        text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens)
+        text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens, suppress=self.tokens.soft_ids)
         return Answer(text=text, system=system, locations=locations if visual_prompt else [], marks=marks, marked_image=marked)
 
     def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:

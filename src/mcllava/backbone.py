@@ -331,9 +331,11 @@ class Backbone:
 
     @torch.no_grad()
     def generate(
-        self, prompt: str, image_features: torch.Tensor | None = None, max_new_tokens: int = 64
+        self, prompt: str, image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
+        suppress: Sequence[int] = (),
     ) -> str:
-        """Greedy answer to one formatted prompt, given the image's visual tokens ([N, D]) if it has an image."""
+        """Greedy answer to one formatted prompt, given the image's visual tokens ([N, D]) if it has an image;
+        token ids in `suppress` are never generated."""
         enc = self.encode(prompt)
         if enc.has_image and image_features is None:
             raise McLlavaError("prompt has an image placeholder but no image was given")
@@ -347,5 +349,6 @@ class Backbone:
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            suppress_tokens=list(suppress) or None,
         )
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

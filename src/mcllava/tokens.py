@@ -40,6 +40,12 @@ class ConceptTokens:
     def all_ids(self) -> list[int]:
         return [i for cid in self.concept_ids for i in self.ids[cid]]
 
+    @property
+    def soft_ids(self) -> list[int]:
+        """The ids of every `<c_i>`: they only ever define a concept, so an answer must never contain one (with a
+        tied head, trained rows can outscore every word)."""
+        return [i for cid in self.concept_ids for i in self.ids[cid][1:]]
+
     def token(self, cid: str) -> str:
         return f"<{cid}>"
 
