@@ -161,3 +161,27 @@ def test_invalid_inputs(scene):
         locate(feats, refs, (GH, GW), (0, 10))
     with pytest.raises(ValueError, match="threshold"):
         LocateConfig(threshold=1.5)
+
+
+def test_max_over_references_finds_a_concept_whose_tokens_are_different_words():
+    """A slots-layout character is a row of six different words and its references are those six: each token
+    matches one reference, so the mean over references sinks to the background while the best one finds it."""
+    g = torch.Generator().manual_seed(1)
+    words = unit(torch.randn(6, D, generator=g))
+    feats = unit(torch.randn(GH, GW, D, generator=g))
+    feats[2, :6] = words  # the concept's row
+    feats = feats.reshape(GH * GW, D)
+    refs = {"a": words, "b": unit(torch.randn(6, D, generator=g))}
+    mean = {loc.concept_id: loc for loc in locate(feats, refs, (GH, GW), SIZE, LocateConfig())}
+    best = {loc.concept_id: loc for loc in locate(feats, refs, (GH, GW), SIZE, LocateConfig(reduce="max"))}
+    assert not mean["a"].present
+    assert best["a"].present and not best["b"].present
+    assert 120 <= best["a"].peak[1] <= 180  # row 2 of six over 360 px
+    with pytest.raises(ValueError, match="reduce"):
+        LocateConfig(reduce="median")
+
+
+def test_slot_layout_locates_with_the_best_reference():
+    from mcllava.layout import GridLayout, SlotLayout
+
+    assert SlotLayout().reference_reduce == "max" and GridLayout((6, 6)).reference_reduce == "mean"

@@ -55,7 +55,7 @@ class PersonalAssistant:
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
-        self.locate_config = locate_config or LocateConfig()
+        self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
 
     @classmethod

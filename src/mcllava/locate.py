@@ -31,8 +31,11 @@ class LocateConfig:
     temperature: float = 0.05  # softmax temperature over (concepts + background) at each token
     background: float = 0.3  # cosine a token must beat to count as evidence for any concept (calibrate per model)
     max_marks: int = 8  # most marks drawn on one image
+    reduce: str = "mean"  # a token's cosine to a concept: "mean" or "max" over the concept's reference vectors
 
     def __post_init__(self) -> None:
+        if self.reduce not in ("mean", "max"):
+            raise ValueError(f"LocateConfig.reduce must be 'mean' or 'max', got {self.reduce!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"LocateConfig.threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 <= self.min_area <= 1.0:
@@ -80,15 +83,17 @@ def _check_inputs(features: torch.Tensor, references: dict[str, torch.Tensor], g
 
 
 def similarity_maps(
-    features: torch.Tensor, references: dict[str, torch.Tensor], grid: tuple[int, int]
+    features: torch.Tensor, references: dict[str, torch.Tensor], grid: tuple[int, int], reduce: str = "mean"
 ) -> dict[str, torch.Tensor]:
-    """Raw location maps: cosine of every visual token with each reference, averaged over references -> [gh, gw]."""
+    """Raw location maps: cosine of every visual token with each reference, averaged (or, with `reduce="max"`,
+    the best) over references -> [gh, gw]."""
     _check_inputs(features, references, grid)
     feats = F.normalize(features.detach().float(), dim=-1)
     maps = {}
     for cid, ref in references.items():
         refs = F.normalize(ref.detach().to(feats.device, torch.float32), dim=-1)
-        maps[cid] = (feats @ refs.T).mean(dim=1).reshape(grid).cpu()
+        cos = feats @ refs.T
+        maps[cid] = (cos.max(dim=1).values if reduce == "max" else cos.mean(dim=1)).reshape(grid).cpu()
     return maps
 
 
@@ -176,7 +181,7 @@ def locate(
     """
     if len(image_size) != 2 or min(image_size) <= 0:
         raise ValueError(f"image_size must be a positive (width, height), got {image_size}")
-    maps = normalise_across_concepts(similarity_maps(features, references, grid), config)
+    maps = normalise_across_concepts(similarity_maps(features, references, grid, config.reduce), config)
     spatial = spatial or (lambda m: m)
     return [_locate_one(cid, spatial(conf), image_size, config) for cid, conf in maps.items()]
 
