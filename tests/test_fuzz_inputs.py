@@ -64,8 +64,20 @@ def image_bytes(draw) -> tuple[bytes, tuple[int, int] | None]:
     im.save(buf, format=fmt)
     data = buf.getvalue()
     if kind == "truncated":
-        return data[: draw(st.integers(0, len(data) - 1))], None
+        cut = data[: draw(st.integers(0, len(data) - 1))]
+        return cut, _complete_size(cut)
     return data, size
+
+
+def _complete_size(data: bytes) -> tuple[int, int] | None:
+    """The size of `data` if Pillow still decodes all of it (a cut inside a PNG's IEND or a GIF's trailer loses
+    nothing), else None: such a cut is a valid image, and the server is right to accept it."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.size
+    except Exception:
+        return None
 
 
 @st.composite
