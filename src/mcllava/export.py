@@ -96,6 +96,8 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
     processor.chat_template = template
     tokenizer.chat_template = template
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # soft tokens <c_i> are never an answer (mcllava suppresses them); engines that read generation_config do too
+    model.generation_config.suppress_tokens = list(assistant.tokens.soft_ids)
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,7 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
             "k": bank.k,
             "base_config_hash": bank.base_config_hash,
             "default_system": system,
+            "suppress_tokens": list(assistant.tokens.soft_ids),  # for engines that ignore generation_config
             "visual_prompt": False,
             # a bank trained with `--introduce relevant` expects only the concepts a question needs in the system
             # text; an engine gets the default (every concept) unless the client writes its own system message
