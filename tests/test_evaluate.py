@@ -184,8 +184,17 @@ def test_caption_recall(img):
     ]
     ans = Scripted(by_question={"Describe c1": "Bo is sitting alone.", "Describe c2": "<bo> runs."})
     rep = evaluate(records, ans, progress=False)
-    assert rep["caption"] == {"recall": pytest.approx(2 / 3), "n": 2, "n_concepts": 3}
+    assert rep["caption"] == {"recall": pytest.approx(2 / 3), "precision": 1.0, "n": 2, "n_concepts": 3}
     assert [row["correct"] for row in rep["rows"]] == [False, True]
+
+
+def test_caption_precision_counts_names_of_absent_concepts(img):
+    """A caption that names every concept has full recall; precision says how many of the names were right."""
+    records = [rec("caption", "Describe", "", img, [], ["bo"])]
+    ans = Scripted(by_question={"Describe": "<bo><ana><ana> and <bo>."}, names={"bo": "Bo", "ana": "Ana", "kit": "Kit"})
+    rep = evaluate(records, ans, progress=False)
+    assert rep["caption"]["recall"] == 1.0 and rep["caption"]["precision"] == pytest.approx(1 / 2)
+    assert rep["rows"][0]["named_any"] == ["ana", "bo"]
 
 
 def test_point_in_box_edges():

@@ -251,6 +251,8 @@ def _score(row: dict, names: dict[str, str]) -> None:
     elif kind == "caption":
         present = list(row.get("present") or [])
         row["named"] = named_concepts(pred, present, names)
+        # every concept the caption names, present or not: a caption naming them all would have perfect recall
+        row["named_any"] = named_concepts(pred, sorted(set(names) | set(present)), names)
         row["score"] = len(row["named"]) / len(present) if present else None
         row["correct"] = None if not present else len(row["named"]) == len(present)
         return
@@ -292,7 +294,9 @@ def _aggregate(rows: list[dict]) -> dict:
     if cap := by.get("caption"):
         present = sum(len(r.get("present") or []) for r in cap)
         named = sum(len(r["named"]) for r in cap)
-        report["caption"] = {"recall": named / present if present else None, "n": len(cap), "n_concepts": present}
+        said = sum(len(r["named_any"]) for r in cap)
+        report["caption"] = {"recall": named / present if present else None, "precision": named / said if said else None,
+                             "n": len(cap), "n_concepts": present}
     if gr := by.get("grounding"):
         hits = [h for r in gr for h in r["hits"].values()]
         report["grounding"] = {"hit_rate": sum(hits) / len(hits) if hits else None, "n": len(gr), "n_concepts": len(hits)}
@@ -317,6 +321,8 @@ def headline(report: dict) -> list[tuple[str, str, str, float | None, int]]:
         out.append(("vqa", "all", "bleu_sacrebleu", r["bleu_sacrebleu"], r["n"]))
     if r := report.get("caption"):
         out.append(("caption", "all", "recall", r["recall"], r["n_concepts"]))
+        if "precision" in r:
+            out.append(("caption", "all", "precision", r["precision"], r["n_concepts"]))
     if r := report.get("grounding"):
         out.append(("grounding", "all", "hit_rate", r["hit_rate"], r["n_concepts"]))
     return out
