@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import McLlavaError
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 WEIGHTS = Path(__file__).parent / "weights"
 FILES = ("config.json", "vision.safetensors", "lm_delta.safetensors", "processor")
@@ -84,7 +88,7 @@ def load(weights: str | Path | None = None, text_model=None, dtype: torch.dtype 
     return model.to(dtype), processor
 
 
-def train_config(epochs: int = 10, seed: int = 0, **overrides):
+def train_config(epochs: int = 10, seed: int = 0, **overrides) -> TrainConfig:
     """The personalisation recipe measured on this base (`--base proving-ground` defaults to it).
 
     k = 6 soft tokens, one per token of a character's slot row (the base shows each character as six words);
