@@ -79,6 +79,34 @@ def test_a_pool_drawn_for_other_phases_is_drawn_again(toy):
     assert torch.load(path, weights_only=False)["spec"] == saved["spec"]
 
 
+def test_a_build_continues_from_an_export(toy, tmp_path):
+    """`work_from_weights` + `LMStage.init_from`: the LoRA starts as the export's delta (lr 0 keeps it exactly), the
+    pools drawn by 2 processes equal those drawn by one, and `time_budget` ends the stage early, saying so."""
+    from mcllava.proving_base.build import work_from_weights
+
+    cfg, _ = toy
+    export = cfg.work / "export"
+    work = tmp_path / "continued"
+    work_from_weights(export, work)
+    (work / "tokenizer").mkdir()
+    lm = replace(cfg.lm, phases=(Phase("look", 3, Curriculum(2, 0.5)),), init_from=str(export), workers=2,
+                 time_budget=0.0, lr_lora=0.0)
+    res = build(replace(cfg, work=work, lm=lm), stages=("lm",))["lm"]
+    assert (res["steps"], res["planned_steps"]) == (1, 3)
+    delta = load_file(export / "lm_delta.safetensors")
+    trained = load_file(work / "lm" / "trainable.safetensors")
+    assert len(trained) == len(delta)
+    for k, v in delta.items():
+        assert torch.equal(trained[f"model.language_model.{k}.default.weight"].half(), v)
+    for name in ("val", "val_read"):  # drawn in parallel, the same samples (features differ: an fp16 tower)
+        a, b = (torch.load(w / "lm" / f"pool_{name}.pt", weights_only=False) for w in (cfg.work, work))
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["answers"] == b["answers"]
+    (work / "lm" / "done.json").unlink()
+    (work / "lm" / "ckpt.pt").unlink()
+    with pytest.raises(McLlavaError, match="rank 4 / alpha 4 LoRA; this build's LoRA is rank 8"):
+        build(replace(cfg, work=work, lm=replace(lm, lora_rank=8)), stages=("lm",))
+
+
 def test_lookalike_negatives_name_the_traits_they_change():
     from mcllava.proving_base.build import EncodedPool, yes_no_report
     from mcllava.proving_base.data import GATE_DEFINITIONS, defined_recognition, rng_for

@@ -115,6 +115,15 @@ def default_phases() -> tuple[Phase, ...]:
             Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
 
 
+def visual_phases(steps: int = 300) -> tuple[Phase, ...]:
+    """Continue a slots build on recognition and captions with *visual* definitions ("<x> is" + the k rows of
+    another photo of x: the form personal concepts take), word definitions with look-alikes, captions and
+    generic questions kept up, all on the tower's tokens. The committed 1,150-step build never trained the
+    visual kinds (its gate: visual definitions 0.55)."""
+    mix = (0.1, 0.15, 0.05, 0.2, 0.35, 0.15)  # caption, vqa, text, defined, visual_defined, visual_caption
+    return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5))),)
+
+
 def slots_phases() -> tuple[Phase, ...]:
     """The "slots" layout's curriculum: compare in text first (w17: AUC 0.91 at 100 steps), then read, describe,
     ground one definition against easy negatives and compare 1-2 definitions against look-alikes, all on the
@@ -152,6 +161,12 @@ class LMStage:
     decay: float = 0.3
     eval_every: int = 50
     checkpoint_every: int = 25
+    # "cuda": the steps and held-out scoring run there in bf16 autocast; pools are still drawn and kept on the CPU
+    device: str = "cpu"
+    workers: int = 1  # processes that draw (render) pool samples; each sample is fixed by its index, so any count
+    # continue a build: a weights folder (an export, e.g. the committed one) whose LoRA delta starts the LoRA
+    init_from: str | None = None
+    time_budget: float | None = None  # seconds: end the stage early (at a checkpoint) once this much has passed
 
     @property
     def steps(self) -> int:
@@ -219,8 +234,10 @@ def _save_ckpt(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _autocast(cfg: BuildConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast)
+def _autocast(cfg: BuildConfig, device: str = "cpu"):
+    """bf16 autocast: on the CPU as `cfg.autocast` says, always on CUDA."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=cfg.autocast or kind == "cuda")
 
 
 def normalise(pixels_uint8: torch.Tensor) -> torch.Tensor:
@@ -449,7 +466,9 @@ def assemble(cfg: BuildConfig, tokenizer=None):
 def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """Frozen vision-tower patch tokens of uint8 images ([B, N, hidden]); the projector runs later, with grads."""
     tower = model.model.vision_tower
-    return torch.cat([patch_tokens(tower, normalise(pixels_uint8[i : i + batch])) for i in range(0, len(pixels_uint8), batch)])
+    dev = next(tower.parameters()).device  # on the tower's device; the features come back to the CPU
+    return torch.cat([patch_tokens(tower, normalise(pixels_uint8[i : i + batch].to(dev))).float().cpu()
+                      for i in range(0, len(pixels_uint8), batch)])
 
 
 # ============================================================================================ 2. align
@@ -693,7 +712,27 @@ def add_lora(model, rank: int, alpha: int, projector: bool = True):
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_lora_delta(model, path: Path, rank: int, alpha: int) -> int:
+    """Start the LoRA from an export's `lm_delta.safetensors` (continuing a build); returns the factors loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if (int(meta.get("lora_rank", rank)), int(meta.get("lora_alpha", alpha))) != (rank, alpha):
+            raise McLlavaError(f"{path} holds a rank {meta.get('lora_rank')} / alpha {meta.get('lora_alpha')} LoRA; "
+                               f"this build's LoRA is rank {rank} / alpha {alpha}")
+        delta = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(model.model.language_model.named_parameters())
+    missing = [k for k in delta if f"{k}.default.weight" not in params]
+    if missing or len(delta) != sum("lora_" in n for n in params):
+        raise McLlavaError(f"{path} does not fit this model's LoRA (e.g. {missing[:2]})")
+    with torch.no_grad():
+        for k, v in delta.items():
+            params[f"{k}.default.weight"].copy_(v.float())
+    return len(delta)
 
 
 @dataclass
@@ -751,7 +790,7 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4, words:
     if words is not None:
         empty = np.full((N_SLOTS, len(PATCH_TRAITS)), -100)  # text-only samples: rows never used
         slots = torch.from_numpy(np.stack([s.get("slots", empty) for s in samples]))
-        pool.oracle = slot_word_targets(model, bb.tokenizer, slots, words)
+        pool.oracle = slot_word_targets(model, bb.tokenizer, slots.to(bb.device), words).cpu()
     refs = [s.get("refs") or [] for s in samples]
     r_max = max(len(r) for r in refs)
     if r_max:
@@ -768,10 +807,21 @@ def encode_pool(bb, model, samples: list[dict], size: int, rows: int = 4, words:
     return pool
 
 
+def _draw(args: tuple) -> dict:
+    return lm_sample(*args)
+
+
 def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, seed: int, half: str = "base",
               desc: str = "pool") -> EncodedPool:
-    samples = [lm_sample(seed, start + i, cur, cfg.vision.image_size, half)
-               for i in tqdm(range(n), desc=desc, disable=not cfg.progress, mininterval=5)]
+    jobs = [(seed, start + i, cur, cfg.vision.image_size, half) for i in range(n)]
+    bar = dict(desc=desc, total=n, disable=not cfg.progress, mininterval=5)
+    if cfg.lm.workers > 1:  # each sample depends only on its index: the same pool, drawn in parallel
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(cfg.lm.workers) as ex:
+            samples = list(tqdm(ex.map(_draw, jobs, chunksize=64), **bar))
+    else:
+        samples = [_draw(j) for j in tqdm(jobs, **bar)]
     return encode_pool(bb, model, samples, cfg.vision.image_size, cfg.lm.definition_rows,
                        cfg.align.words if cfg.layout == "slots" else None)
 
@@ -779,22 +829,22 @@ def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, 
 def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor | None:
     """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image
     (the projected tower tokens, or with `oracle` the pool's exact align targets)."""
-    proj = bb.model.model.multi_modal_projector
+    proj, dev = bb.model.model.multi_modal_projector, bb.device  # pools stay on the CPU; rows go to the model
     chunks = []
     for i in idx.tolist():
         if pool.n_refs is not None and pool.n_refs[i] > 0:
             r = int(pool.n_refs[i])
-            refs = torch.einsum("rkp,rpd->rkd", pool.ref_weights[i, :r], proj(pool.ref_features[i, :r]))
+            refs = torch.einsum("rkp,rpd->rkd", pool.ref_weights[i, :r].to(dev), proj(pool.ref_features[i, :r].to(dev)))
             refs = refs.reshape(-1, refs.shape[-1])
             chunks.append(rescale(refs, norm))
         if pool.has_image[i]:
-            chunks.append(pool.oracle[i] if oracle else proj(pool.features[i]))
+            chunks.append(pool.oracle[i].to(dev) if oracle else proj(pool.features[i].to(dev)))
     return torch.cat(chunks) if chunks else None
 
 
 def lm_loss(bb, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor:
     width = int(pool.attention_mask[idx].sum(1).max())
-    ids, mask, labels = (t[idx, :width] for t in (pool.input_ids, pool.attention_mask, pool.labels))
+    ids, mask, labels = (t[idx, :width].to(bb.device) for t in (pool.input_ids, pool.attention_mask, pool.labels))
     return bb.answer_loss(ids, mask, labels, sample_features(bb, pool, idx, norm, oracle))
 
 
@@ -813,10 +863,11 @@ def yes_no_scores(bb, pool: EncodedPool, batch: int = 32, features: Callable | N
         prompt_len = (pool.labels[idx] == -100).logical_and(pool.attention_mask[idx] == 1).sum(1)
         width = int(prompt_len.max())
         ids, mask = pool.input_ids[idx, :width], (torch.arange(width)[None] < prompt_len[:, None]).long()
-        h = bb.hidden_states(bb.embed(ids * mask + bb.tokenizer.pad_token_id * (1 - mask), features(idx)), mask)
-        last = h[torch.arange(len(idx)), prompt_len - 1]
+        ids, mask = (ids * mask + bb.tokenizer.pad_token_id * (1 - mask)).to(bb.device), mask.to(bb.device)
+        h = bb.hidden_states(bb.embed(ids, features(idx)), mask)
+        last = h[torch.arange(len(idx), device=h.device), (prompt_len - 1).to(h.device)]
         logits = bb.model.get_output_embeddings()(last).float()
-        out.append(logits[:, yes] - logits[:, no])
+        out.append((logits[:, yes] - logits[:, no]).cpu())
     return torch.cat(out)
 
 
@@ -857,7 +908,12 @@ def stage_lm(cfg: BuildConfig) -> dict:
     tok, model, processor = _start(cfg, "lm")
     bb = Backbone(model, processor, "proving-ground-build")
     add_lora(model, st.lora_rank, st.lora_alpha, projector=st.lr_projector > 0)
-    model.train()
+    if st.init_from is not None:
+        load_lora_delta(model, Path(st.init_from) / "lm_delta.safetensors", st.lora_rank, st.lora_alpha)
+    dev = torch.device(st.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise McLlavaError(f"the LM stage asks for {st.device!r}, but torch sees no CUDA device here")
+    model.to(dev).train()  # pools are drawn on the CPU and kept there; their tower features come from `dev`
     pools: dict[str, EncodedPool] = {}
     # held out: recognition with text, word and visual definitions ("val"; only Yes/No samples are scored, so no
     # generic questions), and "Is there a ...?" alone ("val_read": is the image read at all?)
@@ -884,7 +940,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, st.lr_factor)
     step, ckpt = 0, work / "ckpt.pt"
     if ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
+        s = torch.load(ckpt, weights_only=False, map_location=dev)
         model.load_state_dict(s["trainable"], strict=False)
         opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
         step = s["step"]
@@ -896,7 +952,7 @@ def stage_lm(cfg: BuildConfig) -> dict:
         pool = pools[phase]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(0, len(pool.kinds), (st.batch_size,), generator=gen)
-        with _autocast(cfg):
+        with _autocast(cfg, st.device):
             loss = lm_loss(bb, pool, idx, norm, oracle)
         opt.zero_grad()
         loss.backward()
@@ -914,20 +970,26 @@ def stage_lm(cfg: BuildConfig) -> dict:
             def report(p: EncodedPool) -> dict:
                 return yes_no_report(yes_no_scores(bb, p, features=lambda idx: sample_features(bb, p, idx, norm, oracle)), p)
 
-            with _autocast(cfg):
+            with _autocast(cfg, st.device):
                 record["val"] = report(pools["val"])
                 record["val"]["exists"] = report(pools["val_read"])["exists"]
             model.train()
             tqdm.write(f"step {step}: " + json.dumps({k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3))
                                                       for k, v in record["val"].items()}))
-        if step % st.checkpoint_every == 0 or step == total or "val" in record:
+        out_of_time = st.time_budget is not None and time.time() - t0 > st.time_budget
+        if step % st.checkpoint_every == 0 or step == total or "val" in record or out_of_time:
             _log(cfg.work, "lm", record)
             _save_ckpt(ckpt, {"trainable": trainable_state(model), "opt": opt.state_dict(),
                               "sched": sched.state_dict(), "step": step})
+        if out_of_time:
+            tqdm.write(f"time budget of {st.time_budget:.0f} s spent: the LM stage ends at step {step} of {total}")
+            break
     bar.close()
     state = trainable_state(model)
     save_file({k: v.contiguous() for k, v in state.items()}, work / "trainable.safetensors")
-    return _finish(cfg.work, "lm", {"steps": step, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-20:])) if losses else None})
+    return _finish(cfg.work, "lm", {"steps": step, "planned_steps": total, "seconds": time.time() - t0,
+                                    "final_loss": float(np.mean(losses[-20:])) if losses else None,
+                                    "device": st.device, "init_from": st.init_from})
 
 
 # ============================================================================================ 4. export
@@ -961,6 +1023,18 @@ def stage_export(cfg: BuildConfig, out: Path | None = None) -> dict:
     (out / "build.json").write_text(json.dumps(info, indent=1))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "bytes": size}
+
+
+def work_from_weights(weights: str | Path, work: Path) -> None:
+    """Seed a build folder with an export's vision tower and projector, so that an LM stage can continue it
+    (with `LMStage.init_from` set to the same folder) without the vision and align stages."""
+    vision = load_file(Path(weights) / "vision.safetensors")
+    for part, prefix in (("tower", "vision_tower."), ("projector", "multi_modal_projector.")):
+        state = {k[len(prefix):]: v.float().contiguous() for k, v in vision.items() if k.startswith(prefix)}
+        if not state:
+            raise McLlavaError(f"{Path(weights) / 'vision.safetensors'} has no {prefix}* tensors")
+        (work / "align").mkdir(parents=True, exist_ok=True)
+        save_file(state, work / "align" / f"{part}.safetensors")
 
 
 def build(cfg: BuildConfig, stages: tuple[str, ...] = ("vision", "align", "lm", "export"), out: Path | None = None) -> dict:

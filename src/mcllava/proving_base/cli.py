@@ -25,17 +25,36 @@ def build_cmd(
                                                          "compare; slots: text,read,describe,ground,lookalike,tower)"),
     mix: list[str] = typer.Option([], help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
                                            "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable"),
+    continue_from: Optional[Path] = typer.Option(None, help="continue a slots build from this weights folder "
+                                                   "(e.g. the committed one): its tower, projector and LoRA start the "
+                                                   "LM stage, which runs the `visual` phase (visual definitions)"),
+    visual_steps: int = typer.Option(300, help="with --continue-from: steps of the visual phase"),
+    device: str = typer.Option("cpu", help="where the LM stage's steps run: cpu or cuda"),
+    workers: int = typer.Option(1, help="processes that draw the LM stage's samples"),
+    time_budget: Optional[float] = typer.Option(None, help="seconds after which the LM stage ends early"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
-    from .build import DEFAULT_WORK, LAYOUTS, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build, slots_phases
+    from .build import (DEFAULT_WORK, LAYOUTS, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build,
+                        slots_phases, visual_phases, work_from_weights)
     from .model import VisionSpec
 
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
+    if continue_from is not None:
+        layout = json.loads((continue_from / "config.json").read_text()).get("mcllava_token_layout", "grid")
+        if layout != "slots":
+            raise typer.BadParameter(f"--continue-from needs a slots build; {continue_from} is {layout!r}")
+        # the vision and align stages come from the weights
+        stages = ",".join(s for s in stages.split(",") if s.strip() not in ("vision", "align"))
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed, layout=layout)
     if layout == "slots":
         cfg.align, cfg.lm = AlignStage(words=SLOT_WORDS, steps=1000), LMStage(phases=slots_phases())
+    if continue_from is not None:
+        work_from_weights(continue_from, cfg.work)
+        # k = 6 rows per visual definition: one slot row, the k that personalisation uses on this base
+        cfg.lm = LMStage(phases=visual_phases(visual_steps), definition_rows=6, init_from=str(continue_from), pool=24000)
+    cfg.lm.device, cfg.lm.workers, cfg.lm.time_budget = device, workers, time_budget
     if gpu_vision:
         cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:

@@ -39,6 +39,7 @@ class GateConfig:
     definitions: int = 200
     named: int = 100
     visual: int = 100  # recognition with visual definitions (the form personalisation takes); reported, not gated
+    visual_rows: int = 6  # rows per visual definition: one slot row, the k personalisation uses on this base
     size: int = 192
     autocast: bool = True
 
@@ -62,7 +63,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
                          ("visual_definition_recognition", visual)):
         if not samples:
             continue
-        pool = encode_pool(bb, model, samples, cfg.size)
+        pool = encode_pool(bb, model, samples, cfg.size, rows=cfg.visual_rows)
         with ac:
             scores = yes_no_scores(bb, pool)
         res[key] = yes_no_report(scores, pool)[samples[0]["kind"]]  # with look-alike recall per changed trait
@@ -79,7 +80,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     recalls, by_kind = [], {}
     for s in caps + gens:
         feats = tower_features(model, torch.from_numpy(np.array(s["image"].convert("RGB")))[None])
-        feats = model.model.multi_modal_projector(feats)[0]
+        feats = model.model.multi_modal_projector(feats.to(bb.device))[0]
         with torch.no_grad():  # fp32: bf16 autocast makes one-token (GEMV) decoding steps much slower on CPU
             out = bb.generate(bb.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)
         bar.update(1)
