@@ -65,7 +65,9 @@ def test_eval_writes_report(bank, world, tmp_path):
     report = json.loads(out.read_text())
     for key in ("weighted_accuracy", "positive_recall", "negative_recall"):
         assert 0.0 <= report["recognition"][key] <= 1.0
-    assert (tmp_path / "html" / "index.html").exists()
+    page = (tmp_path / "html" / "index.html").read_text()
+    marked = list((tmp_path / "html" / "img").glob("marked_*.jpg"))
+    assert marked and all(f"img/{m.name}" in page for m in marked)  # the photos with their marks are shown
 
 
 def test_bad_concepts_give_clear_error_and_write_nothing(tmp_path, base_dir):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -257,6 +258,9 @@ def test_write_html(tmp_path, img):
         assert (tmp_path / "site" / s).is_file()
     assert Image.open(tmp_path / "site" / "img" / "marked_2.jpg").size == (40, 30)
     assert not list((tmp_path / "site").glob(".index.*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert page.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by a web server, as any new file
 
 
 def test_write_html_relative_images(tmp_path, img):

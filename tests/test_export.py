@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_transformers_alone_answers_like_the_assistant(exported):
 
 def test_export_holds_tokens_rows_and_default_system(exported):
     bank, out = exported
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # a serving engine running as another user can read it
+    assert {f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()} == {0o666 & ~mask}
     assistant = PersonalAssistant.load(bank)
     processor = AutoProcessor.from_pretrained(out)
     model = LlavaForConditionalGeneration.from_pretrained(out)

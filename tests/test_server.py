@@ -156,6 +156,12 @@ def test_every_route_but_health_needs_the_key(assistant):
             assert "key" in error_of(r, 401) and r.headers["www-authenticate"] == "Bearer"
     for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
         assert client.get("/v1/concepts", headers=headers).status_code == 200
+    # the key is checked before the body is read: a malformed body without the key is 401, not 422
+    for body in (b"{not json", b"x" * 100):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert "key" in error_of(r, 401)
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json", "X-API-Key": KEY})
+    error_of(r, 422)
     assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
 
 
@@ -219,6 +225,7 @@ def test_body_limits_and_bad_bodies(client, app):
     assert "300,000 bytes" in error_of(client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
     error_of(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
     error_of(client.post("/v1/locate", content=b"hello", headers={"content-type": "text/plain"}), 415)
+    assert "JSON" in error_of(client.post("/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}), 415)
     error_of(client.post("/v1/locate", json={"return_image": True}), 422)
     error_of(client.post("/v1/locate", files={"photo": ("a.png", b"x", "image/png")}), 400)
     error_of(client.post("/v1/locate", files={"image": ("a.png", png_bytes(red_photo()), "image/png")}, data={"return_image": "maybe"}), 400)
@@ -314,7 +321,7 @@ def test_openapi_schema_matches_the_routes(app, assistant):
     assert ref(paths["/v1/concepts"]["get"]) == "ConceptList" and ref(paths["/health"]["get"]) == "Health"
     for path in ("/v1/chat/completions", "/v1/locate"):
         op = next(iter(paths[path].values()))
-        assert {ref(op, code) for code in ("400", "401", "413", "422", "500", "503")} == {"ErrorResponse"}
+        assert {ref(op, code) for code in ("400", "401", "413", "415", "422", "500", "503")} == {"ErrorResponse"}
     components = schema["components"]["schemas"]
     assert "HTTPValidationError" not in components and {"ChatCompletionChunk", "LocateRequest", "Delta"} <= set(components)
     assert "security" not in chat

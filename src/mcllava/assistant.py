@@ -130,14 +130,31 @@ class PersonalAssistant:
 
 
 class AssistantAnswerer:
-    """Adapts a PersonalAssistant to the evaluation runner's `Answerer` protocol (visual prompt on or off)."""
+    """Adapts a PersonalAssistant to the evaluation runner's `Answerer` protocol (visual prompt on or off).
 
-    def __init__(self, assistant: PersonalAssistant, visual_prompt: bool = True, max_new_tokens: int = 64):
+    With `keep_marks`, `marked` maps each question's index (the runner asks in record order) to the photo with
+    its concept marks, for the HTML report; without the visual prompt the marks are computed for the report only.
+    """
+
+    def __init__(self, assistant: PersonalAssistant, visual_prompt: bool = True, max_new_tokens: int = 64,
+                 keep_marks: bool = False):
         self.assistant, self.visual_prompt, self.max_new_tokens = assistant, visual_prompt, max_new_tokens
-        self.names = assistant.names
+        self.names, self.keep_marks, self.marked = assistant.names, keep_marks, {}
+        self._n = 0
 
     def answer(self, image: Image.Image | None, question: str) -> str:
-        return self.assistant.answer(image, question, self.visual_prompt, self.max_new_tokens)
+        reply = self.assistant.respond(image, question, self.visual_prompt, self.max_new_tokens)
+        if self.keep_marks and image is not None:
+            marked = reply.marked_image
+            if marked is None and not self.visual_prompt:
+                locations = self.assistant.locations(image.convert("RGB"))
+                if any(loc.present for loc in locations):
+                    marked = draw_marks(image.convert("RGB"), locations, max_marks=self.assistant.locate_config.max_marks)[0]
+            if marked is not None:
+                self.marked[self._n] = marked
+        self._n += 1
+        return reply.text
 
     def locate(self, image: Image.Image) -> dict[str, tuple[float, float] | None]:
+        self._n += 1
         return self.assistant.locate(image)

@@ -32,6 +32,15 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:  # the GGUF loader draws its own tqdm bar, which the switch above does not reach
+        from functools import partial
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+
+        gguf_utils.tqdm = partial(tqdm, disable=True)
+    except (ImportError, AttributeError):
+        pass
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -157,7 +166,7 @@ def evaluate_cmd(
         if limit:
             records = records[:limit]
         assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce))
-        answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt)
+        answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt, keep_marks=html is not None)
         report = evaluate(records, answerer, progress=not quiet)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -171,7 +180,7 @@ def evaluate_cmd(
     if html:
         from .report import write_html
 
-        path = write_html(report, html)
+        path = write_html(report, html, marked_images=answerer.marked)
         console.print(f"HTML report: {path}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .assistant import PersonalAssistant
+from .assistant import AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
 from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
@@ -26,33 +26,6 @@ from .train import personalize
 console = Console()
 
 SHAPE_CONCEPTS = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("yellow", "triangle"), "momo": ("green", "circle")}
-
-
-class DemoAnswerer:
-    """Evaluation adapter that also keeps each question's marked image for the report.
-
-    Neither demo base saw Set-of-Mark marks or "Mark n is <c>." in training, so it answers from the plain
-    photo; the marks are still computed and shown, so the report shows where each concept was located.
-    """
-
-    def __init__(self, assistant: PersonalAssistant, max_new_tokens: int = 8):
-        self.assistant, self.names, self.marked = assistant, assistant.names, {}
-        self.max_new_tokens = max_new_tokens
-        self._n = 0
-
-    def answer(self, image, question):
-        from .locate import draw_marks
-
-        if image is not None:  # text-only questions have no photo to mark
-            locations = self.assistant.locations(image)
-            if any(loc.present for loc in locations):
-                self.marked[self._n] = draw_marks(image, locations)[0]
-        self._n += 1
-        return self.assistant.answer(image, question, visual_prompt=False, max_new_tokens=self.max_new_tokens)
-
-    def locate(self, image):
-        self._n += 1
-        return self.assistant.locate(image)
 
 
 def prepare_tiny(args: argparse.Namespace):
@@ -106,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console.rule("3. evaluate")
     records = read_tests_jsonl(tests)
-    answerer = DemoAnswerer(PersonalAssistant.load(args.out / "bank", Backbone.load(base)), max_new_tokens)
+    # neither demo base saw Set-of-Mark marks in training: it answers from the plain photo, and the marks are
+    # computed for the report, to show where each concept was located
+    assistant = PersonalAssistant.load(args.out / "bank", Backbone.load(base))
+    answerer = AssistantAnswerer(assistant, visual_prompt=False, max_new_tokens=max_new_tokens, keep_marks=True)
     report = evaluate(records, answerer)
     print_table(report, console)
     report["training"] = result.history

@@ -119,6 +119,7 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
             "trained_introduce": bank.recipe.get("introduce", "all"),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _readable(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
@@ -126,3 +127,12 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes the folder owner-only (and some writers their files): an export is for a serving engine,
+    which often runs as another user, so give it the permissions the umask gives any new folder and file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

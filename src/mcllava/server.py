@@ -247,6 +247,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Invalid input (bad image, empty question, ...)",
         401: "Missing or wrong API key",
         413: "A limit was exceeded (body, image bytes, pixels, text, messages, tokens)",
+        415: "Unsupported content type (chat: application/json; locate: JSON or multipart/form-data)",
         422: "The request does not match the schema",
         500: "Internal error (details are logged by the server, never sent)",
         503: "The queue for the model is full; retry later",
@@ -357,6 +358,40 @@ class BodyLimit:
 
     def _message(self) -> str:
         return f"the request body is larger than the limit of {self.max_bytes:,} bytes"
+
+
+class RequestGuard:
+    """ASGI middleware that answers before any body is read: with an API key, 401 on /v1/* without the right key
+    (else a malformed body would get 422 first); and 415 for a chat request whose body is not JSON."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = api_key.encode("utf-8") if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None:
+            auth = headers.get(b"authorization", b"")
+            given = [g for g in (auth[7:].strip() if auth[:7].lower() == b"bearer " else None, headers.get(b"x-api-key"))
+                     if g is not None]
+            if not any(hmac.compare_digest(g, self.expected) for g in given):
+                return await _refuse(send, 401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+                                     "authentication_error", [(b"www-authenticate", b"Bearer")])
+        if scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return await _refuse(send, 415 if ctype else 400, "send the chat request as JSON (Content-Type: application/json)",
+                                     "invalid_request_error")
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send, status: int, message: str, kind: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _location(loc, names: dict[str, str]) -> LocationOut:
@@ -645,6 +680,7 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key)  # outermost: no body is read before the key is checked
     _install_error_handlers(app, server)
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
