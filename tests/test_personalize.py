@@ -162,3 +162,33 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_base_dir
     assert torch.equal(resumed.input_rows, full.input_rows)
     assert torch.equal(resumed.head_rows, full.head_rows)
     assert not (tmp_path / "cut.ckpt").exists()
+
+
+def test_hard_negatives_rank_what_looks_like_the_concept_first(tiny_base_dir, tmp_path):
+    """The mined negatives of a red-circle concept are the generic photos with red circles, before the others."""
+    from PIL import Image, ImageDraw
+
+    from mcllava.backbone import Backbone
+    from mcllava.concepts import ImageLimits
+    from mcllava.kmeans_init import kmeans_rows, masked_tokens
+    from mcllava.train import ImageStore, hard_negative_keys
+    from mcllava.training_data import CatalogEntry
+
+    def photo(colour, shape, path):
+        im = Image.new("RGB", (64, 64), (235, 235, 235))
+        box = (14, 14, 50, 50)
+        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(box, fill=colour)
+        im.save(path)
+        return str(path)
+
+    bb = Backbone.load(str(tiny_base_dir))
+    kinds = [((200, 30, 30), "circle"), ((30, 30, 200), "square"), ((30, 160, 30), "square"), ((200, 30, 30), "circle")]
+    entries = [CatalogEntry(f"_neg/{i}", photo(c, s, tmp_path / f"n{i}.png"), None, frozenset()) for i, (c, s) in enumerate(kinds)]
+    entries.append(CatalogEntry("bo/0", photo((200, 30, 30), "circle", tmp_path / "bo.png"), None, frozenset(["bo"])))
+    store = ImageStore(bb, entries, ImageLimits())
+    vt = bb.visual_tokens([store.images["bo/0"]])
+    refs = {"bo": kmeans_rows(masked_tokens(vt.patches, vt.coverage), 4, 1.0)[1:]}
+    hard = hard_negative_keys(bb, store, entries, refs, 2, cache=True)
+    assert set(hard["bo"]) == {"_neg/0", "_neg/3"}
+    assert len(store.cache) == 4  # the fast recipe reuses the tokens it computed
+    assert hard_negative_keys(bb, store, entries, refs, 0, cache=False) == {}

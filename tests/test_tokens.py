@@ -138,6 +138,22 @@ def test_short_answers_take_the_bases_own_form():
     assert [s.kind for s in bare] == [s.kind for s in default]
 
 
+def test_hard_negatives_make_half_of_a_concepts_negatives():
+    cat = _catalog() + [CatalogEntry(f"_neg/{i}", f"n{i}.png", None, frozenset()) for i in range(2, 40)]
+    hard = ("_neg/7", "_neg/8", "_neg/9")
+    concepts = [ConceptFacts("bo", hard_negatives=hard), ConceptFacts("ana"), ConceptFacts("kiki")]
+    for seed in range(5):
+        samples = build_epoch(cat, concepts, random.Random(seed), DataOptions(text=False))
+        no = [s.image.key for s in samples if s.kind == "negative" and s.concepts == ("bo",)]
+        assert len(no) == 6 and len(set(no)) == 6  # balanced against bo's 6 photos (one a group photo), no repeats
+        assert sum(k in hard for k in no) == 3  # half from the mined ones, the rest from anywhere else
+        ana = [s.image.key for s in samples if s.kind == "negative" and s.concepts == ("ana",)]
+        assert len(ana) == 4
+    # a "hard negative" that shows the concept is never used as a negative
+    odd = build_epoch(cat, [ConceptFacts("bo", hard_negatives=("bo/0", "_multi/0")), *concepts[1:]], random.Random(0))
+    assert not [s for s in odd if s.kind == "negative" and s.concepts == ("bo",) and s.image.key in ("bo/0", "_multi/0")]
+
+
 def test_template_counts():
     assert len(set(RECOGNITION_QUESTIONS)) >= 20
     assert len(set(YES_ANSWERS)) >= 20 and all(a.startswith("Yes") for a in YES_ANSWERS)

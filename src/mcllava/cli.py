@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,7 @@ def personalize(
     init: str = typer.Option("kmeans", "--init", help="kmeans | random"),
     recipe: str = typer.Option("fast", "--recipe", help="fast | paper (the MC-LLaVA code's choices, for comparison)"),
     negatives: Optional[Path] = typer.Option(None, "--negatives", help="Optional folder of generic images without any concept."),
+    hard_negatives: Optional[int] = typer.Option(None, "--hard-negatives", min=0, help="Per concept, mine this many of the --negatives that look most like it; half of its negatives come from them."),
     holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
     introduce: str = typer.Option("all", "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
@@ -97,6 +99,8 @@ def personalize(
         config = train_config(**{**paper, **common})
     else:
         config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
+    if hard_negatives is not None:
+        config.data = replace(config.data, hard_negatives=hard_negatives)
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)

@@ -126,6 +126,27 @@ def build_catalog(concepts: ConceptSet, negatives: Path | None, holdout: int) ->
     return train, probe
 
 
+def hard_negative_keys(
+    backbone: Backbone, store: ImageStore, entries: list[CatalogEntry], refs: dict[str, torch.Tensor], n: int, cache: bool
+) -> dict[str, tuple[str, ...]]:
+    """Per concept, the `n` generic negatives most like it: an image scores the mean cosine of its best k tokens
+    to the concept's k-means references (each token's best reference), so a photo whose character shares many
+    of the concept's traits ranks first, as a look-alike would."""
+    keys = [e.key for e in entries if e.key.startswith("_neg/")]
+    if n <= 0 or not keys:
+        return {}
+    vt = backbone.visual_tokens([store.images[k] for k in keys])
+    if cache:  # the same tokens the fast recipe trains on
+        store.cache.update({ImageRef(k): f for k, f in zip(keys, vt.features)})
+    patches = torch.nn.functional.normalize(vt.patches.float(), dim=-1)
+    out = {}
+    for cid, r in refs.items():
+        cos = (patches @ torch.nn.functional.normalize(r.float(), dim=-1).T).max(-1).values  # [images, tokens]
+        score = cos.topk(min(len(r), cos.shape[1]), dim=1).values.mean(1)
+        out[cid] = tuple(keys[i] for i in score.argsort(descending=True)[:n].tolist())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 KILL_AT_ENV = "MCLLAVA_KILL_AT"
 
@@ -286,6 +307,7 @@ def personalize(
         else:
             init_rows.append(random_rows(config.k, backbone.hidden_size, norm, seed=config.seed + i))
     write_rows(model, tokens, torch.stack(init_rows))
+    hard = hard_negative_keys(backbone, store, train_entries, refs, config.data.hard_negatives, config.recipe == "fast")
 
     # Trainable state: PEFT trainable-token rows (fast), or the full matrices (paper).
     tied = head_is_tied(model)
@@ -299,7 +321,7 @@ def personalize(
         originals = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
-    facts = [ConceptFacts(c.id, c.description, c.facts) for c in concepts]
+    facts = [ConceptFacts(c.id, c.description, c.facts, hard.get(c.id, ())) for c in concepts]
     present = {e.key: e.present for e in train_entries}
 
     def system_for(s: Sample) -> str:

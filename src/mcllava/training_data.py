@@ -132,6 +132,9 @@ class DataOptions:
     group: bool = True  # "are A and B both here?" on group photos
     short_answers: bool = False  # plain `yes_no` answers (for small bases that never learned fuller phrasings)
     yes_no: tuple[str, str] = ("Yes.", "No.")  # the short answers, in the form the base was trained on
+    # per concept, the generic negatives (--negatives) that look most like it are mined before training, and
+    # half of its negatives each epoch come from them (Yo'LLaVA's hard negatives, without a retrieval corpus)
+    hard_negatives: int = 0
 
 
 @dataclass
@@ -139,6 +142,7 @@ class ConceptFacts:
     cid: str
     description: str | None = None
     facts: list[dict[str, str]] = field(default_factory=list)
+    hard_negatives: tuple[str, ...] = ()  # catalogue keys of the generic negatives most like the concept
 
 
 def build_epoch(
@@ -154,10 +158,12 @@ def build_epoch(
         pos = [e for e in catalog if cid in e.present]
         neg_pool = [e for e in catalog if cid not in e.present]
         n_neg = len(pos) if options.balance else len(neg_pool)
-        if neg_pool and n_neg:
-            neg = rng.sample(neg_pool, n_neg) if n_neg <= len(neg_pool) else rng.choices(neg_pool, k=n_neg)
-        else:
-            neg = []
+        hard = [e for e in neg_pool if e.key in set(concept.hard_negatives)]
+        neg = rng.sample(hard, min(len(hard), n_neg // 2))
+        rest = [e for e in neg_pool if e not in neg]
+        n_rest = n_neg - len(neg)
+        if rest and n_rest:
+            neg += rng.sample(rest, n_rest) if n_rest <= len(rest) else rng.choices(rest, k=n_rest)
         yes, no = ([options.yes_no[0]], [options.yes_no[1]]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
         for entries, answers, kind in ((pos, yes, "positive"), (neg, no, "negative")):
             for e in entries:
