@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mcllava.assistant import CAPTION_QUESTION, AssistantAnswerer, PersonalAssistant
-from mcllava.backbone import Backbone
+from mcllava.backbone import PROVING_GROUND, Backbone
 from mcllava.bank import ConceptBank
 from mcllava.cli import quiet_libraries
 from mcllava.concepts import ConceptSet
@@ -83,11 +83,16 @@ def setup(args: argparse.Namespace, name: str) -> Setup:
     return Setup(base, world, args.work or args.out / "cache" / name)
 
 
-def train_config(world: str, epochs: int, seed: int, **overrides) -> TrainConfig:
-    """`make demo`'s recipe for the shapes world, the library's defaults for real bases; no held-out probe."""
+def train_config(s: Setup, epochs: int, seed: int, **overrides) -> TrainConfig:
+    """The recipe `make demo` / `personalize` use on the base: the tiny base's for the shapes world,
+    `proving_base.train_config()` on the proving ground, the library's defaults for other bases; no probe."""
     overrides = {"holdout": 0, **overrides}
-    if world == "shapes":
+    if s.world == "shapes":
         return tiny_train_config(epochs=epochs, seed=seed, **overrides)
+    if s.base == PROVING_GROUND:
+        from mcllava.proving_base import train_config as proving_ground_config
+
+        return proving_ground_config(epochs=epochs, seed=seed, **overrides)
     return TrainConfig(epochs=epochs, seed=seed, **overrides)
 
 

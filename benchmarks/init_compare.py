@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
                     curve.append((steps[0], evaluator(bank)["recognition"]["weighted_accuracy"]))
                     eval_s[0] += time.perf_counter() - t0
 
-            config = train_config(s.world, args.epochs, seed, init=init)
+            config = train_config(s, args.epochs, seed, init=init)
             _, seconds = train(world, s.base, s.work / f"bank-{init}-{seed}", config, on_epoch=on_epoch)
             runs.append({"seed": seed, "curve": curve, "steps_to_target": first_reaching(curve, args.target), "train_s": seconds - eval_s[0]})
             print(f"{init} seed {seed}: final {curve[-1][1]:.3f}, steps to {args.target}: {runs[-1]['steps_to_target']}")

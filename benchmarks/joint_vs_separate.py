@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = setup(args, "joint_vs_separate")
     world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
     records = test_records(world)
-    config = train_config(s.world, args.epochs, args.train_seed)
+    config = train_config(s, args.epochs, args.train_seed)
 
     joint, joint_s = train(world, s.base, s.work / "joint", config)
     alone = [train(world, s.base, s.work / f"alone-{cid}", config, only=[cid]) for cid in world.ids]

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     banks = {}
     for recipe in ("fast", "paper"):
-        fast = train_config(s.world, args.epochs, args.train_seed)
+        fast = train_config(s, args.epochs, args.train_seed)
         config = fast if recipe == "fast" else dataclasses.replace(fast, recipe="paper", batch_size=1, lr=1e-3)
         snapshots, clock = [], [0.0]
 

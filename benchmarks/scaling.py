@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         reset_peak_rss()
         rss_before = rss_mb()
         world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, args.test_per_concept * n, args.multi)
-        result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s.world, args.epochs, args.train_seed))
+        result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s, args.epochs, args.train_seed))
         remedy, remedy_s = train(world, s.base, s.work / f"bank-{n}-relevant",
-                                 train_config(s.world, args.epochs, args.train_seed, introduce="relevant"))
+                                 train_config(s, args.epochs, args.train_seed, introduce="relevant"))
         evaluator = BankEvaluator(s.base, test_records(world))
         modes = {mode: evaluator(result.bank, introduce=mode) for mode in ("all", "relevant")}
         modes["remedy"] = evaluator(remedy.bank)  # trained and answering with introduce="relevant"

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = setup(args, "visual_prompt")
     world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
     records = test_records(world, ("recognition", "caption", "grounding"))
-    result, train_s = train(world, s.base, s.work / "bank", train_config(s.world, args.epochs, args.train_seed))
+    result, train_s = train(world, s.base, s.work / "bank", train_config(s, args.epochs, args.train_seed))
     results = {**header("visual_prompt", s, args, world), "train_s": train_s, "missing_variants": [],
                "test_questions": {t: sum(r["task"] == t for r in records) for t in ("recognition", "caption", "grounding")}}
 

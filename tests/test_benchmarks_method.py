@@ -133,3 +133,16 @@ def test_recipe_speed_fast_against_paper(run, tmp_path):
     lat = saved["answer_latency"]
     assert set(lat) == {"plain", "personalised", "visual_prompt"} and all(v["answer_s"] > 0 for v in lat.values())
     assert lat["plain"]["prompt_tokens"] < lat["personalised"]["prompt_tokens"]  # the system text introduces the concepts
+
+
+def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
+    """On the proving ground the benchmarks must train as `personalize --base proving-ground` does (k = 6, lr 1e-2,
+    bare Yes/No): the library's defaults collapse there to answering one way (0.50)."""
+    from mcllava.proving_base import train_config as proving_ground_config
+    from mcllava.train import TrainConfig
+
+    common = bench("_common")
+    pg = common.train_config(common.Setup("proving-ground", "characters", Path(".")), 3, 1, introduce="relevant")
+    assert pg == proving_ground_config(epochs=3, seed=1, holdout=0, introduce="relevant")
+    other = common.train_config(common.Setup("some/llava", "characters", Path(".")), 3, 1)
+    assert other == TrainConfig(epochs=3, seed=1, holdout=0)
