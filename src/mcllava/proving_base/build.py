@@ -52,7 +52,7 @@ class VisionStage:
     steps: int = 5000  # 2,500 (13 min) ended at category 0.75 / build 0.71 / accessory 0.52; 5,000 (29 min): 0.83 / 0.79 / 0.66
     batch_size: int = 64
     lr: float = 2e-3
-    device: str = "cpu"  # "cuda": the tower trains there, in bf16 autocast (the other stages stay on the CPU)
+    device: str = "cpu"  # "cuda": the tower trains there, in bf16 autocast (align stays on the CPU; see LMStage.device)
 
     @classmethod
     def gpu(cls) -> "VisionStage":
@@ -118,8 +118,9 @@ def default_phases() -> tuple[Phase, ...]:
 def visual_phases(steps: int = 300) -> tuple[Phase, ...]:
     """Continue a slots build on recognition and captions with *visual* definitions ("<x> is" + the k rows of
     another photo of x: the form personal concepts take), word definitions with look-alikes, captions and
-    generic questions kept up, all on the tower's tokens. The committed 1,150-step build never trained the
-    visual kinds (its gate: visual definitions 0.55)."""
+    generic questions kept up, all on the tower's tokens. The first committed build (1,150 steps of
+    `slots_phases()`) never trained the visual kinds (gate: visual definitions 0.71); 899 steps of this from
+    it gave the second (0.79; docs/proving_base.md)."""
     mix = (0.1, 0.15, 0.05, 0.2, 0.35, 0.15)  # caption, vqa, text, defined, visual_defined, visual_caption
     return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5))),)
 
