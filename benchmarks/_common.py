@@ -277,7 +277,11 @@ def _plot_panel(ax, p: dict) -> None:
         for i, name in enumerate(names):
             xs = [g + i * width for g, values in enumerate(groups.values()) if values.get(name) is not None]
             ax.bar(xs, [v[name] for v in groups.values() if v.get(name) is not None], width, label=name)
-        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups))
+        long = max((len(str(g)) for g in groups), default=0) > 12
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups),
+                      rotation=25 if long else 0, ha="right" if long else "center", fontsize=8 if long else None)
+    if p.get("log"):
+        ax.set_yscale("log")
     if p.get("ymax"):
         ax.set_ylim(0, p["ymax"])
     ax.set_title(p["title"], fontsize=10)

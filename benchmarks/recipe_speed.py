@@ -98,14 +98,21 @@ def main(argv: list[str] | None = None) -> dict:
     for kind, r in lat.items():
         print(f"{kind:13s}: {r['answer_s'] * 1000:.1f} ms ({r['prompt_tokens']} prompt + {r['new_tokens']} new tokens)")
 
-    panels = [
+    write_results(args.out, "recipe_speed", results, panels(results))
+    return results
+
+
+def panels(results: dict) -> list[dict]:
+    """The plot of a result (also to redraw a saved one: `write_results(out, name, r, panels(r))`)."""
+    lat = results["answer_latency"]
+    new_tokens = next(iter(lat.values()))["new_tokens"]
+    return [
         {"title": "held-out recognition vs training time", "x": "seconds", "ymax": 1.0,
          "series": {r: results[r]["curve"] for r in ("fast", "paper")}},
-        {"title": "paper / fast", "bars": {k: {"ratio": v} for k, v in results["ratios_paper_over_fast"].items() if v is not None}},
-        {"title": f"answer latency (ms, {args.new_tokens} new tokens)", "bars": {k: {"ms": v["answer_s"] * 1000} for k, v in lat.items()}},
+        {"title": "paper / fast (log scale)", "log": True,
+         "bars": {k.replace("_", " "): {"ratio": v} for k, v in results["ratios_paper_over_fast"].items() if v is not None}},
+        {"title": f"answer latency (ms, {new_tokens} new tokens)", "bars": {k: {"ms": v["answer_s"] * 1000} for k, v in lat.items()}},
     ]
-    write_results(args.out, "recipe_speed", results, panels)
-    return results
 
 
 if __name__ == "__main__":
