@@ -830,7 +830,8 @@ def make_pool(cfg: BuildConfig, bb, model, cur: Curriculum, start: int, n: int, 
 def sample_features(bb, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor | None:
     """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image
     (the projected tower tokens, or with `oracle` the pool's exact align targets)."""
-    proj, dev = bb.model.model.multi_modal_projector, bb.device  # pools stay on the CPU; rows go to the model
+    proj = bb.model.model.multi_modal_projector
+    dev = next(proj.parameters()).device  # pools stay on the CPU; rows go where the model is
     chunks = []
     for i in idx.tolist():
         if pool.n_refs is not None and pool.n_refs[i] > 0:
