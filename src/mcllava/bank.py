@@ -88,6 +88,15 @@ def os_words(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def permissions_of_new_files(path: Path) -> None:
+    """Give a file, or a folder and all it holds, the permissions the umask gives any new one: mkstemp and
+    mkdtemp make them owner-only, which a web server or serving engine running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or folder to disk (folders: so that the renames inside survive a power cut)."""
     fd = os.open(path, os.O_RDONLY)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .bank import ConceptBank, permissions_of_new_files
 from .errors import McLlavaError
 
 EXPORT_INFO = "mcllava-export.json"
@@ -79,7 +80,6 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
     """
     from .assistant import PersonalAssistant
     from .backbone import PROVING_GROUND, Backbone
-    from .bank import ConceptBank
 
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -119,7 +119,7 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
             "trained_introduce": bank.recipe.get("introduce", "all"),
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _readable(tmp)
+        permissions_of_new_files(tmp)  # for a serving engine running as another user
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
@@ -128,11 +128,3 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
         raise
     return out
 
-
-def _readable(folder: Path) -> None:
-    """mkdtemp makes the folder owner-only (and some writers their files): an export is for a serving engine,
-    which often runs as another user, so give it the permissions the umask gives any new folder and file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mcllava.bank import permissions_of_new_files
 from mcllava.evaluate import fmt, headline
 
 THUMB = 320  # longest side of the copied images, in pixels
@@ -140,15 +141,10 @@ def write_html(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(parts))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a report is for a web server to read too
+        permissions_of_new_files(Path(tmp))  # a report is for a web server to read too
         os.replace(tmp, page)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return page
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
