@@ -95,8 +95,10 @@ class PersonalAssistant:
             return list(self.bank.concept_ids)
         return self.tokens.relevant(question, [loc.concept_id for loc in locations if loc.present])
 
-    def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> Answer:
-        """Answer with details (system text, locations, marks)."""
+    def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64,
+                locate: bool = False) -> Answer:
+        """Answer with details (system text, locations, marks); `locate` also locates the concepts (in the answer's
+        `locations`, from the same visual tokens) when the visual prompt is off."""
         question = (question or "").strip()
         if not question:
             raise McLlavaError("the question is empty")
@@ -110,7 +112,7 @@ class PersonalAssistant:
         image = image.convert("RGB")
         features = self.backbone.visual_tokens([image]).features[0]
         locations, marks, marked = [], {}, None
-        if visual_prompt or self.introduce == "relevant":
+        if visual_prompt or locate or self.introduce == "relevant":
             locations = self.locations(image, features)
         if visual_prompt:
             if any(loc.present for loc in locations):
@@ -118,7 +120,7 @@ class PersonalAssistant:
                 features = self.backbone.visual_tokens([marked]).features[0]
         system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
         text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens, suppress=self.tokens.soft_ids)
-        return Answer(text=text, system=system, locations=locations if visual_prompt else [], marks=marks, marked_image=marked)
+        return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks, marked_image=marked)
 
     def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
         """The answer text to a question about a photo (or about the concepts alone, with no photo)."""
@@ -143,13 +145,11 @@ class AssistantAnswerer:
         self._n = 0
 
     def answer(self, image: Image.Image | None, question: str) -> str:
-        reply = self.assistant.respond(image, question, self.visual_prompt, self.max_new_tokens)
+        reply = self.assistant.respond(image, question, self.visual_prompt, self.max_new_tokens, locate=self.keep_marks)
         if self.keep_marks and image is not None:
             marked = reply.marked_image
-            if marked is None and not self.visual_prompt:
-                locations = self.assistant.locations(image.convert("RGB"))
-                if any(loc.present for loc in locations):
-                    marked = draw_marks(image.convert("RGB"), locations, max_marks=self.assistant.locate_config.max_marks)[0]
+            if marked is None and any(loc.present for loc in reply.locations):  # visual prompt off: marks for the report
+                marked = draw_marks(image.convert("RGB"), reply.locations, max_marks=self.assistant.locate_config.max_marks)[0]
             if marked is not None:
                 self.marked[self._n] = marked
         self._n += 1
