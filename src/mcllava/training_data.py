@@ -158,9 +158,11 @@ def build_epoch(
         pos = [e for e in catalog if cid in e.present]
         neg_pool = [e for e in catalog if cid not in e.present]
         n_neg = len(pos) if options.balance else len(neg_pool)
-        hard = [e for e in neg_pool if e.key in set(concept.hard_negatives)]
+        mined = set(concept.hard_negatives)
+        hard = [e for e in neg_pool if e.key in mined]
         neg = rng.sample(hard, min(len(hard), n_neg // 2))
-        rest = [e for e in neg_pool if e not in neg]
+        chosen = {e.key for e in neg}
+        rest = [e for e in neg_pool if e.key not in chosen]
         n_rest = n_neg - len(neg)
         if rest and n_rest:
             neg += rng.sample(rest, n_rest) if n_rest <= len(rest) else rng.choices(rest, k=n_rest)
