@@ -7,6 +7,7 @@ can never disagree about where the image tokens sit or how a turn is closed.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ PROVING_GROUND = "proving-ground"
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
+
+# A batch's common leading tokens (the chat template's start and the system text that introduces every concept)
+# run once instead of once per row when there are at least this many of them (see `Backbone.hidden_states`).
+MIN_SHARED_PREFIX = 16
 
 # Private-use characters that fence control-token text of a user's question inside a formatted prompt:
 # `encode` tokenises fenced text as plain text, so a question cannot open or close chat turns.
@@ -73,6 +78,11 @@ def _check_architecture(config) -> None:
         "(the LLaVA-1.5 layout, e.g. llava-hf/llava-1.5-7b-hf). LLaVA-NeXT and LLaVA-OneVision tile images into a "
         "variable number of tokens and are not supported yet."
     )
+
+
+def _cache_kwarg(language_model) -> str:
+    """The language model's key-value cache argument: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -297,10 +307,34 @@ class Backbone:
         slots = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(slots, image_features.to(embeds.dtype).reshape(-1))
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states of the language model (the LM head is applied by the caller, where needed)."""
-        out = self.model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        return out.last_hidden_state
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+        """Last hidden states of the language model (the LM head is applied by the caller, where needed).
+
+        With `shared_prefix` p > 0, the first p positions must be the same in every row (no padding, no image):
+        they run once, for the first row, and their key-value cache is repeated for the batch, which is
+        mathematically the same forward (and backward) at a fraction of the cost when the system text that
+        introduces every concept is most of each prompt.
+        """
+        lm = self.model.model.language_model
+        rows = inputs_embeds.shape[0]
+        if shared_prefix <= 0 or rows == 1:
+            return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        head = lm(inputs_embeds=inputs_embeds[:1, :shared_prefix], use_cache=True, **{_cache_kwarg(lm): cache})
+        cache.batch_repeat_interleave(rows)
+        tail = lm(inputs_embeds=inputs_embeds[:, shared_prefix:], attention_mask=attention_mask, use_cache=True, **{_cache_kwarg(lm): cache})
+        return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
+
+    def shared_prefix_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """How many leading positions every row of a right-padded batch shares (same token, not padding, not an
+        image placeholder), leaving at least one position per row; 0 when sharing would not pay."""
+        if input_ids.shape[0] == 1:
+            return 0
+        same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0) & (input_ids[0] != self.image_token_id)
+        p = min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+        return p if p >= MIN_SHARED_PREFIX else 0
 
     def answer_loss(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_features: torch.Tensor | None
@@ -310,7 +344,8 @@ class Backbone:
         The LM head runs only at the positions that predict an answer token: with a 32k-50k vocabulary, the
         logits of every prompt position would cost more than the rest of a small model's step.
         """
-        hidden = self.hidden_states(self.embed(input_ids, image_features), attention_mask)
+        shared = self.shared_prefix_length(input_ids, attention_mask)
+        hidden = self.hidden_states(self.embed(input_ids, image_features), attention_mask, shared)
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])

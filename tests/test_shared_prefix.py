@@ -1,0 +1,64 @@
+"""The batch's shared prefix (chat template start + system text) runs once: same loss and gradients as the full batch."""
+
+from __future__ import annotations
+
+import torch
+
+from mcllava.backbone import MIN_SHARED_PREFIX
+from mcllava.tokens import add_concept_tokens, make_trainable
+from mcllava.training_data import collate
+
+
+def _batch(bb, tokens):
+    system = tokens.system_text()
+    turns = [("Is <bo> in this photo?", "Yes."), ("Is <ana> in this photo?", "No."), ("Describe <bo> and <ana>.", "<bo> sits beside <ana>.")]
+    encoded = [bb.encode(bb.format_prompt(q, system=system, image=True), a) for q, a in turns]
+    batch = collate(encoded, [None] * len(turns), bb.tokenizer.pad_token_id or 0)
+    n_image = int((batch.input_ids[0] == bb.image_token_id).sum())
+    feats = torch.randn(len(turns), n_image, bb.hidden_size, generator=torch.Generator().manual_seed(0))
+    return batch, feats
+
+
+def _loss_and_grads(bb, params, batch, feats, shared: int):
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    hidden = bb.hidden_states(bb.embed(ids, feats), mask, shared)
+    keep = labels[:, 1:] != -100
+    logits = bb.model.get_output_embeddings()(hidden[:, :-1][keep])
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep])
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), hidden.detach(), grads
+
+
+def test_shared_prefix_is_the_same_forward_and_backward(tiny_backbone):
+    bb = tiny_backbone
+    tokens = add_concept_tokens(bb.model, bb.tokenizer, ["bo", "ana"], k=3)
+    params = make_trainable(bb.model, tokens)
+    batch, feats = _batch(bb, tokens)
+    p = bb.shared_prefix_length(batch.input_ids, batch.attention_mask)
+    assert p >= MIN_SHARED_PREFIX
+    assert not (batch.input_ids[:, :p] == bb.image_token_id).any()  # images differ per row: never shared
+    assert (batch.input_ids[:, :p] == batch.input_ids[:1, :p]).all()
+    assert not (batch.input_ids[:, : p + 1] == batch.input_ids[:1, : p + 1]).all() or batch.input_ids[0, p] == bb.image_token_id
+    full_loss, full_hidden, full_grads = _loss_and_grads(bb, params, batch, feats, 0)
+    loss, hidden, grads = _loss_and_grads(bb, params, batch, feats, p)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(hidden[real], full_hidden[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in full_grads)  # the concept rows do get gradient
+    for g, fg in zip(grads, full_grads):
+        torch.testing.assert_close(g, fg, rtol=1e-4, atol=1e-6)
+    # and answer_loss takes the shortcut by itself
+    torch.testing.assert_close(bb.answer_loss(batch.input_ids, batch.attention_mask, batch.labels, feats).detach(), full_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_no_shared_prefix_for_one_row_or_short_prefixes(tiny_backbone):
+    bb = tiny_backbone
+    tokens = add_concept_tokens(bb.model, bb.tokenizer, ["bo", "ana"], k=3)
+    batch, _ = _batch(bb, tokens)
+    assert bb.shared_prefix_length(batch.input_ids[:1], batch.attention_mask[:1]) == 0
+    other = batch.input_ids.clone()
+    other[1, 3] = other[0, 3] + 1  # rows differ early: nothing worth sharing
+    assert bb.shared_prefix_length(other, batch.attention_mask) == 0
+    padded = batch.attention_mask.clone()
+    padded[2, :] = 0  # a padded position is never shared
+    assert bb.shared_prefix_length(batch.input_ids, padded) == 0
