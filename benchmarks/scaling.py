@@ -18,11 +18,15 @@ and answer latency. Writes benchmarks/out/scaling.json and scaling.png.
 
     python benchmarks/scaling.py                                 # 2,4,8,16,32,50 concepts, make demo's tiny base
     python benchmarks/scaling.py --concepts 2,4,8 --epochs 20    # a quick run
-    python benchmarks/scaling.py --base proving-ground
+    python benchmarks/scaling.py --base proving-ground --epochs 3 --train-images 4 --test-per-concept 1 --min-test-scenes 12
+
+An interrupted sweep resumes: counts already finished with the same settings are read back from the scratch
+folder (`--fresh` redoes them).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 
 from mcllava.training_data import PROBE_QUESTION
@@ -55,15 +59,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, epochs=20, test_images=None)
     ap.add_argument("--concepts", default="2,4,8,16,32,50", help="comma-separated concept counts")
     ap.add_argument("--test-per-concept", type=int, default=3, help="test scenes per concept")
+    ap.add_argument("--min-test-scenes", type=int, default=0, help="at least this many test scenes at every count")
     ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="redo every count (default: reuse counts finished with these settings)")
     args = ap.parse_args(argv)
     counts = [int(n) for n in args.concepts.split(",")]
     s = setup(args, "scaling")
+    # Each finished count is kept in the scratch folder with the settings it ran with, so that an interrupted
+    # sweep (an hour and more on a CPU with the proving ground) resumes at the first count it had not finished.
+    settings = {k: v for k, v in header("scaling", s, args)["settings"].items() if k not in ("concepts", "fresh", "out", "work")}
     rows = []
     for n in counts:
+        done = s.work / f"row-{n}.json"
+        if not args.fresh and done.exists() and json.loads(done.read_text())["settings"] == settings:
+            rows.append(json.loads(done.read_text())["row"])
+            print(f"{n} concepts: reused from {done}")
+            continue
         reset_peak_rss()
         rss_before = rss_mb()
-        world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, args.test_per_concept * n, args.multi)
+        scenes = max(args.test_per_concept * n, args.min_test_scenes)
+        world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi)
         result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s, args.epochs, args.train_seed))
         remedy, remedy_s = train(world, s.base, s.work / f"bank-{n}-relevant",
                                  train_config(s, args.epochs, args.train_seed, introduce="relevant"))
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         })
         r = rows[-1]
+        done.write_text(json.dumps({"settings": settings, "row": r}, default=str))
         print(f"{n} concepts: recognition {r['recognition']['weighted_accuracy']:.3f} (relevant at inference only: "
               f"{r['relevant']['recognition']['weighted_accuracy']:.3f}, remedy: {r['remedy']['recognition']['weighted_accuracy']:.3f}), "
               f"train {train_s:.1f}s, prompt {r['prompt_tokens']} tokens, peak {r['peak_rss_mb']:.0f} MB, "

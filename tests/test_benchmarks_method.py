@@ -116,6 +116,12 @@ def test_scaling_grows_prompt_with_concepts(run):
         remedy = r["remedy"]  # a bank trained with introduce="relevant", answering that way
         assert unit(remedy["recognition"]["weighted_accuracy"]) and remedy["train_s"] > 0
         assert 0 < remedy["system_tokens_mean"] <= r["system_tokens"]
+    # an interrupted sweep resumes: the finished count is read back, only the new one runs
+    _, again = run("scaling", "--concepts", "3,4", "--epochs", "1", "--test-per-concept", "1", "--min-test-scenes", "0")
+    assert again["rows"][0] == json.loads(json.dumps(rows[1], default=str))
+    assert [r["concepts"] for r in again["rows"]] == [3, 4]
+    _, other = run("scaling", "--concepts", "3", "--epochs", "2", "--test-per-concept", "1")  # other settings: redone
+    assert other["rows"][0]["steps_per_epoch"] == rows[1]["steps_per_epoch"] and other["rows"][0]["train_s"] != rows[1]["train_s"]
 
 
 def test_recipe_speed_fast_against_paper(run, tmp_path):
