@@ -62,3 +62,49 @@ def test_no_shared_prefix_for_one_row_or_short_prefixes(tiny_backbone):
     padded = batch.attention_mask.clone()
     padded[2, :] = 0  # a padded position is never shared
     assert bb.shared_prefix_length(batch.input_ids, padded) == 0
+
+
+def test_generate_reuses_the_prompt_prefix_and_answers_the_same(tiny_backbone):
+    """The second prompt with the same system text computes only its own part; greedy answers are unchanged."""
+    bb = tiny_backbone
+    tokens = add_concept_tokens(bb.model, bb.tokenizer, [f"c{i}" for i in range(8)], k=3)
+    system = tokens.system_text()
+    n_image = int(sum(t == bb.image_token_id for t in bb.encode(bb.format_prompt("x", system=system)).input_ids))
+    images = torch.randn(3, n_image, bb.hidden_size, generator=torch.Generator().manual_seed(1))
+    questions = ["Is <c1> in this photo?", "What is <c5> doing?", "Is <c1> in this photo?"]
+    prompts = [bb.format_prompt(q, system=system) for q in questions]
+
+    bb.prompt_cache.enabled = False
+    plain = [bb.generate(p, f, max_new_tokens=6) for p, f in zip(prompts, images)]
+    assert bb.prompt_cache.prefix is None
+
+    bb.prompt_cache.enabled = True
+    seen = []  # sequence length of every forward of the language model
+    hook = bb.model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    cached = []
+    for p, f in zip(prompts, images):
+        seen.clear()
+        cached.append(bb.generate(p, f, max_new_tokens=6))
+        full = len(bb.encode(p).input_ids)
+        prefilled = [n for n in seen if n > 1]  # the prompt's forward (the prefix's own prefill included)
+        if p is prompts[0]:
+            assert prefilled == [full]  # nothing to share yet
+        else:  # the prefix runs once (at the second prompt), then each prompt computes only the rest
+            assert prefilled[-1] == full - len(bb.prompt_cache.prefix)
+            assert len(prefilled) == (2 if p is prompts[1] else 1)
+    hook.remove()
+    assert cached == plain
+    prefix = bb.prompt_cache.prefix
+    assert prefix is not None and len(prefix) >= bb.prompt_cache.min_tokens  # learnt from the first two prompts
+    system_ids = bb.encode(bb.format_prompt("", system=system)).input_ids
+    assert len(prefix) <= system_ids.index(bb.image_token_id)  # never past the first image placeholder
+
+    # new rows for a concept (another bank): the old prefix no longer matches and is not used, a new one is learnt
+    with torch.no_grad():
+        bb.model.get_input_embeddings().weight[tokens.ids["c0"]] += 1.0
+    bb.prompt_cache.enabled = False
+    fresh = [bb.generate(p, f, max_new_tokens=6) for p, f in zip(prompts[:2], images)]
+    bb.prompt_cache.enabled = True
+    assert [bb.generate(p, f, max_new_tokens=6) for p, f in zip(prompts[:2], images)] == fresh
+    assert bb.prompt_cache.prefix.shape == prefix.shape and not torch.equal(bb.prompt_cache.prefix, prefix)

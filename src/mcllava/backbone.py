@@ -7,8 +7,10 @@ can never disagree about where the image tokens sit or how a turn is closed.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +102,66 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+class PromptCache:
+    """The key-value cache of the prefix that successive prompts share, for `Backbone.generate`.
+
+    With a bank loaded, every question starts with the same chat-template start and system text introducing
+    every concept: with 50 concepts that is most of the prompt. The cache keeps the longest prefix (in input
+    embeddings, so concept rows written since cannot be reused stale) that the last two prompts shared, runs it
+    once, and hands each later prompt that starts with it a copy, so only the rest of the prompt is computed.
+    Greedy answers are the same as without it (up to float rounding); `enabled = False` turns it off.
+    """
+
+    min_tokens = 32  # shorter shared prefixes are not worth a cache
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.prefix: torch.Tensor | None = None  # [P, D] input embeddings of the cached prefix
+        self.cache = None  # its key-value cache (a transformers DynamicCache)
+        self.last: torch.Tensor | None = None  # the last prompt's embeddings, to find a new shared prefix
+        self._lock = threading.Lock()
+
+    def lookup(self, backbone: "Backbone", embeds: torch.Tensor):
+        """A private copy of the cache if `embeds` ([L, D]) starts with the cached prefix, else None; learns a
+        new prefix from the last prompt when this one shares enough of it."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            if self.prefix is None or not _starts_with(embeds, self.prefix):
+                shared = _shared_rows(embeds, self.last) if self.last is not None else 0
+                self.last = embeds
+                if shared < self.min_tokens:
+                    return None
+                self.prefix, self.cache = embeds[:shared].clone(), _prefill(backbone, embeds[:shared])
+            self.last = embeds
+            return copy.deepcopy(self.cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.prefix = self.cache = self.last = None
+
+
+def _shared_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Leading rows two [L, D] embeddings have in common, leaving at least one row of `a` uncovered."""
+    n = min(len(a), len(b), len(a) - 1)
+    same = (a[:n] == b[:n]).all(-1)
+    return int(same.long().cumprod(0).sum())
+
+
+def _starts_with(embeds: torch.Tensor, prefix: torch.Tensor) -> bool:
+    return len(embeds) > len(prefix) and torch.equal(embeds[: len(prefix)], prefix)
+
+
+@torch.no_grad()
+def _prefill(backbone: "Backbone", prefix: torch.Tensor):
+    from transformers import DynamicCache
+
+    lm = backbone.model.model.language_model
+    cache = DynamicCache(config=lm.config)
+    lm(inputs_embeds=prefix[None], use_cache=True, **{_cache_kwarg(lm): cache})
+    return cache
+
+
 class Backbone:
     """A frozen LLaVA-family model with its processor, and the prompt/visual-token plumbing around it."""
 
@@ -118,6 +180,7 @@ class Backbone:
         self.grid: tuple[int, int] = (side, side)
         self.layout = layout_for(cfg, self.grid)  # which tokens show a mask; where a token map lies in the image
         self.strategy: str = cfg.vision_feature_select_strategy
+        self.prompt_cache = PromptCache()  # `generate` reuses the key-value cache of a prefix prompts share
         self.num_image_tokens: int = side * side + (1 if self.strategy == "full" else 0)
         self.image_size: int = vcfg.image_size
 
@@ -377,9 +440,11 @@ class Backbone:
         ids = torch.tensor([enc.input_ids], device=self.device)
         feats = image_features[None] if enc.has_image else None
         embeds = self.embed(ids, feats)
+        cache = self.prompt_cache.lookup(self, embeds[0])
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones_like(ids),
+            **({_cache_kwarg(self.model): cache} if cache is not None else {}),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
