@@ -208,15 +208,19 @@ class BankEvaluator:
     def __init__(self, base: str, records: list[dict]):
         self.base, self.records, self.assistant = base, records, None
 
-    def __call__(self, bank: ConceptBank, visual_prompt: bool = False, reference: str = "features", introduce: str | None = None) -> dict:
+    def __call__(self, bank: ConceptBank, visual_prompt: bool = False, reference: str = "features", introduce: str | None = None,
+                 prompt_cache: bool = True) -> dict:
         """The evaluation report (with rows), `latency_s` (mean seconds per question, by task) and
-        `system_tokens_mean` (mean length of the system text the answers were given)."""
+        `system_tokens_mean` (mean length of the system text the answers were given). `prompt_cache=False`
+        answers without reusing the key-value cache of the prefix the prompts share (`Backbone.prompt_cache`)."""
         if self.assistant is None or self.assistant.bank.concept_ids != bank.concept_ids:
             self.assistant = PersonalAssistant(Backbone.load(self.base), bank)
         else:
             write_rows(self.assistant.backbone.model, self.assistant.tokens, bank.input_rows, bank.head_rows)
             self.assistant.bank = bank
         self.assistant.reference = reference
+        self.assistant.backbone.prompt_cache.clear()
+        self.assistant.backbone.prompt_cache.enabled = prompt_cache
         self.assistant.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         answerer = RecordingAnswerer(self.assistant, visual_prompt, max_new_tokens=16)
         report = evaluate(self.records, answerer, progress=False)

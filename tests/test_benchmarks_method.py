@@ -113,6 +113,9 @@ def test_scaling_grows_prompt_with_concepts(run):
         rel = r["relevant"]  # the remedy: only the concepts a question names or the locator sees are introduced
         assert unit(rel["recognition"]["weighted_accuracy"]) and rel["answer_latency_s"] > 0
         assert 0 < rel["system_tokens_mean"] <= r["system_tokens"]
+        cached = r["prompt_cache"]  # the plain bank answering with the system text's key-value cache reused
+        assert unit(cached["recognition"]["weighted_accuracy"]) and cached["answer_latency_s"] > 0
+        assert cached["recognition"]["n"] == r["recognition"]["n"]
         remedy = r["remedy"]  # a bank trained with introduce="relevant", answering that way
         assert unit(remedy["recognition"]["weighted_accuracy"]) and remedy["train_s"] > 0
         assert 0 < remedy["system_tokens_mean"] <= r["system_tokens"]
