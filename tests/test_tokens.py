@@ -127,6 +127,25 @@ def test_epoch_is_balanced_and_uses_other_concepts_as_negatives():
     assert sum(s.kind == "negative" for s in unbalanced) > sum(s.kind == "positive" for s in unbalanced)
 
 
+def test_group_pairs_teach_both_not_either():
+    """More (Yes, No) pairs per group photo: as many No as Yes, and each No asks about two concepts of which the
+    photo shows at most one (the group photo with an absent concept first, then photos of one concept alone)."""
+    concepts = [ConceptFacts("bo"), ConceptFacts("ana"), ConceptFacts("kiki")]
+    entries = {e.key: e for e in _catalog()}
+    one = [s for s in build_epoch(_catalog(), concepts, random.Random(0), DataOptions(text=False)) if s.kind == "group"]
+    samples = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(text=False, group_pairs=4))
+    group = [s for s in samples if s.kind == "group"]
+    yes = [s for s in group if s.answer.startswith("Yes")]
+    no = [s for s in group if s.answer.startswith("No")]
+    assert len(yes) == len(no) == 4 and len(one) == 2
+    assert all(s.image.key == "_multi/0" and set(s.concepts) == {"bo", "ana"} for s in yes)
+    for s in no:
+        assert len(s.concepts) == 2 and not set(s.concepts) <= entries[s.image.key].present
+    assert no[0].image.key == "_multi/0" or any(s.image.key == "_multi/0" for s in no)  # the absent-concept one
+    alone = [s for s in no if s.image.key != "_multi/0"]
+    assert len(alone) == 3 and all(set(s.concepts) == {"bo", "ana"} and len(entries[s.image.key].present) == 1 for s in alone)
+
+
 def test_short_answers_take_the_bases_own_form():
     """A base trained on "Yes" / "No" (the proving ground) must not be taught a full stop on every answer:
     recognition and group samples both use `DataOptions.yes_no`."""

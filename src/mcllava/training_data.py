@@ -130,6 +130,9 @@ class DataOptions:
     balance: bool = True  # as many No as Yes for every concept, every epoch
     text: bool = True  # text-only questions from descriptions and facts
     group: bool = True  # "are A and B both here?" on group photos
+    # (Yes, No) pairs of such questions per group photo and epoch: the first No pairs a shown concept with an
+    # absent one on the group photo, later ones ask about two of its concepts on a photo of only one of them
+    group_pairs: int = 1
     short_answers: bool = False  # plain `yes_no` answers (for small bases that never learned fuller phrasings)
     yes_no: tuple[str, str] = ("Yes.", "No.")  # the short answers, in the form the base was trained on
     # per concept, the generic negatives (--negatives) that look most like it are mined before training, and
@@ -192,23 +195,34 @@ def build_epoch(
 
 
 def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
-    """For each group photo: 'are A and B both here?' -> Yes, and the same about a pair that is not -> No."""
+    """For each group photo: 'are A and B both here?' -> Yes, and the same about a pair that is not all there -> No
+    (`options.group_pairs` times: the model must learn "both", not "either")."""
     out = []
     known = set(cids)
+    alone = {c: [e for e in catalog if e.present & known == {c}] for c in cids}  # photos of one concept only
+
+    def flip() -> bool:
+        return options.flip and rng.random() < 0.5
+
     for e in catalog:
         shown = sorted(e.present & known)
         if len(shown) < 2:
             continue
-        toks = [f"<{c}>" for c in shown]
-        q = rng.choice(GROUP_QUESTIONS)
-        out.append(Sample(q.format(cs=join_names(toks)), options.yes_no[0], ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(shown)))
         absent = sorted(known - e.present)
-        if absent and options.balance:
-            pair = [rng.choice(shown), rng.choice(absent)]
+        for i in range(options.group_pairs):
+            q = rng.choice(GROUP_QUESTIONS)
+            out.append(Sample(q.format(cs=join_names([f"<{c}>" for c in shown])), options.yes_no[0], ImageRef(e.key, flip()), "group", tuple(shown)))
+            if not options.balance:
+                continue
+            if i == 0 and absent:  # a shown concept and an absent one, on the group photo
+                pair, image = [rng.choice(shown), rng.choice(absent)], e
+            else:  # two of its concepts, on a photo of only one of them
+                pair = rng.sample(shown, 2)
+                if not alone[pair[0]]:
+                    continue
+                image = rng.choice(alone[pair[0]])
             rng.shuffle(pair)
-            out.append(
-                Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), options.yes_no[1], ImageRef(e.key, options.flip and rng.random() < 0.5), "group", tuple(pair))
-            )
+            out.append(Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), options.yes_no[1], ImageRef(image.key, flip()), "group", tuple(pair)))
     return out
 
 
