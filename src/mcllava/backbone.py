@@ -109,7 +109,9 @@ class PromptCache:
     every concept: with 50 concepts that is most of the prompt. The cache keeps the longest prefix (in input
     embeddings, so concept rows written since cannot be reused stale) that the last two prompts shared, runs it
     once, and hands each later prompt that starts with it a copy, so only the rest of the prompt is computed.
-    Greedy answers are the same as without it (up to float rounding); `enabled = False` turns it off.
+    Greedy answers are the same as without it (up to float rounding); `enabled = False` turns it off. It holds
+    the prefix's keys and values and copies them for each answer (per prefix token: layers x 2 x KV width, in the
+    model's dtype; ~0.5 MB on LLaVA-1.5-7B in bf16, so ~0.9 GB for 50 concepts' system text).
     """
 
     min_tokens = 32  # shorter shared prefixes are not worth a cache
