@@ -84,19 +84,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for n in counts:
         done = s.work / f"row-{n}.json"
-        if not args.fresh and done.exists() and json.loads(done.read_text())["settings"] == settings:
-            rows.append(json.loads(done.read_text())["row"])
+        scenes = max(args.test_per_concept * n, args.min_test_scenes)
+        saved = json.loads(done.read_text()) if not args.fresh and done.exists() else None
+        if saved is not None and saved["settings"] == settings:
+            rows.append(saved["row"])
             print(f"{n} concepts: reused from {done}")
             if "prompt_cache" not in rows[-1]:  # finished before the prompt cache was measured: add it
-                world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images,
-                                    max(args.test_per_concept * n, args.min_test_scenes), args.multi)
+                world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi)
                 rows[-1]["prompt_cache"] = with_prompt_cache(BankEvaluator(s.base, test_records(world)),
                                                              ConceptBank.load(s.work / f"bank-{n}"))
                 done.write_text(json.dumps({"settings": settings, "row": rows[-1]}, default=str))
             continue
         reset_peak_rss()
         rss_before = rss_mb()
-        scenes = max(args.test_per_concept * n, args.min_test_scenes)
         world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi)
         result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s, args.epochs, args.train_seed))
         remedy, remedy_s = train(world, s.base, s.work / f"bank-{n}-relevant",

@@ -8,6 +8,7 @@ can never disagree about where the image tokens sit or how a turn is closed.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 import threading
@@ -82,9 +83,14 @@ def _check_architecture(config) -> None:
     )
 
 
-def _cache_kwarg(language_model) -> str:
-    """The language model's key-value cache argument: `cache` in recent transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+def _cache_kwarg(model) -> str:
+    """The model's key-value cache argument: `cache` in recent transformers, `past_key_values` before."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(model_class: type) -> str:  # once per class: it is asked on every training step and answer
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -129,13 +135,12 @@ class PromptCache:
         if not self.enabled:
             return None
         with self._lock:
+            last, self.last = self.last, embeds
             if self.prefix is None or not _starts_with(embeds, self.prefix):
-                shared = _shared_rows(embeds, self.last) if self.last is not None else 0
-                self.last = embeds
+                shared = _shared_rows(embeds, last) if last is not None else 0
                 if shared < self.min_tokens:
                     return None
                 self.prefix, self.cache = embeds[:shared].clone(), _prefill(backbone, embeds[:shared])
-            self.last = embeds
             return copy.deepcopy(self.cache)
 
     def clear(self) -> None:
