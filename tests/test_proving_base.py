@@ -302,9 +302,9 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
     monkeypatch.setattr(mcllava.train, "personalize", fake_run)
     monkeypatch.setattr("mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None)))
     monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
-    for args, k, lr in (([], 6, 1e-2), (["--k", "3", "--lr", "0.5"], 3, 0.5)):
+    for args, k, lr, captions in (([], 6, 1e-2, 1), (["--k", "3", "--lr", "0.5", "--captions", "0"], 3, 0.5, 0)):
         res = CliRunner().invoke(app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args])
         assert res.exit_code != 0 and "stop here" in res.output, res.output
         cfg = seen["config"]
-        assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers) == (k, lr, ("Yes", "No"), True)
+        assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers, cfg.data.captions) == (k, lr, ("Yes", "No"), True, captions)
     assert train_config().data.text is False

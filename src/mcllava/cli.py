@@ -75,6 +75,7 @@ def personalize(
     negatives: Optional[Path] = typer.Option(None, "--negatives", help="Optional folder of generic images without any concept."),
     hard_negatives: Optional[int] = typer.Option(None, "--hard-negatives", min=0, help="Per concept, mine this many of the --negatives that look most like it; half of its negatives come from them."),
     group_pairs: Optional[int] = typer.Option(None, "--group-pairs", min=0, help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1."),
+    captions: Optional[int] = typer.Option(None, "--captions", min=0, help="Per concept and epoch, this many 'Describe this photo.' answers naming it, written by the base from the concepts' descriptions before training. Default: 0 (1 on proving-ground)."),
     holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
     introduce: str = typer.Option("all", "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
@@ -104,6 +105,8 @@ def personalize(
         config.data = replace(config.data, hard_negatives=hard_negatives)
     if group_pairs is not None:
         config.data = replace(config.data, group_pairs=group_pairs)
+    if captions is not None:
+        config.data = replace(config.data, captions=captions)
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)

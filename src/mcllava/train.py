@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .bank import ConceptBank, config_hash, os_words
+from .captions import distil_captions
 from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
 from .errors import McLlavaError
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
@@ -262,6 +263,26 @@ def probe_accuracy(
 
 
 # ------------------------------------------------------------------------------------------------ main loop
+def _captions(
+    backbone: Backbone, concepts: ConceptSet, store: ImageStore, entries: list[CatalogEntry], ckpt: Path,
+    config: TrainConfig, resume: bool, progress: bool, log,
+) -> dict[str, str]:
+    """Caption answers for `DataOptions.captions` (written by the base before concept tokens exist); they are saved
+    in every checkpoint, so a resumed run trains on the same ones without writing them again."""
+    if not config.data.captions:
+        return {}
+    found = latest_checkpoint(ckpt) if resume else None
+    if found is not None and "captions" in (saved := json.loads((found / "state.json").read_text())):
+        return saved["captions"]
+    captions = distil_captions(
+        backbone, entries, {c.id: c.description for c in concepts},
+        lambda chosen: store.features([ImageRef(e.key) for e in chosen], cached=False), progress,
+    )
+    n_photos = sum(1 for e in entries if e.present)
+    log(f"captions: the base described {len(captions)} of {n_photos} concept photos naming exactly the concepts shown")
+    return captions
+
+
 def personalize(
     concepts: ConceptSet,
     base: str | Backbone,
@@ -288,9 +309,11 @@ def personalize(
     for c in concepts:
         validate_concept_id(c.id, tokenizer, c.root)
 
-    tokens = add_concept_tokens(model, tokenizer, concepts.ids, config.k)
     train_entries, probe = build_catalog(concepts, Path(negatives) if negatives else None, config.holdout)
     store = ImageStore(backbone, train_entries + probe, limits)
+    ckpt = _ckpt_dir(out)
+    captions = _captions(backbone, concepts, store, train_entries, ckpt, config, resume, progress, log)
+    tokens = add_concept_tokens(model, tokenizer, concepts.ids, config.k)
 
     # k-means (or random) initialisation of every concept's rows.
     norm = word_embedding_norm(model, n_ordinary)
@@ -331,7 +354,6 @@ def personalize(
         return tokens.system_text(tokens.relevant(s.question, present[s.image.key] if s.image is not None else ()))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ckpt = _ckpt_dir(out)
     meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
     start_epoch, history = 0, []
     found = latest_checkpoint(ckpt) if resume else None
@@ -363,7 +385,7 @@ def personalize(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         rng = random.Random(config.seed * 100_003 + epoch)
-        samples = build_epoch(train_entries, facts, rng, config.data)
+        samples = build_epoch(train_entries, facts, rng, config.data, captions)
         if config.recipe == "fast":
             store.fill_cache([s.image for s in samples if s.image is not None], progress)
         bs = config.batch_size
@@ -400,7 +422,7 @@ def personalize(
             f"epoch {epoch + 1}: loss {entry['loss']:.4f}, {entry['seconds']:.1f}s"
             + (f", held-out recognition {acc['weighted_accuracy']:.3f}" if acc else "")
         )
-        save_checkpoint(ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history})
+        save_checkpoint(ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history, "captions": captions})
         if on_epoch is not None:
             on_epoch(entry, current_bank())
 

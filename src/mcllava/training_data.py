@@ -89,6 +89,7 @@ GROUP_QUESTIONS = [
     "Does this picture show {cs} together?",
     "Are {cs} both here?",
 ]
+CAPTION_QUESTION = "Describe this photo."  # the question the proving-ground base learnt captions with
 DESCRIBE_QUESTIONS = ["Who is {c}?", "What is {c}?", "Tell me about {c}.", "Describe {c}."]
 
 # The fixed check question of the per-epoch recognition probe and of evaluation's yes/no scoring.
@@ -120,7 +121,7 @@ class Sample:
     question: str
     answer: str
     image: ImageRef | None
-    kind: str  # "positive" | "negative" | "group" | "text"
+    kind: str  # "positive" | "negative" | "group" | "text" | "caption"
     concepts: tuple[str, ...] = ()
 
 
@@ -138,6 +139,9 @@ class DataOptions:
     # per concept, the generic negatives (--negatives) that look most like it are mined before training, and
     # half of its negatives each epoch come from them (Yo'LLaVA's hard negatives, without a retrieval corpus)
     hard_negatives: int = 0
+    # caption answers per concept and epoch, from its photos that have one (`captions.distil_captions`: the base's
+    # own caption, written from word definitions, naming the concepts shown); 0 = no captions
+    captions: int = 0
 
 
 @dataclass
@@ -153,8 +157,10 @@ def build_epoch(
     concepts: list[ConceptFacts],
     rng: random.Random,
     options: DataOptions = DataOptions(),
+    captions: dict[str, str] | None = None,
 ) -> list[Sample]:
-    """All samples of one epoch, shuffled. Deterministic for the state of `rng`."""
+    """All samples of one epoch, shuffled. Deterministic for the state of `rng`. `captions` maps catalogue keys to
+    caption answers (used when `options.captions` > 0)."""
     samples: list[Sample] = []
     for concept in concepts:
         cid, tok = concept.cid, f"<{concept.cid}>"
@@ -188,6 +194,10 @@ def build_epoch(
                 )
             for fact in concept.facts:
                 samples.append(Sample(fact["question"], fact["answer"], None, "text", (cid,)))
+        captioned = [e for e in catalog if cid in e.present and e.key in (captions or {})]
+        for e in rng.sample(captioned, min(options.captions, len(captioned))):
+            # never mirrored: a caption says who is on the left and who on the right
+            samples.append(Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present))))
     if options.group:
         samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
     rng.shuffle(samples)

@@ -1,0 +1,132 @@
+"""Caption answers for personalisation: written by the base from word definitions, kept only when they name
+exactly the concepts shown, sampled per concept and epoch, and carried through a resumed run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mcllava.backbone import Backbone
+from mcllava.captions import distil_captions, named_ids
+from mcllava.concepts import ConceptSet
+from mcllava.tiny import make_shape_concepts
+from mcllava.train import TrainConfig, personalize
+from mcllava.training_data import CAPTION_QUESTION, CatalogEntry, ConceptFacts, DataOptions, build_epoch
+
+
+def _catalog():
+    cat = [CatalogEntry(f"bo/{i}", f"bo{i}.png", None, frozenset(["bo"])) for i in range(4)]
+    cat += [CatalogEntry(f"ana/{i}", f"ana{i}.png", None, frozenset(["ana"])) for i in range(3)]
+    cat.append(CatalogEntry("_multi/0", "m.png", None, frozenset(["bo", "ana"])))
+    cat.append(CatalogEntry("_neg/0", "n.png", None, frozenset()))
+    return cat
+
+
+class ScriptedBase:
+    """Stands in for a backbone: records the prompts and answers with a caption chosen per prompt."""
+
+    def __init__(self, captions: dict[str, str]):
+        self.captions, self.prompts = captions, []
+
+    def format_prompt(self, question: str, system=None, image: bool = True) -> str:
+        return question
+
+    def generate(self, prompt, image_features, max_new_tokens: int = 64, suppress=()) -> str:
+        self.prompts.append(prompt)
+        return next(c for key, c in self.captions.items() if key in prompt)
+
+
+def test_named_ids_reads_only_known_names():
+    assert named_ids("<bo> and <ana> near <x> and <kiki>.", ["bo", "ana"]) == {"bo", "ana"}
+    assert named_ids("A red dog in a park.", ["bo"]) == set()
+
+
+def test_distil_keeps_captions_that_name_exactly_the_concepts_shown():
+    entries = _catalog()[:2] + _catalog()[4:]  # bo/0, bo/1, ana/0..2, _multi/0, _neg/0
+    base = ScriptedBase({
+        "<ana> is a blue square. <bo> is": "<bo> and <ana> in a park.",  # the group photo: both named
+        "<bo> is": "<bo> in a kitchen.",
+        "<ana> is": "<bo> in a kitchen.",  # names the wrong concept: dropped
+    })
+    got = distil_captions(base, entries, {"bo": "a red circle", "ana": "a blue square"}, lambda chosen: torch.zeros(1, 2, 3), progress=False)
+    assert got == {"bo/0": "<bo> in a kitchen.", "bo/1": "<bo> in a kitchen.", "_multi/0": "<bo> and <ana> in a park."}
+    # every concept shown is defined in words before the question; generic negatives are never captioned
+    assert base.prompts[0] == f"<bo> is a red circle. {CAPTION_QUESTION}"
+    assert len(base.prompts) == 6
+    # a concept without a description cannot be defined in words: its photos get no caption
+    none = distil_captions(base, entries, {"bo": "a red circle", "ana": None}, lambda chosen: torch.zeros(1, 2, 3), progress=False)
+    assert set(none) == {"bo/0", "bo/1"}
+
+
+def test_caption_samples_per_concept_and_epoch():
+    concepts = [ConceptFacts("bo"), ConceptFacts("ana")]
+    captions = {"bo/0": "<bo> in a park.", "bo/1": "<bo> on a beach.", "ana/2": "<ana> in a kitchen.", "_multi/0": "<bo> and <ana>."}
+    plain = build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False), captions)
+    assert not [s for s in plain if s.kind == "caption"]  # off by default, and the rest of the epoch unchanged:
+    assert [(s.question, s.answer) for s in plain] == [(s.question, s.answer) for s in build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False))]
+    samples = build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False, captions=2), captions)
+    cap = [s for s in samples if s.kind == "caption"]
+    assert len(cap) == 4
+    for s in cap:
+        assert s.question == CAPTION_QUESTION and s.answer == captions[s.image.key]
+        assert not s.image.flip  # a mirrored photo would contradict "on the left"
+    keys = [s.image.key for s in cap]
+    assert {"ana/2", "_multi/0"} <= set(keys)  # ana has exactly two captioned photos: both drawn
+    assert sum(k.startswith("bo/") for k in keys) >= 1 and len(set(keys)) >= 3
+    # a concept with fewer captioned photos than asked gets what there is
+    few = build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False, captions=5), captions)
+    assert sum(s.kind == "caption" for s in few) == 3 + 2
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path, tiny_base_dir, monkeypatch, interrupt):
+    """The captions are written once, before concept tokens exist, and a resumed run reads them from the
+    checkpoint instead of asking the base again."""
+    import mcllava.train as train_mod
+
+    concepts_dir, _ = make_shape_concepts(tmp_path / "w", {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=4, n_test=1, seed=2)
+    calls, seen = [], []
+
+    def fake_distil(backbone, entries, descriptions, features, progress=True):
+        calls.append(len(backbone.tokenizer))
+        return {e.key: "<" + sorted(e.present)[0] + "> in a park." for e in entries if len(e.present) == 1}
+
+    real_build = train_mod.build_epoch
+
+    def spy(*args, **kwargs):
+        samples = real_build(*args, **kwargs)
+        seen.extend(s for s in samples if s.kind == "caption")
+        return samples
+
+    monkeypatch.setattr(train_mod, "distil_captions", fake_distil)
+    monkeypatch.setattr(train_mod, "build_epoch", spy)
+    cfg = TrainConfig(k=2, epochs=2, lr=1e-2, batch_size=8, data=DataOptions(short_answers=True, text=False, captions=1))
+
+    def run(resume=False):
+        bb = Backbone.load(tiny_base_dir)
+        cs = ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer)
+        return personalize(cs, bb, tmp_path / "bank", cfg, resume=resume, progress=False, log=lambda *_: None), len(bb.tokenizer)
+
+    if interrupt:
+        original = train_mod.probe_accuracy
+
+        def cut(*args, **kwargs):
+            if cut.n == 1:
+                raise KeyboardInterrupt
+            cut.n += 1
+            return original(*args, **kwargs)
+
+        cut.n = 0
+        monkeypatch.setattr(train_mod, "probe_accuracy", cut)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        monkeypatch.setattr(train_mod, "probe_accuracy", original)
+    result, _ = run(resume=True)
+    assert len(calls) == 1  # written once, also across the interruption
+    bb = Backbone.load(tiny_base_dir)
+    assert calls[0] == len(bb.tokenizer)  # before the concept tokens were added
+    assert len(seen) == 2 * (3 if interrupt else 2)  # one per concept in each epoch built (the cut one too)
+    assert {s.answer for s in seen} == {"<bo> in a park.", "<ana> in a park."}
+    assert len(result.history) == 2
