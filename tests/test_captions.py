@@ -41,6 +41,7 @@ class ScriptedBase:
 def test_named_ids_reads_only_known_names():
     assert named_ids("<bo> and <ana> near <x> and <kiki>.", ["bo", "ana"]) == {"bo", "ana"}
     assert named_ids("A red dog in a park.", ["bo"]) == set()
+    assert named_ids("<Big-Bo> and <bo_2>.", ["Big-Bo", "bo_2", "bo"]) == {"Big-Bo", "bo_2"}
 
 
 def test_distil_keeps_captions_that_name_exactly_the_concepts_shown():

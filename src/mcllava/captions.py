@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
+import torch
 from tqdm.auto import tqdm
 
+from .backbone import Backbone
 from .training_data import CAPTION_QUESTION, CatalogEntry
 
-_NAME = re.compile(r"<([a-z0-9_]+)>")
+_NAME = re.compile(r"<([A-Za-z][A-Za-z0-9_-]*)>")  # concept ids, as `concepts.validate_concept_id` allows them
 
 
 def named_ids(text: str, known: Iterable[str]) -> set[str]:
@@ -25,10 +27,10 @@ def named_ids(text: str, known: Iterable[str]) -> set[str]:
 
 
 def distil_captions(
-    backbone,
+    backbone: Backbone,
     entries: list[CatalogEntry],
     descriptions: dict[str, str | None],
-    image_features: Callable[[list[CatalogEntry]], "torch.Tensor"],
+    image_features: Callable[[list[CatalogEntry]], torch.Tensor],
     progress: bool = True,
     max_new_tokens: int = 48,
 ) -> dict[str, str]:
