@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcllava.backbone import Backbone
-from mcllava.captions import distil_captions, named_ids
+from mcllava.captions import distil_captions, named_ids, whole_sentences
 from mcllava.concepts import ConceptSet
 from mcllava.tiny import make_shape_concepts
 from mcllava.train import TrainConfig, personalize
@@ -44,11 +44,17 @@ def test_named_ids_reads_only_known_names():
     assert named_ids("<Big-Bo> and <bo_2>.", ["Big-Bo", "bo_2", "bo"]) == {"Big-Bo", "bo_2"}
 
 
+def test_a_caption_cut_off_by_the_token_limit_keeps_its_whole_sentences():
+    assert whole_sentences("<bo> in a park. <bo> is sitting on the") == "<bo> in a park."
+    assert whole_sentences("<bo> in a park.") == "<bo> in a park."
+    assert whole_sentences("<bo> sitting on a") == ""  # nothing whole: no caption
+
+
 def test_distil_keeps_captions_that_name_exactly_the_concepts_shown():
     entries = _catalog()[:2] + _catalog()[4:]  # bo/0, bo/1, ana/0..2, _multi/0, _neg/0
     base = ScriptedBase({
         "<ana> is a blue square. <bo> is": "<bo> and <ana> in a park.",  # the group photo: both named
-        "<bo> is": "<bo> in a kitchen.",
+        "<bo> is": "<bo> in a kitchen. <bo> is sitting",  # cut off by the token limit: the whole sentence is kept
         "<ana> is": "<bo> in a kitchen.",  # names the wrong concept: dropped
     })
     got = distil_captions(base, entries, {"bo": "a red circle", "ana": "a blue square"}, lambda chosen: torch.zeros(1, 2, 3), progress=False)

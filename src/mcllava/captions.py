@@ -26,6 +26,12 @@ def named_ids(text: str, known: Iterable[str]) -> set[str]:
     return set(_NAME.findall(text)) & set(known)
 
 
+def whole_sentences(text: str) -> str:
+    """`text` up to its last full stop: a caption cut off by the token limit must not teach stopping mid-sentence."""
+    end = text.rfind(".")
+    return text[: end + 1] if end >= 0 else ""
+
+
 def distil_captions(
     backbone: Backbone,
     entries: list[CatalogEntry],
@@ -42,7 +48,7 @@ def distil_captions(
     for entry in tqdm(todo, desc="captions from word definitions", disable=not progress, leave=False):
         intro = " ".join(f"<{c}> is {descriptions[c]}." for c in sorted(entry.present))
         prompt = backbone.format_prompt(f"{intro} {CAPTION_QUESTION}")
-        caption = backbone.generate(prompt, image_features([entry])[0], max_new_tokens=max_new_tokens)
+        caption = whole_sentences(backbone.generate(prompt, image_features([entry])[0], max_new_tokens=max_new_tokens))
         if caption and named_ids(caption, known) == set(entry.present):
             out[entry.key] = caption
     return out
