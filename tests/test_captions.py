@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mcllava.backbone import Backbone
-from mcllava.captions import distil_captions, named_ids, whole_sentences
+from mcllava.captions import distil_captions, whole_sentences
+from mcllava.evaluate import named_concepts
 from mcllava.concepts import ConceptSet
 from mcllava.tiny import make_shape_concepts
 from mcllava.train import TrainConfig, personalize
@@ -38,10 +39,16 @@ class ScriptedBase:
         return next(c for key, c in self.captions.items() if key in prompt)
 
 
-def test_named_ids_reads_only_known_names():
+def named_ids(text: str, known: list[str]) -> set[str]:
+    """What the caption filter reads as named: evaluation's `named_concepts`, with `<id>` as the only name."""
+    return set(named_concepts(text, known, {c: f"<{c}>" for c in known}))
+
+
+def test_the_filter_reads_only_known_names_written_as_tokens():
     assert named_ids("<bo> and <ana> near <x> and <kiki>.", ["bo", "ana"]) == {"bo", "ana"}
     assert named_ids("A red dog in a park.", ["bo"]) == set()
     assert named_ids("<Big-Bo> and <bo_2>.", ["Big-Bo", "bo_2", "bo"]) == {"Big-Bo", "bo_2"}
+    assert named_ids("Bo and a dog.", ["bo"]) == set()  # the bare word is not the concept's token
 
 
 def test_a_caption_cut_off_by_the_token_limit_keeps_its_whole_sentences():

@@ -9,21 +9,14 @@ name where it sees the concept (without such answers, a tied head emits the trai
 
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
+from .evaluate import named_concepts
 from .training_data import CAPTION_QUESTION, CatalogEntry
-
-_NAME = re.compile(r"<([A-Za-z][A-Za-z0-9_-]*)>")  # concept ids, as `concepts.validate_concept_id` allows them
-
-
-def named_ids(text: str, known: Iterable[str]) -> set[str]:
-    """The concept ids a text names as `<id>`, among `known`."""
-    return set(_NAME.findall(text)) & set(known)
 
 
 def whole_sentences(text: str) -> str:
@@ -43,12 +36,13 @@ def distil_captions(
     """Caption per catalogue key, for the photos whose concepts all have a description and whose caption the base
     wrote naming exactly those concepts. Must run before concept tokens are added (the names are still words)."""
     known = [cid for cid, d in descriptions.items() if d]
+    as_tokens = {cid: f"<{cid}>" for cid in known}  # a name counts as said only as `<id>`, as the base writes it
     todo = [e for e in entries if e.present and all(descriptions.get(c) for c in e.present)]
     out: dict[str, str] = {}
     for entry in tqdm(todo, desc="captions from word definitions", disable=not progress, leave=False):
         intro = " ".join(f"<{c}> is {descriptions[c]}." for c in sorted(entry.present))
         prompt = backbone.format_prompt(f"{intro} {CAPTION_QUESTION}")
         caption = whole_sentences(backbone.generate(prompt, image_features([entry])[0], max_new_tokens=max_new_tokens))
-        if caption and named_ids(caption, known) == set(entry.present):
+        if caption and set(named_concepts(caption, known, as_tokens)) == set(entry.present):
             out[entry.key] = caption
     return out

@@ -264,14 +264,13 @@ def probe_accuracy(
 
 # ------------------------------------------------------------------------------------------------ main loop
 def _captions(
-    backbone: Backbone, concepts: ConceptSet, store: ImageStore, entries: list[CatalogEntry], ckpt: Path,
-    config: TrainConfig, resume: bool, progress: bool, log,
+    backbone: Backbone, concepts: ConceptSet, store: ImageStore, entries: list[CatalogEntry],
+    config: TrainConfig, found: Path | None, progress: bool, log,
 ) -> dict[str, str]:
     """Caption answers for `DataOptions.captions` (written by the base before concept tokens exist); they are saved
-    in every checkpoint, so a resumed run trains on the same ones without writing them again."""
+    in every checkpoint, so a run resumed from `found` trains on the same ones without writing them again."""
     if not config.data.captions:
         return {}
-    found = latest_checkpoint(ckpt) if resume else None
     if found is not None and "captions" in (saved := json.loads((found / "state.json").read_text())):
         return saved["captions"]
     captions = distil_captions(
@@ -312,7 +311,8 @@ def personalize(
     train_entries, probe = build_catalog(concepts, Path(negatives) if negatives else None, config.holdout)
     store = ImageStore(backbone, train_entries + probe, limits)
     ckpt = _ckpt_dir(out)
-    captions = _captions(backbone, concepts, store, train_entries, ckpt, config, resume, progress, log)
+    found = latest_checkpoint(ckpt) if resume else None
+    captions = _captions(backbone, concepts, store, train_entries, config, found, progress, log)
     tokens = add_concept_tokens(model, tokenizer, concepts.ids, config.k)
 
     # k-means (or random) initialisation of every concept's rows.
@@ -356,7 +356,6 @@ def personalize(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
     start_epoch, history = 0, []
-    found = latest_checkpoint(ckpt) if resume else None
     if found is not None:
         meta = load_checkpoint(found, params, optimizer)
         if {k: meta.get(k) for k in meta_key} != json.loads(json.dumps(meta_key)):

@@ -194,10 +194,11 @@ def build_epoch(
                 )
             for fact in concept.facts:
                 samples.append(Sample(fact["question"], fact["answer"], None, "text", (cid,)))
-        captioned = [e for e in catalog if cid in e.present and e.key in (captions or {})]
-        for e in rng.sample(captioned, min(options.captions, len(captioned))):
-            # never mirrored: a caption says who is on the left and who on the right
-            samples.append(Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present))))
+        if options.captions and captions:
+            captioned = [e for e in catalog if cid in e.present and e.key in captions]
+            for e in rng.sample(captioned, min(options.captions, len(captioned))):
+                # never mirrored: a caption says who is on the left and who on the right
+                samples.append(Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present))))
     if options.group:
         samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
     rng.shuffle(samples)
