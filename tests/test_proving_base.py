@@ -107,6 +107,27 @@ def test_a_build_continues_from_an_export(toy, tmp_path):
         build(replace(cfg, work=work, lm=replace(lm, lora_rank=8)), stages=("lm",))
 
 
+def test_both_questions_ask_about_two_names_and_a_no_shows_one_of_them():
+    """`Curriculum.both`: "are <x> and <y> both in this photo?" is Yes only with both shown; a No always shows
+    the other name, so that "either" is wrong; without it every question asks about one name."""
+    from mcllava.proving_base.data import recognition_case, rng_for, visual_defined
+
+    cur = Curriculum(2, 0.5, both=1.0)
+    cases = [recognition_case(rng_for(0, "lm", i), cur) for i in range(60)]
+    assert all(c.both and len(c.names) == 2 and c.asked == c.names for c in cases)
+    for c in cases:
+        shown = {name for _, role, name in c.actors if role == "concept"}
+        assert shown == (set(c.names) if c.positive else set(c.names) - {c.names[c.target]})
+    assert 15 <= sum(c.positive for c in cases) <= 45
+    assert any(role == "distractor" for c in cases if not c.positive for _, role, _ in c.actors)  # look-alikes too
+    s = visual_defined(rng_for(0, "lm", 1), 64, cur)
+    assert s["question"].startswith("Are <") and s["question"].endswith("both in this photo?")
+    # captions and a curriculum without `both` are unchanged
+    assert visual_defined(rng_for(0, "lm", 1), 64, cur, caption=True)["kind"] == "visual_caption"
+    plain = [recognition_case(rng_for(0, "lm", i), Curriculum(2, 0.5)) for i in range(20)]
+    assert not any(c.both for c in plain) and all(c.asked == [c.names[c.target]] for c in plain)
+
+
 def test_lookalike_negatives_name_the_traits_they_change():
     from mcllava.proving_base.build import EncodedPool, yes_no_report
     from mcllava.proving_base.data import GATE_DEFINITIONS, defined_recognition, rng_for
@@ -199,10 +220,13 @@ def test_gate_runs_on_toy(toy):
     from mcllava.proving_base.gate import GateConfig, run_gate
 
     model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
-    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, visual=4, size=64), progress=False)
+    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, visual=4, both=6, size=64),
+                   progress=False)
     assert set(res["summary"]) == {"caption_category_recall", "generic_accuracy", "definition_weighted_accuracy",
-                                   "named_weighted_accuracy", "visual_definition_weighted_accuracy"}
+                                   "named_weighted_accuracy", "visual_definition_weighted_accuracy",
+                                   "visual_both_weighted_accuracy"}
     assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1
+    assert res["visual_both_recognition"]["n"] == 6 and 0 <= res["summary"]["visual_both_weighted_accuracy"] <= 1
 
 
 def test_build_cli_refuses_a_bad_mix_or_phase_steps(tmp_path):

@@ -115,14 +115,15 @@ def default_phases() -> tuple[Phase, ...]:
             Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
 
 
-def visual_phases(steps: int = 300) -> tuple[Phase, ...]:
+def visual_phases(steps: int = 300, both: float = 0.0) -> tuple[Phase, ...]:
     """Continue a slots build on recognition and captions with *visual* definitions ("<x> is" + the k rows of
     another photo of x: the form personal concepts take), word definitions with look-alikes, captions and
     generic questions kept up, all on the tower's tokens. The first committed build (1,150 steps of
     `slots_phases()`) never trained the visual kinds (gate: visual definitions 0.71); 899 steps of this from
-    it gave the second (0.79; docs/proving_base.md)."""
+    it gave the second (0.79; docs/proving_base.md). `both`: the share of its recognition samples that ask about
+    two names at once (`Curriculum.both`)."""
     mix = (0.1, 0.15, 0.05, 0.2, 0.35, 0.15)  # caption, vqa, text, defined, visual_defined, visual_caption
-    return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5))),)
+    return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5), both=both)),)
 
 
 def slots_phases() -> tuple[Phase, ...]:

@@ -29,6 +29,9 @@ def build_cmd(
                                                    "(e.g. the committed one): its tower, projector and LoRA start the "
                                                    "LM stage, which runs the `visual` phase (visual definitions)"),
     visual_steps: int = typer.Option(300, help="with --continue-from: steps of the visual phase"),
+    both: float = typer.Option(0.0, help="with --continue-from: share of the visual phase's recognition samples "
+                                         "that ask whether two defined names are both in the photo"),
+    lr: Optional[float] = typer.Option(None, help="the LM stage's LoRA learning rate (default 1e-3)"),
     device: str = typer.Option("cpu", help="where the LM stage's steps run: cpu or cuda"),
     workers: int = typer.Option(1, help="processes that draw the LM stage's samples"),
     time_budget: Optional[float] = typer.Option(None, help="seconds after which the LM stage ends early"),
@@ -53,8 +56,10 @@ def build_cmd(
     if continue_from is not None:
         work_from_weights(continue_from, cfg.work)
         # k = 6 rows per visual definition: one slot row, the k that personalisation uses on this base
-        cfg.lm = LMStage(phases=visual_phases(visual_steps), definition_rows=6, init_from=str(continue_from), pool=24000)
+        cfg.lm = LMStage(phases=visual_phases(visual_steps, both), definition_rows=6, init_from=str(continue_from), pool=24000)
     cfg.lm.device, cfg.lm.workers, cfg.lm.time_budget = device, workers, time_budget
+    if lr is not None:
+        cfg.lm.lr_lora = lr
     if gpu_vision:
         cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:
@@ -85,11 +90,14 @@ def gate_cmd(
     generic: int = typer.Option(120, help="colour / category / position / exists questions"),
     definitions: int = typer.Option(200, help="recognition samples with in-context definitions"),
     named: int = typer.Option(100, help="named recognition samples without definitions"),
+    visual: int = typer.Option(100, help="recognition samples with visual definitions (reported)"),
+    both: int = typer.Option(100, help='"are <x> and <y> both here?" samples with visual definitions (reported)'),
 ) -> None:
     """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
     from .gate import GateConfig, gate
 
-    res = gate(weights, out, GateConfig(seed=seed, captions=captions, generic=generic, definitions=definitions, named=named))
+    res = gate(weights, out, GateConfig(seed=seed, captions=captions, generic=generic, definitions=definitions, named=named,
+                                           visual=visual, both=both))
     typer.echo(json.dumps(res["summary"], indent=1))
     typer.echo(f"passed: {res['passed']}  (report: {out})")
     raise typer.Exit(0 if res["passed"] else 1)

@@ -183,6 +183,9 @@ class Curriculum:
     lookalike: float = 0.0  # share of negatives where a look-alike of the target stands in for it
     mix: tuple[float, ...] = (0.15, 0.2, 0.1, 0.25, 0.2, 0.1)
     questions: tuple[float, ...] = (1, 1, 1, 1)  # weights of the generic questions' kinds: QUESTION_KINDS
+    # share of recognition samples (word or visual definitions) that define two names and ask "are <x> and <y>
+    # both in this photo?": Yes when both are there, No when only one is (the other absent, or its look-alike)
+    both: float = 0.0
 
 
 # How the quality gate draws recognition with definitions (1-2 names defined, half of the negatives look-alikes);
@@ -236,12 +239,22 @@ class RecognitionCase:
     positive: bool
     actors: list[Any]  # (identity, role, name) in render order
     changed: tuple[str, ...] = ()  # a look-alike negative: the traits it changes (what the model had to see); else ()
+    both: bool = False  # the question asks about both defined names (two), not the target alone
+
+    @property
+    def asked(self) -> list[str]:
+        """The names the question asks about."""
+        return list(self.names) if self.both else [self.names[self.target]]
 
 
 def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
                      ) -> RecognitionCase:
-    """Balanced Yes/No: the target is present, or absent (replaced by a look-alike with `cur.lookalike`)."""
-    n_def = int(rng.integers(1, cur.max_definitions + 1))
+    """Balanced Yes/No: the target is present, or absent (replaced by a look-alike with `cur.lookalike`).
+
+    With `cur.both`, a share of the cases define two names and ask about both: the other one is always shown, so
+    a No means "one of them, not both" (what a model that answers "either" gets wrong)."""
+    both = positive is None and cur.both > 0 and rng.random() < cur.both
+    n_def = 2 if both else int(rng.integers(1, cur.max_definitions + 1))
     defined = _identities(rng, n_def, half)
     names: list[str] = []
     while len(names) < n_def:
@@ -253,7 +266,7 @@ def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "bas
     actors: list[Any] = []
     changed: tuple[str, ...] = ()
     for j, (nm, ident) in enumerate(zip(names, defined)):
-        if (j == target and positive) or (j != target and rng.random() < 0.5):
+        if (j == target and positive) or (j != target and (both or rng.random() < 0.5)):
             actors.append((ident, "concept", nm))
     if not positive and rng.random() < cur.lookalike:
         look, diff = make_lookalike(defined[target], rng, half=half, avoid=set(defined))
@@ -264,7 +277,7 @@ def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "bas
         if other not in defined:
             actors.append((other, "other", None))
     perm = rng.permutation(len(actors))
-    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], changed)
+    return RecognitionCase(names, defined, target, positive, [actors[j] for j in perm], changed, both)
 
 
 def defined_recognition(
@@ -273,7 +286,7 @@ def defined_recognition(
     """Recognition with in-context word definitions; balanced Yes/No; look-alikes as hard negatives."""
     c = recognition_case(rng, cur, half)
     intro = " ".join(f"<{nm}> is {describe(ident)}." for nm, ident in zip(c.names, c.defined))
-    question = f"{intro} {recognition_question([c.names[c.target]])}"
+    question = f"{intro} {recognition_question(c.asked)}"
     answer = "Yes" if c.positive else "No"
     if text_only:
         shown = join_words([describe(a[0]) for a in c.actors])
@@ -316,7 +329,7 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
         return {**out, "question": "Describe this photo.", "kind": "visual_caption",
                 "answer": f"{_cap(join_words(named))} {SETTING_PHRASES[scene.spec.setting]}.",
                 "present": [f"<{a.ref}>" for a in scene.spec.actors if a.role == "concept"]}
-    return {**out, "question": recognition_question([c.names[c.target]]), "answer": "Yes" if c.positive else "No",
+    return {**out, "question": recognition_question(c.asked), "answer": "Yes" if c.positive else "No",
             "kind": "visual_defined"}
 
 

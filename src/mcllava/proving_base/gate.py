@@ -6,7 +6,8 @@
   of the negatives look-alikes (weighted accuracy >= 0.80);
 - named recognition without any definition or concept bank: should stay near chance (0.5);
 - recognition with visual definitions ("<x> is" + k-means rows of another photo of x), reported: it is the form
-  that personal concepts take, so it predicts how well personalisation can start.
+  that personal concepts take, so it predicts how well personalisation can start; and with two visual
+  definitions, "are <x> and <y> both in this photo?" where a No shows one of them (reported).
 Yes/No answers are read off the first answer token (logit of "Yes" against "No"); open answers are generated
 greedily.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ class GateConfig:
     named: int = 100
     visual: int = 100  # recognition with visual definitions (the form personalisation takes); reported, not gated
     visual_rows: int = 6  # rows per visual definition: one slot row, the k personalisation uses on this base
+    both: int = 100  # "are <x> and <y> both here?" with visual definitions, a No showing one of them; reported
     size: int = 192
     autocast: bool = True
 
@@ -59,8 +61,10 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     named = [named_recognition(cfg.seed, i, cfg.size) for i in range(cfg.named)]
     visual = [visual_defined(data_rng(cfg.seed, "named", 10**6 + i), cfg.size, cur, half="personal")
               for i in range(cfg.visual)]
+    both = [visual_defined(data_rng(cfg.seed, "named", 2 * 10**6 + i), cfg.size, replace(cur, both=1.0), half="personal")
+            for i in range(cfg.both)]
     for key, samples in (("definition_recognition", defs), ("named_recognition", named),
-                         ("visual_definition_recognition", visual)):
+                         ("visual_definition_recognition", visual), ("visual_both_recognition", both)):
         if not samples:
             continue
         pool = encode_pool(bb, model, samples, cfg.size, rows=cfg.visual_rows)
@@ -105,6 +109,7 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
         "definition_weighted_accuracy": res["definition_recognition"]["weighted_accuracy"],
         "named_weighted_accuracy": res["named_recognition"]["weighted_accuracy"],
         "visual_definition_weighted_accuracy": res.get("visual_definition_recognition", {}).get("weighted_accuracy"),
+        "visual_both_weighted_accuracy": res.get("visual_both_recognition", {}).get("weighted_accuracy"),
     }
     res["passed"] = all(res["summary"][k] >= v for k, v in THRESHOLDS.items())
     res["seconds"] = time.time() - t0
