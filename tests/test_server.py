@@ -86,7 +86,7 @@ def test_chat_without_image_or_visual_prompt(client, assistant):
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == assistant.answer(None, "Who is <ana>?", max_new_tokens=6)
     r = client.post("/v1/chat/completions", json=ask(mcllava={"visual_prompt": False, "return_image": True}))
-    assert r.json()["mcllava"] == {"marks": {}, "locations": [], "marked_image": None}
+    assert r.json()["mcllava"] == {"marks": {}, "locations": [], "marked_image": None, "parts": {}}
 
 
 def test_chat_streams_server_sent_events(client):
@@ -102,6 +102,19 @@ def test_chat_streams_server_sent_events(client):
     last = chunks[-1]
     assert last.choices[0].finish_reason == plain["choices"][0]["finish_reason"]
     assert last.usage.model_dump() == plain["usage"] and last.mcllava.marks == {"1": "bo"}
+
+
+def test_a_question_about_two_concepts_streams_its_whole_answer(client):
+    """"Are <bo> and <ana> both here?" is answered one concept at a time, so it is sent whole, not token by token."""
+    question = "Are <bo> and <ana> both in this photo?"
+    plain = client.post("/v1/chat/completions", json=ask(question)).json()
+    assert set(plain["mcllava"]["parts"]) == {"bo", "ana"} and plain["choices"][0]["message"]["content"].startswith(("Yes", "No"))
+    with client.stream("POST", "/v1/chat/completions", json=ask(question, stream=True)) as r:
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain["choices"][0]["message"]["content"]
+    assert chunks[-1].usage.model_dump() == plain["usage"] and chunks[-1].mcllava.parts == plain["mcllava"]["parts"]
+    assert plain["usage"]["completion_tokens"] >= 2  # both questions' answers are counted
 
 
 # --------------------------------------------------------------------------------------- locate, concepts

@@ -3,6 +3,9 @@
 `answer` follows the MC-LLaVA inference path: the question's image is embedded once; each concept's location
 confidence map is computed from those visual tokens; concepts that pass the threshold get numbered marks
 drawn on the photo, and the system text gains `Mark n is <c>.`; the marked photo is embedded and answered.
+A question whether several concepts are all in the photo ("Are <bo> and <ana> both in this photo?") is asked
+one concept at a time on the same visual tokens, and answered Yes only when every one is there
+(`split_together`): small models tend to answer such a question for "either" rather than "both".
 """
 
 from __future__ import annotations
@@ -11,17 +14,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import re
+from typing import Iterable
+
 import torch
 from PIL import Image
 
 from .backbone import Backbone
 from .bank import ConceptBank
+from .datasets.records import recognition_question
 from .errors import McLlavaError
+from .evaluate import parse_yes_no
 from .locate import Location, LocateConfig, draw_marks, locate, mark_prompt
 from .tokens import ConceptTokens, add_concept_tokens, write_rows
+from .training_data import GROUP_QUESTIONS, join_names
 
 CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
 MAX_QUESTION_CHARS = 4000
+# "Are they all here?" questions: the test sets' form (datasets.records.recognition_question) and training's
+TOGETHER_FORMS = ("Are {cs} both in this photo?", "Are {cs} all in this photo?", *GROUP_QUESTIONS)
+_TOGETHER = [re.compile(r"\s+".join(re.escape(w) for w in form.rstrip("?").split()).replace(re.escape("{cs}"), "(?P<cs>.+?)")
+                        + r"\s*\??", re.IGNORECASE) for form in TOGETHER_FORMS]
+
+
+def asked_together(question: str, concept_ids: Iterable[str]) -> list[str] | None:
+    """The concepts a question asks about together, in its order, when it has one of `TOGETHER_FORMS` (case and
+    spacing aside) and lists two or more distinct concepts as `<id>`; None for any other question."""
+    known = set(concept_ids)
+    for pattern in _TOGETHER:
+        m = pattern.fullmatch(question.strip())
+        if not m:
+            continue
+        items = [x.strip() for x in re.split(r",|\band\b", m.group("cs")) if x.strip()]
+        ids = [x[1:-1] for x in items]
+        if all(re.fullmatch(r"<[^<>\s]+>", x) for x in items) and len(set(ids)) == len(ids) >= 2 and set(ids) <= known:
+            return ids
+    return None
 
 
 @dataclass
@@ -33,6 +61,15 @@ class Answer:
     locations: list[Location] = field(default_factory=list)
     marks: dict[int, str] = field(default_factory=dict)
     marked_image: Image.Image | None = None
+    parts: dict[str, str] = field(default_factory=dict)  # concept id -> its own answer, for a split question
+
+
+def together_answer(parts: dict[str, str], token=lambda c: f"<{c}>") -> str:
+    """"Yes." when every concept's own answer is yes; otherwise "No, <c> is not in this photo." naming the others."""
+    missing = [token(c) for c, text in parts.items() if parse_yes_no(text) is not True]
+    if not missing:
+        return "Yes."
+    return f"No, {join_names(missing)} {'is' if len(missing) == 1 else 'are'} not in this photo."
 
 
 class PersonalAssistant:
@@ -45,6 +82,7 @@ class PersonalAssistant:
         reference: Literal["tokens", "features"] = "features",
         locate_config: LocateConfig | None = None,
         introduce: Literal["all", "relevant"] | None = None,
+        split_together: bool = True,
     ):
         from .bank import config_hash
 
@@ -54,6 +92,7 @@ class PersonalAssistant:
         self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
+        self.split_together = split_together
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
@@ -118,9 +157,25 @@ class PersonalAssistant:
             if any(loc.present for loc in locations):
                 marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
                 features = self.backbone.visual_tokens([marked]).features[0]
-        system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
-        text = self.backbone.generate(self.backbone.format_prompt(question, system), features, max_new_tokens, suppress=self.tokens.soft_ids)
-        return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks, marked_image=marked)
+
+        def reply(q: str) -> tuple[str, str]:
+            system = self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
+            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens, suppress=self.tokens.soft_ids), system
+
+        together = self.asked_together(question)
+        if together:  # one question per concept on the same visual tokens (and marks); Yes only if all are there
+            parts = {c: reply(recognition_question([c]))[0] for c in together}
+            text = together_answer(parts, self.tokens.token)
+            system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
+        else:
+            parts = {}
+            text, system = reply(question)
+        return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
+                      marked_image=marked, parts=parts)
+
+    def asked_together(self, question: str) -> list[str] | None:
+        """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""
+        return asked_together(question, self.bank.concept_ids) if self.split_together else None
 
     def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
         """The answer text to a question about a photo (or about the concepts alone, with no photo)."""

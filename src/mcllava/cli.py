@@ -53,6 +53,8 @@ def _fail(exc: Exception) -> None:
 
 INTRODUCE_HELP = ("all: the system text introduces every concept; relevant: only those the question names or the photo "
                   "shows (shorter prompts for large banks). Default: as the bank was trained.")
+JOINT_HELP = ("Ask 'are <a> and <b> both in this photo?' as one question; by default each concept is asked about on its "
+              "own and the answer is Yes only if all are there.")
 
 
 def _introduce(value: str | None) -> str | None:
@@ -124,6 +126,7 @@ def ask(
     image: Optional[Path] = typer.Option(None, "--image", help="Photo to ask about."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt", help="Do not draw location marks."),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
+    joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
@@ -134,7 +137,7 @@ def ask(
 
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce))
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint)
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -144,6 +147,7 @@ def ask(
         payload = {
             "answer": result.text,
             "marks": {str(n): c for n, c in result.marks.items()},
+            "parts": result.parts,
             "locations": [
                 {"concept": loc.concept_id, "score": loc.score, "present": loc.present, "peak": loc.peak, "box": loc.box}
                 for loc in result.locations
@@ -162,6 +166,7 @@ def evaluate_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
+    joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     base: Optional[str] = typer.Option(None, "--base"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -175,7 +180,7 @@ def evaluate_cmd(
         records = read_any(tests)
         if limit:
             records = records[:limit]
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce))
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint)
         answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt, keep_marks=html is not None)
         report = evaluate(records, answerer, progress=not quiet)
     except (McLlavaError, OSError) as exc:
@@ -227,6 +232,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help="Require this key on every route but /health."),
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
+    joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
 ) -> None:
     """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md)."""
     try:
@@ -237,7 +243,7 @@ def serve(
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
     try:
-        server_app = create_app(PersonalAssistant.load(bank, base), api_key=api_key, concepts_dir=concepts)
+        server_app = create_app(PersonalAssistant.load(bank, base, split_together=not joint), api_key=api_key, concepts_dir=concepts)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

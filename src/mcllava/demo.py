@@ -19,7 +19,7 @@ from .assistant import AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
 from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
-from .evaluate import evaluate, print_table
+from .evaluate import evaluate, format_question, print_table, recognition_metrics
 from .report import write_html
 from .train import personalize
 
@@ -55,6 +55,32 @@ def prepare_proving_ground(args: argparse.Namespace):
     return PROVING_GROUND, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
 
 
+def joint_recognition(assistant: PersonalAssistant, records: list[dict], report: dict, max_new_tokens: int) -> dict | None:
+    """Recognition as the model answers it alone: "are A and B both here?" asked as one question (`--joint`)
+    instead of once per concept, the other answers as in `report`. Printed so that the gain of splitting shows."""
+    together = {i for i, r in enumerate(records) if r["task"] == "recognition" and r.get("image")
+                and assistant.asked_together(format_question(r))}
+    if not together:
+        return None
+    assistant.split_together = False
+    try:
+        joint = evaluate([records[i] for i in sorted(together)], AssistantAnswerer(assistant, False, max_new_tokens), progress=False)
+    finally:
+        assistant.split_together = True
+    rec = [r for r in report["rows"] if r["kind"] == "recognition"]
+    split = [r for r in rec if r["index"] in together]
+    rows = [r for r in rec if r["index"] not in together] + joint["rows"]
+    out = recognition_metrics([r["truth"] for r in rows], [r["parsed"] for r in rows])
+    out["together"] = joint["recognition"]
+    out["together_split"] = recognition_metrics([r["truth"] for r in split], [r["parsed"] for r in split])
+    console.print(
+        f"asked as one question (--joint, the model alone): recognition {out['weighted_accuracy']:.3f} (positive "
+        f"{out['positive_recall']:.3f}, negative {out['negative_recall']:.3f}); its {len(together)} 'are A and B both "
+        f"here?' questions {out['together']['weighted_accuracy']:.3f}, against "
+        f"{out['together_split']['weighted_accuracy']:.3f} asked one concept at a time")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", choices=("proving-ground", "tiny"), default="proving-ground")
@@ -85,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     answerer = AssistantAnswerer(assistant, visual_prompt=False, max_new_tokens=max_new_tokens, keep_marks=True)
     report = evaluate(records, answerer)
     print_table(report, console)
+    report["recognition_joint"] = joint_recognition(assistant, records, report, max_new_tokens)
     report["training"] = result.history
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     page = write_html(report, args.report, marked_images=answerer.marked)

@@ -162,6 +162,7 @@ class ChatExtras(BaseModel):
     marks: dict[str, str] = Field(description="Mark number -> concept id, as drawn on the image.")
     locations: list[LocationOut]
     marked_image: str | None = Field(None, description="The marked image (JPEG data URL) when asked for and marks were drawn.")
+    parts: dict[str, str] = Field(default_factory=dict, description="For 'are <a> and <b> both here?': concept id -> its own answer.")
 
 
 class ChatCompletion(BaseModel):
@@ -313,8 +314,10 @@ def generation_hook(model, streamer=None) -> Iterator[dict]:
         prompt = given.shape[1] if given is not None else kwargs["inputs_embeds"].shape[1]
         new = out[0, (given.shape[1] if given is not None else 0) :]
         eos = kwargs.get("eos_token_id")
-        stats.update(prompt=int(prompt), completion=int(new.numel()))
-        stats["stopped"] = new.numel() < kwargs.get("max_new_tokens", 1 << 30) or (eos is not None and int(new[-1]) == eos)
+        # an answer may take several calls (one per concept for "are <a> and <b> both here?"): add them up
+        stats.update(prompt=stats.get("prompt", 0) + int(prompt), completion=stats.get("completion", 0) + int(new.numel()))
+        stopped = new.numel() < kwargs.get("max_new_tokens", 1 << 30) or (eos is not None and int(new[-1]) == eos)
+        stats["stopped"] = stats.get("stopped", True) and stopped
         return out
 
     model.generate = generate
@@ -544,7 +547,8 @@ class Server:
     def extras(self, result, return_image: bool) -> ChatExtras:
         names = self.assistant.names
         marked = image_data_url(result.marked_image) if return_image and result.marked_image is not None else None
-        return ChatExtras(marks={str(n): c for n, c in result.marks.items()}, locations=[_location(l, names) for l in result.locations], marked_image=marked)
+        return ChatExtras(marks={str(n): c for n, c in result.marks.items()}, locations=[_location(l, names) for l in result.locations],
+                          marked_image=marked, parts=result.parts)
 
     def chat(self, req: ChatRequest) -> ChatCompletion | StreamingResponse:
         question, image, max_tokens = self.parse_chat(req)
@@ -560,18 +564,22 @@ class Server:
         )
 
     def _stream(self, question: str, image, max_tokens: int, opts: ChatOptions) -> StreamingResponse:
-        """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`."""
+        """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
+        together from one question per concept ("are <a> and <b> both here?") is sent whole when it is ready."""
         from transformers import TextIteratorStreamer
 
         self.gate.admit()  # a full queue is a 503 now, not an error inside the stream
         streamer = TextIteratorStreamer(self.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        whole = image is not None and bool(self.assistant.asked_together(question))
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with self.gate.hold(), generation_hook(self.assistant.backbone.model, streamer) as stats:
+                with self.gate.hold(), generation_hook(self.assistant.backbone.model, None if whole else streamer) as stats:
                     outcome["result"] = self.assistant.respond(image, question, visual_prompt=opts.visual_prompt, max_new_tokens=max_tokens)
                 outcome["stats"] = stats
+                if whole:
+                    streamer.on_finalized_text(outcome["result"].text)
             except BaseException as exc:  # reported in the stream; the worker must always end it
                 outcome["error"] = exc
             finally:

@@ -1,0 +1,84 @@
+"""'Are <a> and <b> both in this photo?': asked one concept at a time on the same visual tokens.
+
+A small model answers such a question much like "is either here?" (the proving-ground demo: every No of this
+kind it got wrong was a photo of one of the two); its answers about one concept are the reliable ones.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from helpers_bank import make_bank, make_base, red_photo
+
+from mcllava.assistant import PersonalAssistant, asked_together, together_answer
+
+CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}}
+IDS = list(CONCEPTS)
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Are <bo> and <ana> both in this photo?", ["bo", "ana"]),  # the test sets' form
+    ("are <kit>, <bo>, and <ana> all in this photo", ["kit", "bo", "ana"]),
+    ("Can you see <bo> and <kit> in this image?", ["bo", "kit"]),  # training's group forms
+    ("Does this picture show <ana> and <bo> together?", ["ana", "bo"]),
+    ("Are <bo> and <ana>  both   here ?", ["bo", "ana"]),
+    ("Is <bo> in this photo?", None),  # one concept: asked as is
+    ("Are <bo> and <bo> both here?", None),
+    ("Are <bo> and <zed> both here?", None),  # not in the bank
+    ("Are <bo> and a red dog both here?", None),  # not only concepts
+    ("Are <bo> and <ana> both happy?", None),  # not a presence question
+])
+def test_which_questions_are_asked_together(question, expected):
+    assert asked_together(question, IDS) == expected
+
+
+def test_the_answer_is_yes_only_when_every_concept_is_there():
+    assert together_answer({"bo": "Yes", "ana": "Yes, she is."}) == "Yes."
+    assert together_answer({"bo": "Yes", "ana": "No"}) == "No, <ana> is not in this photo."
+    assert together_answer({"bo": "I cannot tell", "ana": "No", "kit": "Yes"}) == "No, <bo> and <ana> are not in this photo."
+
+
+@pytest.fixture(scope="module")
+def assistant(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("together")
+    base = make_base(tokenizer_dir, root / "base")
+    return PersonalAssistant.load(make_bank(base, root / "bank", concepts=CONCEPTS), base)
+
+
+@pytest.fixture()
+def scripted(assistant, monkeypatch):
+    """The model answers "Is <c> in this photo?" Yes for bo and ana, No for kit; other questions "Maybe"."""
+    calls = []
+
+    def generate(prompt, features=None, max_new_tokens=64, suppress=()):
+        calls.append((prompt, features))
+        m = re.search(r"Is <(\w+)> in this photo\?", prompt)
+        return "Maybe" if m is None else ("Yes" if m.group(1) in ("bo", "ana") else "No")
+
+    monkeypatch.setattr(assistant.backbone, "generate", generate)
+    return calls
+
+
+def test_each_concept_is_asked_about_on_the_same_visual_tokens(assistant, scripted):
+    a = assistant.respond(red_photo(), "Are <bo> and <ana> both in this photo?", visual_prompt=False)
+    assert a.text == "Yes." and a.parts == {"bo": "Yes", "ana": "Yes"}
+    assert [re.search(r"Is <(\w+)> in this photo\?", p).group(1) for p, _ in scripted] == ["bo", "ana"]
+    assert scripted[0][1] is scripted[1][1]  # the photo is embedded once
+    assert a.system == assistant.tokens.system_text()
+
+    scripted.clear()
+    a = assistant.respond(red_photo(), "Are <bo>, <kit> and <ana> all in this photo?", visual_prompt=False)
+    assert a.text == "No, <kit> is not in this photo." and set(a.parts) == {"bo", "kit", "ana"} and len(scripted) == 3
+
+
+def test_joint_mode_and_questions_without_a_photo_ask_as_is(assistant, scripted):
+    question = "Are <bo> and <ana> both in this photo?"
+    a = assistant.respond(None, question)
+    assert a.text == "Maybe" and a.parts == {} and len(scripted) == 1
+    assistant.split_together = False
+    try:
+        a = assistant.respond(red_photo(), question, visual_prompt=False)
+    finally:
+        assistant.split_together = True
+    assert a.text == "Maybe" and a.parts == {} and question in scripted[-1][0]
