@@ -82,3 +82,22 @@ def test_joint_mode_and_questions_without_a_photo_ask_as_is(assistant, scripted)
     finally:
         assistant.split_together = True
     assert a.text == "Maybe" and a.parts == {} and question in scripted[-1][0]
+
+
+def test_the_demo_reports_the_joint_figure_beside_the_split_one(assistant, scripted, tmp_path):
+    from mcllava.assistant import AssistantAnswerer
+    from mcllava.demo import joint_recognition
+    from mcllava.evaluate import evaluate
+
+    photo = tmp_path / "photo.png"
+    red_photo().save(photo)
+    both, kit = "Are <bo> and <ana> both in this photo?", "Is <kit> in this photo?"
+    records = [{"task": "recognition", "image": str(photo), "question": q, "answer": a, "concepts": c, "present": ["bo", "ana"]}
+               for q, a, c in ((both, "Yes", ["bo", "ana"]), (kit, "No", ["kit"]))]
+    report = evaluate(records, AssistantAnswerer(assistant, visual_prompt=False), progress=False)
+    assert report["recognition"]["weighted_accuracy"] == 1.0
+    joint = joint_recognition(assistant, records, report, 8)  # asked as one question, the script says "Maybe"
+    assert joint["together"]["n"] == 1 and joint["together"]["positive_recall"] == 0.0
+    assert joint["together_split"]["positive_recall"] == 1.0
+    assert (joint["positive_recall"], joint["negative_recall"]) == (0.0, 1.0)  # the single question kept its answer
+    assert assistant.split_together  # switched back
