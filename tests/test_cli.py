@@ -53,7 +53,12 @@ def test_info_and_ask(bank, world):
     res = runner.invoke(app, ["ask", str(bank), "--image", str(image), "Is <bo> in this photo?", "--json"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.output.strip().splitlines()[-1])
-    assert set(payload) == {"answer", "marks", "locations"} and len(payload["locations"]) == 2
+    assert set(payload) == {"answer", "marks", "locations", "parts"} and len(payload["locations"]) == 2
+    assert payload["parts"] == {}  # one concept: asked as is
+    both = ["ask", str(bank), "--image", str(image), "Are <bo> and <ana> both in this photo?", "--json"]
+    payload = json.loads(runner.invoke(app, both).output.strip().splitlines()[-1])
+    assert set(payload["parts"]) == {"bo", "ana"} and payload["answer"].startswith(("Yes", "No"))
+    assert json.loads(runner.invoke(app, both + ["--joint"]).output.strip().splitlines()[-1])["parts"] == {}
     res = runner.invoke(app, ["ask", str(bank), "   "])
     assert res.exit_code == 2 and "question is empty" in res.output
 
