@@ -10,12 +10,10 @@ one concept at a time on the same visual tokens, and answered Yes only when ever
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import re
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 from PIL import Image
@@ -137,7 +135,8 @@ class PersonalAssistant:
     def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64,
                 locate: bool = False) -> Answer:
         """Answer with details (system text, locations, marks); `locate` also locates the concepts (in the answer's
-        `locations`, from the same visual tokens) when the visual prompt is off."""
+        `locations`, from the same visual tokens) when the visual prompt is off. A question about a photo that asks
+        whether several concepts are all there is asked once per concept (`parts`), unless `split_together` is off."""
         question = (question or "").strip()
         if not question:
             raise McLlavaError("the question is empty")
