@@ -1,7 +1,8 @@
 """Could a Yes/No threshold fix a bank's recognition? Written to benchmarks/out/yes_no_margins.json.
 
 For every recognition question of a test set, the bank's margin logit("Yes") - logit("No") at the first answer
-token, asked as `mcllava eval --no-visual-prompt` asks it (the same system text and prompt). Reports the AUC of
+token, asked as `mcllava eval --no-visual-prompt` asks it (the same system text and prompt; "are A and B both
+here?" once per concept, its margin the smallest of theirs, or as one question with `--joint`). Reports the AUC of
 the margin (how well it ranks the answers, apart from calibration), the weighted accuracy at a margin of 0, and
 the best weighted accuracy any single threshold reaches, chosen on these same answers (an upper bound for a
 calibrated bank, not a result to quote as one).
@@ -31,35 +32,42 @@ def main() -> None:
     ap.add_argument("bank", type=Path)
     ap.add_argument("tests", type=Path)
     ap.add_argument("--base", default=None, help="the base model (default: the one the bank remembers)")
+    ap.add_argument("--joint", action="store_true", help='ask "are A and B both here?" as one question')
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/yes_no_margins.json"))
     args = ap.parse_args()
 
     from sklearn.metrics import roc_auc_score
 
     from mcllava.assistant import PersonalAssistant
-    from mcllava.datasets import read_tests_jsonl
+    from mcllava.datasets import read_tests_jsonl, recognition_question
     from mcllava.evaluate import format_question, recognition_split
 
-    assistant = PersonalAssistant.load(args.bank, args.base)
+    assistant = PersonalAssistant.load(args.bank, args.base, split_together=not args.joint)
     bb = assistant.backbone
     yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
-    rows = []
-    for r in (r for r in read_tests_jsonl(args.tests) if r["task"] == "recognition"):
-        question = format_question(r)
-        image = Image.open(r["image"]).convert("RGB")
-        features = bb.visual_tokens([image]).features[0]
+
+    def margin(question: str, features: torch.Tensor) -> float:
         system = assistant.tokens.system_text(assistant.introduced(question, []))
         ids = torch.tensor([bb.encode(bb.format_prompt(question, system)).input_ids], device=bb.device)
         with torch.no_grad():
             hidden = bb.hidden_states(bb.embed(ids, features[None]), torch.ones_like(ids))
             logits = bb.model.get_output_embeddings()(hidden[0, -1]).float()
+        return float(logits[yes] - logits[no])
+
+    rows = []
+    for r in (r for r in read_tests_jsonl(args.tests) if r["task"] == "recognition"):
+        question = format_question(r)
+        image = Image.open(r["image"]).convert("RGB")
+        features = bb.visual_tokens([image]).features[0]
+        together = assistant.asked_together(question)  # Yes only if every concept's own answer is Yes
+        m = min(margin(recognition_question([c]), features) for c in together) if together else margin(question, features)
         rows.append({"question": question, "image": r["image"], "split": recognition_split(r),
-                     "truth": r["answer"].strip().lower().startswith("yes"), "margin": float(logits[yes] - logits[no])})
+                     "truth": r["answer"].strip().lower().startswith("yes"), "margin": m})
     truth, margin = [x["truth"] for x in rows], [x["margin"] for x in rows]
     if all(truth) or not any(truth):
         raise SystemExit(f"{args.tests}: the recognition questions need both Yes and No answers")
     best = max((weighted(truth, margin, t), t) for t in [min(margin) - 1] + margin)
-    res = {"bank": str(args.bank), "tests": str(args.tests), "n": len(rows), "auc": roc_auc_score(truth, margin),
+    res = {"bank": str(args.bank), "tests": str(args.tests), "joint": args.joint, "n": len(rows), "auc": roc_auc_score(truth, margin),
            "weighted_accuracy_at_0": weighted(truth, margin, 0.0),
            "best_threshold": best[1], "weighted_accuracy_at_best_threshold": best[0], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
