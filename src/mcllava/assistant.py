@@ -157,18 +157,20 @@ class PersonalAssistant:
                 marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
                 features = self.backbone.visual_tokens([marked]).features[0]
 
-        def reply(q: str) -> tuple[str, str]:
-            system = self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
-            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens, suppress=self.tokens.soft_ids), system
+        def system_for(q: str) -> str:
+            return self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
 
+        def reply(q: str, system: str) -> str:
+            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens, suppress=self.tokens.soft_ids)
+
+        system = system_for(question)
         together = self.asked_together(question)
         if together:  # one question per concept on the same visual tokens (and marks); Yes only if all are there
-            parts = {c: reply(recognition_question([c]))[0] for c in together}
+            questions = {c: recognition_question([c]) for c in together}
+            parts = {c: reply(q, system_for(q)) for c, q in questions.items()}
             text = together_answer(parts, self.tokens.token)
-            system = self.tokens.system_text(self.introduced(question, locations), extra=mark_prompt(marks, self.tokens.token))
         else:
-            parts = {}
-            text, system = reply(question)
+            parts, text = {}, reply(question, system)
         return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
                       marked_image=marked, parts=parts)
 
