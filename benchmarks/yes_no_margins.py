@@ -41,18 +41,13 @@ def main() -> None:
     from mcllava.assistant import PersonalAssistant
     from mcllava.datasets import read_tests_jsonl, recognition_question
     from mcllava.evaluate import format_question, recognition_split
+    from mcllava.train import yes_no_margin
 
     assistant = PersonalAssistant.load(args.bank, args.base, split_together=not args.joint)
     bb = assistant.backbone
-    yes, no = bb.answer_token_id("Yes"), bb.answer_token_id("No")
 
     def margin(question: str, features: torch.Tensor) -> float:
-        system = assistant.tokens.system_text(assistant.introduced(question, []))
-        ids = torch.tensor([bb.encode(bb.format_prompt(question, system)).input_ids], device=bb.device)
-        with torch.no_grad():
-            hidden = bb.hidden_states(bb.embed(ids, features[None]), torch.ones_like(ids))
-            logits = bb.model.get_output_embeddings()(hidden[0, -1]).float()
-        return float(logits[yes] - logits[no])
+        return yes_no_margin(bb, assistant.tokens.system_text(assistant.introduced(question, [])), question, features)
 
     rows = []
     for r in (r for r in read_tests_jsonl(args.tests) if r["task"] == "recognition"):
