@@ -438,10 +438,12 @@ class Backbone:
     def generate(
         self, prompt: str, image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
         suppress: Sequence[int] = (),
+        prefix: str = "",
     ) -> str:
         """Greedy answer to one formatted prompt, given the image's visual tokens ([N, D]) if it has an image;
-        token ids in `suppress` are never generated."""
-        enc = self.encode(prompt)
+        token ids in `suppress` are never generated. With `prefix`, the answer starts with that text (as a
+        training answer would be tokenised) and the model writes the rest."""
+        enc = self.encode(prompt + (self.answer_prefix + prefix if prefix else ""))
         if enc.has_image and image_features is None:
             raise McLlavaError("prompt has an image placeholder but no image was given")
         ids = torch.tensor([enc.input_ids], device=self.device)
@@ -458,4 +460,4 @@ class Backbone:
             eos_token_id=self.tokenizer.eos_token_id,
             suppress_tokens=list(suppress) or None,
         )
-        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return (prefix + self.tokenizer.decode(out[0], skip_special_tokens=True)).strip()
