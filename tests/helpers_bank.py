@@ -71,6 +71,14 @@ def make_bank(base_dir: Path, out: Path, k: int = 2, concepts: dict = CONCEPTS, 
     return bank.save(out)
 
 
+def make_assistant(root: Path, tokenizer_dir: Path, concepts: dict = CONCEPTS):
+    """A PersonalAssistant on an untrained tiny base with a bank of random rows (base and bank under `root`)."""
+    from mcllava.assistant import PersonalAssistant
+
+    base = make_base(tokenizer_dir, root / "base")
+    return PersonalAssistant.load(make_bank(base, root / "bank", concepts=concepts), base)
+
+
 @contextmanager
 def serving(app, timeout: float = 20.0) -> Iterator[str]:
     """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL."""

@@ -59,6 +59,9 @@ def test_info_and_ask(bank, world):
     payload = json.loads(runner.invoke(app, both).output.strip().splitlines()[-1])
     assert set(payload["parts"]) == {"bo", "ana"} and payload["answer"].startswith(("Yes", "No"))
     assert json.loads(runner.invoke(app, both + ["--joint"]).output.strip().splitlines()[-1])["parts"] == {}
+    caption = ["ask", str(bank), "--image", str(image), "Describe this photo.", "--json"]
+    assert set(json.loads(runner.invoke(app, caption).output.strip().splitlines()[-1])["parts"]) == {"bo", "ana"}
+    assert json.loads(runner.invoke(app, caption + ["--free-captions"]).output.strip().splitlines()[-1])["parts"] == {}
     res = runner.invoke(app, ["ask", str(bank), "   "])
     assert res.exit_code == 2 and "question is empty" in res.output
 

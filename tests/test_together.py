@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers_bank import make_bank, make_base, red_photo
+from helpers_bank import make_assistant, red_photo
 
-from mcllava.assistant import PersonalAssistant, asked_together, together_answer
+from mcllava.assistant import asked_together, together_answer
 
 CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}}
 IDS = list(CONCEPTS)
@@ -41,9 +41,7 @@ def test_the_answer_is_yes_only_when_every_concept_is_there():
 
 @pytest.fixture(scope="module")
 def assistant(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("together")
-    base = make_base(tokenizer_dir, root / "base")
-    return PersonalAssistant.load(make_bank(base, root / "bank", concepts=CONCEPTS), base)
+    return make_assistant(tmp_path_factory.mktemp("together"), tokenizer_dir, CONCEPTS)
 
 
 @pytest.fixture()
@@ -51,7 +49,7 @@ def scripted(assistant, monkeypatch):
     """The model answers "Is <c> in this photo?" Yes for bo and ana, No for kit; other questions "Maybe"."""
     calls = []
 
-    def generate(prompt, features=None, max_new_tokens=64, suppress=()):
+    def generate(prompt, features=None, max_new_tokens=64, suppress=(), prefix=""):
         calls.append((prompt, features))
         m = re.search(r"Is <(\w+)> in this photo\?", prompt)
         return "Maybe" if m is None else ("Yes" if m.group(1) in ("bo", "ana") else "No")

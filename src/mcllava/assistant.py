@@ -6,6 +6,9 @@ drawn on the photo, and the system text gains `Mark n is <c>.`; the marked photo
 A question whether several concepts are all in the photo ("Are <bo> and <ana> both in this photo?") is asked
 one concept at a time on the same visual tokens, and answered Yes only when every one is there
 (`split_together`): small models tend to answer such a question for "either" rather than "both".
+A request for a caption ("Describe this photo.") is answered the same way round (`recognise_first`): each concept
+is asked about on its own, the caption starts with the names of those found, the model writes the rest and never
+says the name of one found absent; small models name one concept of a group photo at most when left to choose.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ _TOGETHER = [re.compile(r"\s+".join(re.escape(w) for w in form.rstrip("?").split
                         + r"\s*\??", re.IGNORECASE) for form in TOGETHER_FORMS]
 
 
+# Requests for a caption: "Describe this photo." (the test sets' and training's form) and its close variants
+_CAPTION = re.compile(r"(?:please\s+)?(?:describe|write\s+a\s+caption\s+for|caption)\s+(?:this|the)\s+(?:photo|picture|image)"
+                      r"(?:\s*[.!]?\s*name\s+everyone\s+you\s+recogni[sz]e)?\s*[.!?]?", re.IGNORECASE)
+
+
+def asks_caption(question: str) -> bool:
+    """Whether a question asks for a caption of its photo ("Describe this photo.", `CAPTION_QUESTION`, and close
+    variants such as "Write a caption for this image."), case and spacing aside; no other question."""
+    return _CAPTION.fullmatch(question.strip()) is not None
+
+
 def asked_together(question: str, concept_ids: Iterable[str]) -> list[str] | None:
     """The concepts a question asks about together, in its order, when it has one of `TOGETHER_FORMS` (case and
     spacing aside) and lists two or more distinct concepts as `<id>`; None for any other question."""
@@ -59,7 +73,7 @@ class Answer:
     locations: list[Location] = field(default_factory=list)
     marks: dict[int, str] = field(default_factory=dict)
     marked_image: Image.Image | None = None
-    parts: dict[str, str] = field(default_factory=dict)  # concept id -> its own answer, for a split question
+    parts: dict[str, str] = field(default_factory=dict)  # concept id -> its own answer, for a split question or a caption
 
 
 def together_answer(parts: dict[str, str], token=lambda c: f"<{c}>") -> str:
@@ -81,6 +95,7 @@ class PersonalAssistant:
         locate_config: LocateConfig | None = None,
         introduce: Literal["all", "relevant"] | None = None,
         split_together: bool = True,
+        recognise_first: bool = True,
     ):
         from .bank import config_hash
 
@@ -91,6 +106,7 @@ class PersonalAssistant:
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
         self.split_together = split_together
+        self.recognise_first = recognise_first
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
@@ -160,19 +176,32 @@ class PersonalAssistant:
         def system_for(q: str) -> str:
             return self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
 
-        def reply(q: str, system: str) -> str:
-            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens, suppress=self.tokens.soft_ids)
+        def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
+            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens,
+                                          suppress=[*self.tokens.soft_ids, *suppress], prefix=prefix)
+
+        def recognise(cids: list[str]) -> dict[str, str]:  # each concept asked about on its own, same visual tokens
+            return {c: reply(q, system_for(q)) for c in cids for q in [recognition_question([c])]}
 
         system = system_for(question)
         together = self.asked_together(question)
-        if together:  # one question per concept on the same visual tokens (and marks); Yes only if all are there
-            questions = {c: recognition_question([c]) for c in together}
-            parts = {c: reply(q, system_for(q)) for c, q in questions.items()}
+        if together:  # Yes only if all are there
+            parts = recognise(together)
             text = together_answer(parts, self.tokens.token)
+        elif self.asks_caption(question):  # the names are the recognition's, the words the model's
+            parts = recognise(self.introduced(question, locations))
+            found = [c for c, t in parts.items() if parse_yes_no(t) is True]
+            absent = [self.tokens.ids[c][0] for c in self.bank.concept_ids if c not in found]  # never said
+            prefix = join_names([self.tokens.token(c) for c in found]) if found else ""
+            text = reply(question, system, prefix=prefix, suppress=absent)
         else:
             parts, text = {}, reply(question, system)
         return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
                       marked_image=marked, parts=parts)
+
+    def asks_caption(self, question: str) -> bool:
+        """Whether `respond` answers this question about a photo as a caption built on per-concept recognition."""
+        return self.recognise_first and asks_caption(question)
 
     def asked_together(self, question: str) -> list[str] | None:
         """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""

@@ -55,6 +55,8 @@ INTRODUCE_HELP = ("all: the system text introduces every concept; relevant: only
                   "shows (shorter prompts for large banks). Default: as the bank was trained.")
 JOINT_HELP = ("Ask 'are <a> and <b> both in this photo?' as one question; by default each concept is asked about on its "
               "own and the answer is Yes only if all are there.")
+FREE_CAPTIONS_HELP = ("Let the model choose which names a caption says ('Describe this photo.'); by default each concept "
+                      "is asked about on its own first and the caption starts with the names of those found.")
 
 
 def _introduce(value: str | None) -> str | None:
@@ -127,6 +129,7 @@ def ask(
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt", help="Do not draw location marks."),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
+    free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
     marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
@@ -137,7 +140,8 @@ def ask(
 
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
+                                            recognise_first=not free_captions)
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -167,6 +171,7 @@ def evaluate_cmd(
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
+    free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
     base: Optional[str] = typer.Option(None, "--base"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -180,7 +185,8 @@ def evaluate_cmd(
         records = read_any(tests)
         if limit:
             records = records[:limit]
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
+                                            recognise_first=not free_captions)
         answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt, keep_marks=html is not None)
         report = evaluate(records, answerer, progress=not quiet)
     except (McLlavaError, OSError) as exc:
@@ -233,6 +239,7 @@ def serve(
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
+    free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
 ) -> None:
     """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md)."""
     try:
@@ -243,7 +250,8 @@ def serve(
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
     try:
-        server_app = create_app(PersonalAssistant.load(bank, base, split_together=not joint), api_key=api_key, concepts_dir=concepts)
+        assistant = PersonalAssistant.load(bank, base, split_together=not joint, recognise_first=not free_captions)
+        server_app = create_app(assistant, api_key=api_key, concepts_dir=concepts)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -162,7 +162,7 @@ class ChatExtras(BaseModel):
     marks: dict[str, str] = Field(description="Mark number -> concept id, as drawn on the image.")
     locations: list[LocationOut]
     marked_image: str | None = Field(None, description="The marked image (JPEG data URL) when asked for and marks were drawn.")
-    parts: dict[str, str] = Field(default_factory=dict, description="For 'are <a> and <b> both here?': concept id -> its own answer.")
+    parts: dict[str, str] = Field(default_factory=dict, description="For 'are <a> and <b> both here?' and captions: concept id -> its own answer to 'Is <c> in this photo?'.")
 
 
 class ChatCompletion(BaseModel):
@@ -565,12 +565,12 @@ class Server:
 
     def _stream(self, question: str, image, max_tokens: int, opts: ChatOptions) -> StreamingResponse:
         """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
-        together from one question per concept ("are <a> and <b> both here?") is sent whole when it is ready."""
+        together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
         from transformers import TextIteratorStreamer
 
         self.gate.admit()  # a full queue is a 503 now, not an error inside the stream
         streamer = TextIteratorStreamer(self.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        whole = image is not None and bool(self.assistant.asked_together(question))
+        whole = image is not None and (bool(self.assistant.asked_together(question)) or self.assistant.asks_caption(question))
         outcome: dict[str, Any] = {}
 
         def work() -> None:
