@@ -19,7 +19,7 @@ from .assistant import AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
 from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
-from .evaluate import evaluate, format_question, print_table, recognition_metrics
+from .evaluate import evaluate, fmt, format_question, print_table, recognition_metrics
 from .report import write_html
 from .train import personalize
 
@@ -81,6 +81,22 @@ def joint_recognition(assistant: PersonalAssistant, records: list[dict], report:
     return out
 
 
+def free_captions(assistant: PersonalAssistant, records: list[dict], max_new_tokens: int) -> dict | None:
+    """Captions as the model writes them alone, choosing the names itself (`--free-captions`) instead of starting
+    with those its per-concept answers found. Printed so that the gain of recognising first shows."""
+    captions = [r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(r["question"])]
+    if not captions:
+        return None
+    assistant.recognise_first = False
+    try:
+        free = evaluate(captions, AssistantAnswerer(assistant, False, max_new_tokens), progress=False)["caption"]
+    finally:
+        assistant.recognise_first = True
+    console.print(f"captions written by the model alone (--free-captions): name recall {fmt(free['recall'])}, "
+                  f"precision {fmt(free['precision'])}")
+    return free
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", choices=("proving-ground", "tiny"), default="proving-ground")
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(records, answerer)
     print_table(report, console)
     report["recognition_joint"] = joint_recognition(assistant, records, report, max_new_tokens)
+    report["caption_free"] = free_captions(assistant, records, max_new_tokens)
     report["training"] = result.history
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     page = write_html(report, args.report, marked_images=answerer.marked)
