@@ -7,8 +7,8 @@ A question whether several concepts are all in the photo ("Are <bo> and <ana> bo
 one concept at a time on the same visual tokens, and answered Yes only when every one is there
 (`split_together`): small models tend to answer such a question for "either" rather than "both".
 A request for a caption ("Describe this photo.") is answered the same way round (`recognise_first`): each concept
-is asked about on its own, the caption starts with the names of those found, the model writes the rest and never
-says the name of one found absent; small models name one concept of a group photo at most when left to choose.
+is asked about on its own, the caption starts with the names of those found and the model writes the rest, with
+no name in it; small models name one concept of a group photo at most when left to choose the names themselves.
 """
 
 from __future__ import annotations
@@ -190,10 +190,9 @@ class PersonalAssistant:
             text = together_answer(parts, self.tokens.token)
         elif self.asks_caption(question):  # the names are the recognition's, the words the model's
             parts = recognise(self.introduced(question, locations))
-            found = [c for c, t in parts.items() if parse_yes_no(t) is True]
-            absent = [self.tokens.ids[c][0] for c in self.bank.concept_ids if c not in found]  # never said
-            prefix = join_names([self.tokens.token(c) for c in found]) if found else ""
-            text = reply(question, system, prefix=prefix, suppress=absent)
+            found = [self.tokens.token(c) for c, t in parts.items() if parse_yes_no(t) is True]
+            names = [self.tokens.ids[c][0] for c in self.bank.concept_ids]  # said once, at the start, or never
+            text = reply(question, system, prefix=join_names(found) if found else "", suppress=names)
         else:
             parts, text = {}, reply(question, system)
         return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
