@@ -191,8 +191,8 @@ class PersonalAssistant:
         elif self.asks_caption(question):  # the names are the recognition's, the words the model's
             parts = recognise(self.introduced(question, locations))
             found = [self.tokens.token(c) for c, t in parts.items() if parse_yes_no(t) is True]
-            names = [self.tokens.ids[c][0] for c in self.bank.concept_ids]  # said once, at the start, or never
-            text = reply(question, system, prefix=join_names(found) if found else "", suppress=names)
+            # every name is said once, at the start, or never
+            text = reply(question, system, prefix=join_names(found) if found else "", suppress=self.tokens.name_ids)
         else:
             parts, text = {}, reply(question, system)
         return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
@@ -201,6 +201,11 @@ class PersonalAssistant:
     def asks_caption(self, question: str) -> bool:
         """Whether `respond` answers this question about a photo as a caption built on per-concept recognition."""
         return self.recognise_first and asks_caption(question)
+
+    def asks_per_concept(self, question: str) -> bool:
+        """Whether `respond` puts its answer to this question about a photo together from one question per concept
+        (a "both" question or a caption), so that the model's own output is not the final text."""
+        return bool(self.asked_together(question)) or self.asks_caption(question)
 
     def asked_together(self, question: str) -> list[str] | None:
         """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""

@@ -84,7 +84,7 @@ def joint_recognition(assistant: PersonalAssistant, records: list[dict], report:
 def free_captions(assistant: PersonalAssistant, records: list[dict], max_new_tokens: int) -> dict | None:
     """Captions as the model writes them alone, choosing the names itself (`--free-captions`) instead of starting
     with those its per-concept answers found. Printed so that the gain of recognising first shows."""
-    captions = [r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(r["question"])]
+    captions = [r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(format_question(r))]
     if not captions:
         return None
     assistant.recognise_first = False

@@ -570,7 +570,7 @@ class Server:
 
         self.gate.admit()  # a full queue is a 503 now, not an error inside the stream
         streamer = TextIteratorStreamer(self.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        whole = image is not None and (bool(self.assistant.asked_together(question)) or self.assistant.asks_caption(question))
+        whole = image is not None and self.assistant.asks_per_concept(question)
         outcome: dict[str, Any] = {}
 
         def work() -> None:

@@ -41,6 +41,11 @@ class ConceptTokens:
         return [i for cid in self.concept_ids for i in self.ids[cid]]
 
     @property
+    def name_ids(self) -> list[int]:
+        """The ids of every identifier `<c>`: the names an answer may say."""
+        return [self.ids[cid][0] for cid in self.concept_ids]
+
+    @property
     def soft_ids(self) -> list[int]:
         """The ids of every `<c_i>`: they only ever define a concept, so an answer must never contain one (with a
         tied head, trained rows can outscore every word)."""
