@@ -308,7 +308,7 @@ def test_a_full_queue_answers_503(assistant):
         gate.admit()
     assert refused.value.status_code == 503
     app = create_app(assistant, limits=ServerLimits(max_queue=1, max_new_tokens=8))
-    client, gate = TestClient(app), app.state.server.gate
+    client, gate = TestClient(app), app.state.server.bank.gate
     gate.lock.acquire()
     try:
         waiting = threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": ask(image=False)})

@@ -1,0 +1,196 @@
+"""`create_app`: the FastAPI app, its routes, its error handlers and its API description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..assistant import PersonalAssistant
+from ..errors import McLlavaError
+from .guards import BodyLimit, RequestGuard
+from .limits import ApiError, ServerLimits
+from .schemas import (ERRORS, ChatCompletion, ChatCompletionChunk, ChatRequest, ConceptList, Health, LocateRequest, LocateResponse,
+                      ModelCard, ModelList)
+from .service import Server
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+LOCATE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/LocateRequest"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "The photo (JPEG, PNG, WebP or BMP)."},
+                    "return_image": {"type": "boolean", "default": False},
+                },
+            }
+        },
+    },
+}
+
+STREAM_DOC = {
+    "description": "The answer; with stream: true, server-sent events `data: <ChatCompletionChunk>` ending with `data: [DONE]`.",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+}
+
+
+def create_app(
+    assistant_or_bank_path, api_key: str | None = None, limits: ServerLimits = ServerLimits(), concepts_dir: str | Path | None = None
+) -> FastAPI:
+    """The FastAPI app serving one assistant (or the bank at a path, on the base model it remembers).
+
+    With `api_key`, every route but /health, the web page and the API description answers 401 without
+    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+    """
+    if isinstance(assistant_or_bank_path, (str, Path)):
+        assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path)
+    server = Server(assistant_or_bank_path, limits, concepts_dir)
+    app = FastAPI(
+        title="mcllava",
+        version=__version__,
+        summary="A vision-language model personalised with your concepts: OpenAI-compatible chat, locate, concepts.",
+    )
+    app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key)  # outermost: no body is read before the key is checked
+    _install_error_handlers(app, server)
+
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
+
+    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer), key: str | None = Depends(header)) -> None:
+        """Declares the two key schemes in the OpenAPI schema; `RequestGuard` checks the key, before any body is read."""
+
+    guarded = {"dependencies": [Depends(require_key)]} if api_key else {}
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> Health:
+        """Liveness: answers without a key and says nothing about the concepts."""
+        return Health(version=__version__)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: STREAM_DOC, **ERRORS}, tags=["chat"], **guarded)
+    def chat_completions(req: ChatRequest):
+        """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`)."""
+        return server.chat(req)
+
+    @app.post("/v1/locate", response_model=LocateResponse, responses=ERRORS, openapi_extra={"requestBody": LOCATE_BODY}, tags=["concepts"], **guarded)
+    async def locate(request: Request) -> LocateResponse:
+        """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload)."""
+        image, return_image = await _locate_input(request, server)
+        return await run_in_threadpool(server.locate, image, return_image)
+
+    @app.get("/v1/concepts", response_model=ConceptList, responses=ERRORS, tags=["concepts"], **guarded)
+    def concepts() -> ConceptList:
+        """The bank's concepts: ids, tokens to use in questions, display names, categories and thumbnails."""
+        return ConceptList(data=server.bank.concepts)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["chat"], **guarded)
+    def models() -> ModelList:
+        """The one model served (for OpenAI clients that list models first)."""
+        return ModelList(data=[ModelCard(id=server.bank.model_id, created=server.bank.created)])
+
+    page_headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _document_extra_schemas(app)
+    return app
+
+
+async def _locate_input(request: Request, server: Server) -> tuple[Image.Image, bool]:
+    """The photo and `return_image` of a locate request, from JSON or from a multipart form."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except HTTPException:
+            raise
+        except Exception:
+            raise ApiError(400, "the multipart form could not be parsed") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "the form needs a file field named 'image'")
+        data = await upload.read(server.limits.max_image_bytes + 1)
+        flag = str(form.get("return_image", "false")).strip().lower()
+        if flag not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+            raise ApiError(400, "return_image must be true or false")
+        return await run_in_threadpool(server.images.from_bytes, data), flag in ("true", "1", "on", "yes")
+    if ctype != "application/json":
+        raise ApiError(415 if ctype else 400, "send JSON (application/json) or a multipart form (multipart/form-data)")
+    try:
+        req = LocateRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_input=False)) from None
+    return await run_in_threadpool(server.images.from_data_url, req.image), req.return_image
+
+
+def _install_error_handlers(app: FastAPI, server: Server) -> None:
+    """Every error becomes ``{"error": {"message", "type"}}``; nothing leaks paths or tracebacks."""
+
+    def reply(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, ApiError):
+            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        return reply(exc.status_code, str(exc.detail), kind, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors()[:5]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+        return reply(422, ("invalid request: " + "; ".join(problems))[:1000], "invalid_request_error")
+
+    @app.exception_handler(McLlavaError)
+    async def refused(request: Request, exc: McLlavaError) -> JSONResponse:
+        return reply(*server.describe(exc))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        return reply(*server.describe(exc))
+
+
+def _document_extra_schemas(app: FastAPI) -> None:
+    """Add to the OpenAPI components the models that routes use outside FastAPI's view: the streamed chunk
+    (inside the event stream) and the locate request (parsed by hand, as it may also come as a form)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model, mode in ((ChatCompletionChunk, "serialization"), (LocateRequest, "validation")):
+                sub = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+                for name, definition in sub.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = sub
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -1,0 +1,164 @@
+"""The routes' work: a chat request to an answer (plain or streamed), a photo to its concepts' locations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from fastapi.responses import StreamingResponse
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from ..errors import McLlavaError
+from ..locate import draw_marks
+from .images import ImageDecoder, image_data_url
+from .limits import DEFAULT_MAX_TOKENS, ApiError, ServerLimits
+from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatExtras, ChatOptions, ChatRequest, Choice, ChunkChoice,
+                      Delta, LocateResponse, LocationOut, Usage)
+from .served import ServedBank, generation_hook
+
+log = logging.getLogger("mcllava.server")
+
+
+def _location(loc, names: dict[str, str]) -> LocationOut:
+    return LocationOut(
+        concept=loc.concept_id, name=names.get(loc.concept_id, loc.concept_id), score=round(float(loc.score), 6),
+        present=bool(loc.present), peak=tuple(float(v) for v in loc.peak), box=None if loc.box is None else tuple(float(v) for v in loc.box),
+    )
+
+
+class Server:
+    """What the routes share: the limits, the image decoder and the served bank (see `ServedBank`)."""
+
+    def __init__(self, assistant, limits: ServerLimits, concepts_dir: str | Path | None = None):
+        self.limits = limits
+        self._tmp = tempfile.TemporaryDirectory(prefix="mcllava-serve-")
+        self.images = ImageDecoder(limits, Path(self._tmp.name))
+        self.bank = ServedBank(assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,))
+
+    # ------------------------------------------------------------------ chat
+    def parse_chat(self, req: ChatRequest) -> tuple[str, Image.Image | None, int]:
+        """The question, the photo and the answer length of a chat request, with every limit checked."""
+        lim = self.limits
+        if len(req.messages) > lim.max_messages:
+            raise ApiError(413, f"{len(req.messages)} messages; the limit is {lim.max_messages}", "limit_exceeded")
+        for m in req.messages:
+            if sum(len(t) for t in m.texts()) > lim.max_text_chars:
+                raise ApiError(413, f"a {m.role} message is longer than the limit of {lim.max_text_chars:,} characters", "limit_exceeded")
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "there is no user message to answer")
+        question = "\n".join(users[-1].texts()).strip()
+        if not question:
+            raise ApiError(400, "the last user message has no text: ask a question")
+        urls = users[-1].images()
+        if len(urls) > 1:
+            raise ApiError(400, f"the last user message has {len(urls)} images; send one photo per question")
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, lim.max_new_tokens)
+        if max_tokens > lim.max_new_tokens:
+            raise ApiError(413, f"max_tokens is {max_tokens}; the limit is {lim.max_new_tokens}", "limit_exceeded")
+        image = self.images.from_data_url(urls[0]) if urls else None
+        return question, image, max_tokens
+
+    def extras(self, result, return_image: bool) -> ChatExtras:
+        names = self.bank.assistant.names
+        marked = image_data_url(result.marked_image) if return_image and result.marked_image is not None else None
+        return ChatExtras(marks={str(n): c for n, c in result.marks.items()}, locations=[_location(l, names) for l in result.locations],
+                          marked_image=marked, parts=result.parts)
+
+    def chat(self, req: ChatRequest) -> ChatCompletion | StreamingResponse:
+        question, image, max_tokens = self.parse_chat(req)
+        opts = req.mcllava
+        if req.stream:
+            return self._stream(question, image, max_tokens, opts)
+        with self.bank.gate(), generation_hook(self.bank.assistant.backbone.model) as stats:
+            result = self.bank.assistant.respond(image, question, visual_prompt=opts.visual_prompt, max_new_tokens=max_tokens)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.bank.model_id,
+            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason="stop" if stats.get("stopped", True) else "length")],
+            usage=_usage(stats), mcllava=self.extras(result, opts.return_image),
+        )
+
+    def _stream(self, question: str, image, max_tokens: int, opts: ChatOptions) -> StreamingResponse:
+        """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
+        together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
+        self.bank.gate.admit()  # a full queue is a 503 now, not an error inside the stream
+        streamer = TextIteratorStreamer(self.bank.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        whole = image is not None and self.bank.assistant.asks_per_concept(question)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self.bank.gate.hold(), generation_hook(self.bank.assistant.backbone.model, None if whole else streamer) as stats:
+                    outcome["result"] = self.bank.assistant.respond(image, question, visual_prompt=opts.visual_prompt, max_new_tokens=max_tokens)
+                outcome["stats"] = stats
+                if whole:
+                    streamer.on_finalized_text(outcome["result"].text)
+            except BaseException as exc:  # reported in the stream; the worker must always end it
+                outcome["error"] = exc
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="mcllava-generate", daemon=True)
+        worker.start()
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(**fields) -> str:
+            body = ChatCompletionChunk(id=cid, created=created, model=self.bank.model_id, **fields)
+            return f"data: {body.model_dump_json()}\n\n"
+
+        def events() -> Iterator[str]:
+            yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+            started = False
+            for text in streamer:
+                if not started:
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield chunk(choices=[ChunkChoice(delta=Delta(content=text))])
+            worker.join()  # generate ends the streamer before `respond` returns
+            error = outcome.get("error")
+            if error is not None:
+                status, message, kind = self.describe(error)
+                yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+            else:
+                stats = outcome["stats"]
+                yield chunk(
+                    choices=[ChunkChoice(delta=Delta(), finish_reason="stop" if stats.get("stopped", True) else "length")],
+                    usage=_usage(stats), mcllava=self.extras(outcome["result"], opts.return_image),
+                )
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def describe(self, exc: BaseException) -> tuple[int, str, str]:
+        """(status, client message, type) of an exception; unexpected ones are logged and named only generically."""
+        if isinstance(exc, ApiError):
+            return exc.status_code, self.bank.scrub(str(exc.detail)), exc.kind
+        if isinstance(exc, McLlavaError):
+            return 400, self.bank.scrub(str(exc)), "invalid_request_error"
+        log.error("internal error while serving a request", exc_info=exc)
+        return 500, "internal server error (the details are in the server's log)", "server_error"
+
+    # ------------------------------------------------------------------ locate
+    def locate(self, image: Image.Image, return_image: bool) -> LocateResponse:
+        with self.bank.gate():
+            locations = self.bank.assistant.locations(image)
+        names = self.bank.assistant.names
+        marked, marks = draw_marks(image, locations, max_marks=self.bank.assistant.locate_config.max_marks)
+        return LocateResponse(
+            width=image.size[0], height=image.size[1], locations=[_location(l, names) for l in locations],
+            marks={str(n): c for n, c in marks.items()}, marked_image=image_data_url(marked) if return_image else None,
+        )
+
+
+def _usage(stats: dict) -> Usage:
+    prompt, completion = stats.get("prompt", 0), stats.get("completion", 0)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
