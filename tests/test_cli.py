@@ -46,29 +46,29 @@ def test_personalize_writes_a_small_bank(bank):
     assert not bank.with_name("bank.ckpt").exists()
 
 
-def test_info_and_ask(bank, world):
+def test_info_and_ask(bank, world, base_dir):
     res = runner.invoke(app, ["info", str(bank)])
     assert res.exit_code == 0 and "2 concepts" in res.output and "ana" in res.output
     image = next((world[1].parent / "scenes").iterdir())
-    res = runner.invoke(app, ["ask", str(bank), "--image", str(image), "Is <bo> in this photo?", "--json"])
+    res = runner.invoke(app, ["ask", str(bank), "--image", str(image), "Is <bo> in this photo?", "--json", "--base", str(base_dir)])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.output.strip().splitlines()[-1])
     assert set(payload) == {"answer", "marks", "locations", "parts"} and len(payload["locations"]) == 2
     assert payload["parts"] == {}  # one concept: asked as is
-    both = ["ask", str(bank), "--image", str(image), "Are <bo> and <ana> both in this photo?", "--json"]
+    both = ["ask", str(bank), "--image", str(image), "Are <bo> and <ana> both in this photo?", "--json", "--base", str(base_dir)]
     payload = json.loads(runner.invoke(app, both).output.strip().splitlines()[-1])
     assert set(payload["parts"]) == {"bo", "ana"} and payload["answer"].startswith(("Yes", "No"))
     assert json.loads(runner.invoke(app, both + ["--joint"]).output.strip().splitlines()[-1])["parts"] == {}
-    caption = ["ask", str(bank), "--image", str(image), "Describe this photo.", "--json"]
+    caption = ["ask", str(bank), "--image", str(image), "Describe this photo.", "--json", "--base", str(base_dir)]
     assert set(json.loads(runner.invoke(app, caption).output.strip().splitlines()[-1])["parts"]) == {"bo", "ana"}
     assert json.loads(runner.invoke(app, caption + ["--free-captions"]).output.strip().splitlines()[-1])["parts"] == {}
-    res = runner.invoke(app, ["ask", str(bank), "   "])
+    res = runner.invoke(app, ["ask", str(bank), "   ", "--base", str(base_dir)])
     assert res.exit_code == 2 and "question is empty" in res.output
 
 
-def test_eval_writes_report(bank, world, tmp_path):
+def test_eval_writes_report(bank, world, tmp_path, base_dir):
     out = tmp_path / "report.json"
-    res = runner.invoke(app, ["eval", str(bank), str(world[1]), "--out", str(out), "--html", str(tmp_path / "html"), "--quiet"])
+    res = runner.invoke(app, ["eval", str(bank), str(world[1]), "--base", str(base_dir), "--out", str(out), "--html", str(tmp_path / "html"), "--quiet"])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     for key in ("weighted_accuracy", "positive_recall", "negative_recall"):

@@ -32,7 +32,7 @@ def exported(request, tmp_path_factory, tokenizer_dir):
                 config.pop("chat_template", None)
                 path.write_text(json.dumps(config))
     bank = make_bank(base, root / "bank")
-    return bank, export(bank, root / "export")
+    return bank, export(bank, root / "export", str(base))
 
 
 def _hf_answer(model, processor, image, question: str) -> tuple[list[int], str]:
@@ -48,7 +48,7 @@ def _hf_answer(model, processor, image, question: str) -> tuple[list[int], str]:
 
 def test_transformers_alone_answers_like_the_assistant(exported):
     bank, out = exported
-    assistant = PersonalAssistant.load(bank)
+    assistant = PersonalAssistant.load(bank, str(bank.parent / "base"))
     bb = assistant.backbone
     model, processor = LlavaForConditionalGeneration.from_pretrained(out), AutoProcessor.from_pretrained(out)
     for with_image, question in CASES:
@@ -65,7 +65,7 @@ def test_export_holds_tokens_rows_and_default_system(exported):
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # a serving engine running as another user can read it
     assert {f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()} == {0o666 & ~mask}
-    assistant = PersonalAssistant.load(bank)
+    assistant = PersonalAssistant.load(bank, str(bank.parent / "base"))
     processor = AutoProcessor.from_pretrained(out)
     model = LlavaForConditionalGeneration.from_pretrained(out)
     for cid in assistant.bank.concept_ids:
@@ -94,7 +94,7 @@ def test_export_refuses_a_non_empty_folder(exported, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file.txt").write_text("keep me")
     with pytest.raises(McLlavaError, match="not empty"):
-        export(bank, tmp_path / "taken")
+        export(bank, tmp_path / "taken", str(bank.parent / "base"))
     assert (tmp_path / "taken" / "file.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
@@ -107,14 +107,14 @@ def test_cli_export_and_serve(exported, tmp_path, monkeypatch):
     from mcllava.cli import app
 
     bank, _ = exported
-    result = CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out"), "--base", str(bank.parent / "base")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / EXPORT_INFO).exists()
-    assert CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out")]).exit_code == 2  # not empty now
+    assert CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out"), "--base", str(bank.parent / "base")]).exit_code == 2  # not empty now
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: served.update(app=server_app, **kw))
-    result = CliRunner().invoke(app, ["serve", str(bank), "--port", "8123", "--api-key", "k"])
+    result = CliRunner().invoke(app, ["serve", str(bank), "--port", "8123", "--api-key", "k", "--base", str(bank.parent / "base")])
     assert result.exit_code == 0, result.output
     assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     client = TestClient(served["app"])

@@ -27,7 +27,7 @@ from .datasets.records import recognition_question
 from .errors import McLlavaError
 from .evaluate import parse_yes_no
 from .locate import Location, LocateConfig, draw_marks, locate, mark_prompt
-from .tokens import ConceptTokens, add_concept_tokens, write_rows
+from .tokens import ConceptTokens, add_concept_tokens, word_embedding_norm, write_rows
 from .training_data import GROUP_QUESTIONS, join_names
 
 CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
@@ -102,6 +102,9 @@ class PersonalAssistant:
         self.backbone = backbone
         self.bank = bank
         bank.check_base(config_hash(backbone.model.config), len(backbone.tokenizer))
+        n = len(backbone.tokenizer)
+        bank.check_row_norms(word_embedding_norm(backbone.model, n),
+                             None if bank.tied_head else backbone.model.get_output_embeddings().weight[:n].float().norm(dim=-1).mean().item())
         self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
         write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
         self.reference = reference
@@ -117,7 +120,7 @@ class PersonalAssistant:
     ) -> "PersonalAssistant":
         """Load a bank and the base model it remembers (or `base`, which must be the same model)."""
         bank = bank if isinstance(bank, ConceptBank) else ConceptBank.load(bank)
-        backbone = base if isinstance(base, Backbone) else Backbone.load(base or bank.base_model)
+        backbone = base if isinstance(base, Backbone) else Backbone.load(bank.base_to_load(base))
         return cls(backbone, bank, **kwargs)
 
     # ------------------------------------------------------------------ locating

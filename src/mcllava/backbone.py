@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import pickle
 import re
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .layout import layout_for
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 PROVING_GROUND = "proving-ground"
+MAX_ASPECT = 4.0  # longer side / shorter side handed to the image processor (see `Backbone.pixel_values`)
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
@@ -169,6 +171,18 @@ def _prefill(backbone: "Backbone", prefix: torch.Tensor):
     return cache
 
 
+def bounded_aspect(image: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
+    """`image`, or its centred middle part of aspect `ratio` where it is longer than that (see `pixel_values`)."""
+    w, h = image.size
+    if max(w, h) <= ratio * min(w, h):
+        return image
+    if w > h:
+        keep = max(1, round(ratio * h))
+        return image.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+    keep = max(1, round(ratio * w))
+    return image.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+
+
 class Backbone:
     """A frozen LLaVA-family model with its processor, and the prompt/visual-token plumbing around it."""
 
@@ -210,20 +224,22 @@ class Backbone:
 
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-        try:
+        try:  # a folder that is not a model, or weights that are a pickle (refused by weights_only): words, not a traceback
             config = AutoConfig.from_pretrained(name)
-        except OSError as exc:
-            raise McLlavaError(f"cannot load base model {name!r}: {exc}") from exc
-        _check_architecture(config)
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        kwargs = {"dtype": dtype}
-        if device.type == "cuda":
-            kwargs["device_map"] = "auto"  # accelerate: fill the GPU(s), offload the rest
-        model = LlavaForConditionalGeneration.from_pretrained(name, **kwargs)
-        if device.type != "cuda":
-            model.to(device)
-        processor = AutoProcessor.from_pretrained(name)
+            _check_architecture(config)
+            device = torch.device(device) if device is not None else default_device()
+            dtype = dtype or default_dtype(device)
+            kwargs = {"dtype": dtype}
+            if device.type == "cuda":
+                kwargs["device_map"] = "auto"  # accelerate: fill the GPU(s), offload the rest
+            model = LlavaForConditionalGeneration.from_pretrained(name, **kwargs)
+            if device.type != "cuda":
+                model.to(device)
+            processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError, pickle.UnpicklingError) as exc:
+            if isinstance(exc, McLlavaError):
+                raise
+            raise McLlavaError(f"cannot load base model {name!r}: {str(exc).splitlines()[0][:300]}") from exc
         return cls(model, processor, name)
 
     @property
@@ -244,8 +260,13 @@ class Backbone:
 
     # ------------------------------------------------------------------ images
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images -> normalised pixel tensor [B, 3, H, W] in the processor's geometry (resize + centre crop)."""
-        out = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+        """Images -> normalised pixel tensor [B, 3, H, W] in the processor's geometry (resize + centre crop).
+
+        A photo more than `MAX_ASPECT` times longer than wide is first cut to its middle part of that shape: the
+        processor stretches the short side to the model's input size, so a thin 8x150000 strip would become
+        hundreds of millions of pixels (gigabytes) only for the centre crop to keep a square of them.
+        """
+        out = self.processor.image_processor([bounded_aspect(im.convert("RGB")) for im in images], return_tensors="pt")
         return out["pixel_values"]
 
     def mask_coverage(self, masks: Sequence[np.ndarray | None], images: Sequence[Image.Image]) -> torch.Tensor:
@@ -256,7 +277,7 @@ class Backbone:
         for i, (mask, image) in enumerate(zip(masks, images)):
             if mask is None:
                 continue
-            as_image = Image.fromarray((mask.astype(np.uint8) * 255)).convert("RGB")
+            as_image = bounded_aspect(Image.fromarray((mask.astype(np.uint8) * 255)).convert("RGB"))
             px = self.processor.image_processor(
                 [as_image], do_normalize=False, do_rescale=True, return_tensors="pt"
             )["pixel_values"][0, 0]

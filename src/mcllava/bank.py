@@ -13,6 +13,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,11 +29,10 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .concepts import id_clashes, validate_concept_id
 from .errors import BankError, ConceptError
+from .manifest import FORMAT_VERSION, MANIFEST, PROVING_GROUND, is_hub_id, read_manifest, token_strings as _token_strings
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 TENSORS = "concepts.safetensors"
-MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_ROW_NORM_RATIO = 1000.0  # a concept row may be at most this many times the base's mean word-embedding norm
 
 # Config keys that do not change what the concept rows mean: names, versions, runtime switches, and
 # vocab_size, which grows when concept tokens are added.
@@ -104,10 +104,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _token_strings(cid: str, k: int) -> list[str]:
-    return [f"<{cid}>"] + [f"<{cid}_{j}>" for j in range(1, k + 1)]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -297,27 +293,10 @@ class ConceptBank:
         folder = Path(path)
         if not folder.is_dir():
             raise BankError(f"no concept bank at {folder} (folder not found)")
-        mpath, tpath = folder / MANIFEST, folder / TENSORS
-        for p in (mpath, tpath):
-            if not p.is_file():
-                raise BankError(f"bank {folder} is incomplete: {p.name} is missing")
-        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BankError(f"bank {folder}: {MANIFEST} is too large to be a manifest")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as exc:
-            raise BankError(f"bank {folder}: {MANIFEST} is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise BankError(f"bank {folder}: {MANIFEST} must hold a JSON object")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise BankError(f"bank {folder}: {MANIFEST} has no valid format_version")
-        if version > FORMAT_VERSION:
-            raise BankError(
-                f"bank {folder} has format version {version}, newer than this mcllava reads ({FORMAT_VERSION}); "
-                "upgrade mcllava to load it"
-            )
-        fields = cls._manifest_fields(manifest, mpath)
+        tpath = folder / TENSORS
+        if not tpath.is_file():
+            raise BankError(f"bank {folder} is incomplete: {TENSORS} is missing")
+        fields = read_manifest(folder)
         try:
             tensors = load_file(str(tpath))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -347,46 +326,6 @@ class ConceptBank:
         bank.path = folder
         return bank
 
-    @staticmethod
-    def _manifest_fields(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
-        """Type-check the manifest's fields; return the constructor's keyword arguments."""
-
-        def get(key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-            if key not in manifest:
-                if default is ...:
-                    raise BankError(f"{mpath}: required field {key!r} is missing")
-                return default
-            value = manifest[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise BankError(f"{mpath}: field {key!r} has the wrong type ({type(value).__name__})")
-            return value
-
-        ids = get("concept_ids", list)
-        if not all(isinstance(c, str) for c in ids):
-            raise BankError(f"{mpath}: concept_ids must be strings")
-        fields = {
-            "base_model": get("base_model", str),
-            "base_config_hash": get("base_config_hash", str),
-            "tokenizer_len_before": get("tokenizer_len_before", int),
-            "concept_ids": ids,
-            "k": get("k", int),
-            "hidden_size": get("hidden_size", int),
-            "tied_head": get("tied_head", bool),
-            "display": get("display", dict, {}),
-            "recipe": get("recipe", dict, {}),
-            "metrics": get("metrics", dict, {}),
-            "locator_counts": get("locator_refs", dict, {}),
-        }
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields["locator_counts"].values()):
-            raise BankError(f"{mpath}: locator_refs must map concept ids to row counts")
-        after = get("tokenizer_len_after", int, None)
-        if after is not None and after != fields["tokenizer_len_before"] + len(ids) * (fields["k"] + 1):
-            raise BankError(f"{mpath}: tokenizer_len_after ({after}) does not match the concept and k counts")
-        tokens = get("tokens", dict, None)
-        if tokens is not None and tokens != {c: _token_strings(c, fields["k"]) for c in ids}:
-            raise BankError(f"{mpath}: 'tokens' does not match concept_ids and k")
-        return fields
-
     # ------------------------------------------------------------------------------- combination
 
     def check_base(self, config_hash: str, tokenizer_len: int | None = None) -> None:
@@ -405,6 +344,34 @@ class ConceptBank:
                 f"bank {where} was trained with a tokenizer of {self.tokenizer_len_before} tokens "
                 f"(before concept tokens), but this one has {tokenizer_len}"
             )
+
+    def base_to_load(self, override: str | Path | None = None) -> str:
+        """The base model to load this bank on: `override` when the user gives one, else the base the bank names,
+        if it names it by a hub id or as `proving-ground`. A local path written in a bank file is not followed
+        (a bank from elsewhere could point anywhere on this machine): the user must pass it as `--base`."""
+        if override is not None:
+            return str(override)
+        name = self.base_model
+        if name == PROVING_GROUND or (is_hub_id(name) and not Path(name).exists()):
+            return name
+        where = self.path if self.path is not None else "(unsaved)"
+        raise BankError(f"bank {where} names its base model by a local path ({name[:200]!r}), which is not followed from a bank file; "
+                        f"pass it as --base (the base parameter) if you trust it")
+
+    def check_row_norms(self, word_norm: float, head_norm: float | None = None) -> None:
+        """Refuse rows that cannot be trained concept rows for this base: norms more than `MAX_ROW_NORM_RATIO` times
+        the base's mean word-embedding norm (`word_norm`; `head_norm` for the LM-head rows of an untied head)."""
+        where = self.path if self.path is not None else "(unsaved)"
+        for name, rows, reference in (("input_rows", self.input_rows, word_norm), ("head_rows", self.head_rows, head_norm)):
+            if rows is None or reference is None or not math.isfinite(reference) or reference <= 0:
+                continue
+            norms = rows.norm(dim=-1)
+            worst = int(norms.argmax())
+            i, j = divmod(worst, norms.shape[1])
+            if float(norms.max()) > MAX_ROW_NORM_RATIO * reference:
+                raise BankError(f"bank {where}: {name} of {self.token_strings(self.concept_ids[i])[j]} has norm {float(norms.max()):.3g}, "
+                                f"more than {MAX_ROW_NORM_RATIO:g} times this base's mean word-embedding norm ({reference:.3g}): "
+                                "these are not trained concept rows for this model")
 
     def merge(self, other: ConceptBank) -> ConceptBank:
         """A bank with the concepts of both; they must share base model, k, hidden size, head tying and tokenizer."""

@@ -85,7 +85,7 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise McLlavaError(f"cannot export to {out}: it exists and is not empty")
     bank = ConceptBank.load(bank_path)
-    name = base or bank.base_model
+    name = bank.base_to_load(base)
     dtype = None if name == PROVING_GROUND else _checkpoint_dtype(name)
     assistant = PersonalAssistant(Backbone.load(name, dtype=dtype, device="cpu"), bank)
     model, processor, tokenizer = assistant.backbone.model, assistant.backbone.processor, assistant.backbone.tokenizer
