@@ -135,7 +135,7 @@ def tiny_app(root: Path):
     from mcllava.tiny import smollm2_tokenizer
 
     smollm2_tokenizer(root / "tokenizer")
-    return create_app(str(make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")))
+    return create_app(str(make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")), base=str(root / "base"))
 
 
 def main() -> None:

@@ -80,13 +80,18 @@ def make_assistant(root: Path, tokenizer_dir: Path, concepts: dict = CONCEPTS):
 
 
 @contextmanager
-def serving(app, timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL."""
+def serving(app, timeout: float = 20.0, limits=None) -> Iterator[str]:
+    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL. With `limits`
+    (`ServerLimits`), uvicorn runs with the timeouts and connection cap that `mcllava serve` sets."""
     import uvicorn
+
+    from mcllava.server import uvicorn_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off") if limits is None else \
+        uvicorn_config(app, limits, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

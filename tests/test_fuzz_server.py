@@ -34,8 +34,8 @@ def report():
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("fuzz-server")
-    app = create_app(str(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank")), limits=LIMITS)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    app = create_app(str(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank")), limits=LIMITS, base=str(root / "base"))
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as c:
         c.folder = app.state.server.images.folder
         yield c
     assert list(c.folder.iterdir()) == []  # no upload left on disk

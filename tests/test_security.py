@@ -29,7 +29,7 @@ def assistant(tmp_path_factory, tokenizer_dir):
     from mcllava.assistant import PersonalAssistant
 
     root = tmp_path_factory.mktemp("security")
-    return PersonalAssistant.load(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank"))
+    return PersonalAssistant.load(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank"), str(root / "base"))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_only_public_routes_answer_without_the_key(app):
     routes = [(m, r.path) for r in app.routes if not isinstance(r, Mount) for m in sorted(r.methods - {"HEAD"})]
     assert {p for _, p in routes} | {r.path for r in app.routes if isinstance(r, Mount)} >= PUBLIC
     guarded = [(m, p) for m, p in routes if p not in PUBLIC]
-    assert {p for _, p in guarded} == {"/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models"}
+    assert {p for _, p in guarded} == {"/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models", "/v1/models/{model_id}"}
     wrong = [{}, {"Authorization": "Bearer"}, {"Authorization": "bearer wrong"}, {"Authorization": f"Bearer {KEY[:-1]}"},
              {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Token {KEY}"}, {"X-API-Key": KEY.upper()},
              {"X-API-Key": " " + KEY + "x"}, {"X-API-Key": "é".encode() * 3}, {"X-API-Key": "x" * 10_000}, {"Cookie": f"api_key={KEY}"}]
@@ -106,13 +106,13 @@ def test_uploads_never_write_outside_the_private_folder(app, tmp_path):
 
 
 def test_validation_errors_are_short_and_name_no_server_path(app, assistant):
-    """A 422 may quote a bit of the client's own input, but bounded, and never a server path."""
+    """A schema error (400) may quote a bit of the client's own input, but bounded, and never a server path."""
     client = TestClient(app, headers={"X-API-Key": KEY})
     server_paths = [str(assistant.bank.path), str(app.state.server.images.folder), os.getcwd()]
     for payload in ({"messages": [{"role": "x" * 50_000, "content": "hi"}]}, {"messages": [{"role": "user", "content": [{"type": "y" * 50_000}]}]},
                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "z" * 50_000}):
         r = client.post("/v1/chat/completions", json=payload)
-        assert r.status_code == 422 and len(r.content) < 2000
+        assert r.status_code == 400 and len(r.content) < 2000
         assert not any(p in r.text for p in server_paths)
 
 

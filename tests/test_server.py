@@ -22,6 +22,7 @@ from mcllava.errors import McLlavaError
 from mcllava.server import ChatCompletion, ChatCompletionChunk, LocateResponse, ModelGate, ServerLimits, create_app
 
 KEY = "s3cret-key"
+LOCAL = "http://localhost"  # a server without a key answers only the hosts it was started for
 LIMITS = ServerLimits(max_body_bytes=300_000, max_image_bytes=100_000, max_pixels=1_000_000, max_text_chars=500, max_messages=4, max_new_tokens=8, max_queue=16)
 
 
@@ -35,7 +36,7 @@ def bank_dir(tmp_path_factory, tokenizer_dir):
 def assistant(bank_dir):
     from mcllava.assistant import PersonalAssistant
 
-    return PersonalAssistant.load(bank_dir)
+    return PersonalAssistant.load(bank_dir, str(bank_dir.parent / "base"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def app(assistant):
 
 @pytest.fixture(scope="module")
 def client(app):
-    return TestClient(app)
+    return TestClient(app, base_url=LOCAL)
 
 
 def ask(question="Is <bo> in this photo?", image=True, **extra) -> dict:
@@ -56,7 +57,7 @@ def ask(question="Is <bo> in this photo?", image=True, **extra) -> dict:
 def error_of(response, status: int) -> str:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type"}
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     for leak in ("/tmp", "Traceback", "File \"", "site-packages"):
         assert leak not in response.text
     return body["error"]["message"]
@@ -89,19 +90,30 @@ def test_chat_without_image_or_visual_prompt(client, assistant):
     assert r.json()["mcllava"] == {"marks": {}, "locations": [], "marked_image": None, "parts": {}}
 
 
-def test_chat_streams_server_sent_events(client):
-    plain = client.post("/v1/chat/completions", json=ask()).json()
-    with client.stream("POST", "/v1/chat/completions", json=ask(stream=True)) as r:
+def stream_chunks(client, payload) -> list[ChatCompletionChunk]:
+    with client.stream("POST", "/v1/chat/completions", json=payload) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    return [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+
+
+def test_chat_streams_server_sent_events(client):
+    """As OpenAI streams: usage only with stream_options.include_usage, then in a last chunk with no choices."""
+    plain = client.post("/v1/chat/completions", json=ask()).json()
+    chunks = stream_chunks(client, ask(stream=True))
     assert chunks[0].choices[0].delta.role == "assistant" and len({c.id for c in chunks}) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.strip() == plain["choices"][0]["message"]["content"]
     last = chunks[-1]
-    assert last.choices[0].finish_reason == plain["choices"][0]["finish_reason"]
-    assert last.usage.model_dump() == plain["usage"] and last.mcllava.marks == {"1": "bo"}
+    assert last.choices[0].finish_reason == plain["choices"][0]["finish_reason"] and last.mcllava.marks == {"1": "bo"}
+    assert all(c.usage is None for c in chunks)
+    counted = stream_chunks(client, ask(stream=True, stream_options={"include_usage": True}))
+    *rest, usage = counted
+    assert usage.choices == [] and usage.usage.model_dump() == plain["usage"] and all(c.usage is None for c in rest)
+    assert rest[-1].choices[0].finish_reason == plain["choices"][0]["finish_reason"]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == text
+    assert all(c.usage is None for c in stream_chunks(client, ask(stream=True, stream_options={"include_usage": False})))
 
 
 @pytest.mark.parametrize("question", ["Are <bo> and <ana> both in this photo?", "Describe this photo."])
@@ -112,11 +124,9 @@ def test_an_answer_built_from_one_question_per_concept_streams_whole(client, que
     assert set(plain["mcllava"]["parts"]) == {"bo", "ana"}
     content, found = plain["choices"][0]["message"]["content"], [c for c, t in plain["mcllava"]["parts"].items() if t.startswith("Yes")]
     assert content.startswith(("Yes", "No")) if "both" in question else all(f"<{c}>" in content for c in found)
-    with client.stream("POST", "/v1/chat/completions", json=ask(question, stream=True)) as r:
-        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
-    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    *chunks, usage = stream_chunks(client, ask(question, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain["choices"][0]["message"]["content"]
-    assert chunks[-1].usage.model_dump() == plain["usage"] and chunks[-1].mcllava.parts == plain["mcllava"]["parts"]
+    assert usage.usage.model_dump() == plain["usage"] and chunks[-1].mcllava.parts == plain["mcllava"]["parts"]
     assert plain["usage"]["completion_tokens"] >= 2  # both questions' answers are counted
 
 
@@ -142,7 +152,7 @@ def test_concepts_health_and_models(client, tmp_path, assistant):
     ]
     (tmp_path / "bo" / "train").mkdir(parents=True)
     red_photo(80).save(tmp_path / "bo" / "train" / "0.png")
-    with_thumbs = TestClient(create_app(assistant, limits=LIMITS, concepts_dir=tmp_path)).get("/v1/concepts").json()["data"]
+    with_thumbs = TestClient(create_app(assistant, limits=LIMITS, concepts_dir=tmp_path), base_url=LOCAL).get("/v1/concepts").json()["data"]
     assert with_thumbs[0]["thumbnail"].startswith("data:image/jpeg;base64,") and with_thumbs[1]["thumbnail"] is None
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/v1/models").json()["data"][0]["id"].startswith("mcllava")
@@ -172,12 +182,12 @@ def test_every_route_but_health_needs_the_key(assistant):
             assert "key" in error_of(r, 401) and r.headers["www-authenticate"] == "Bearer"
     for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
         assert client.get("/v1/concepts", headers=headers).status_code == 200
-    # the key is checked before the body is read: a malformed body without the key is 401, not 422
+    # the key is checked before the body is read: a malformed body without the key is 401, not 400
     for body in (b"{not json", b"x" * 100):
         r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         assert "key" in error_of(r, 401)
     r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json", "X-API-Key": KEY})
-    error_of(r, 422)
+    error_of(r, 400)
     assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
 
 
@@ -217,10 +227,10 @@ BAD_CHATS = {
     "no user message": ({"messages": [{"role": "system", "content": "hi"}]}, 400, "no user message"),
     "empty question": ({"messages": [{"role": "user", "content": "   "}]}, 400, "no text"),
     "image placeholder": (ask("Is <image> here?", image=False), 400, "image"),
-    "no messages": ({"messages": []}, 422, "messages"),
-    "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
-    "n": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 422, "n"),
-    "bad part": ({"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]}, 422, "content"),
+    "no messages": ({"messages": []}, 400, "messages"),
+    "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    "n": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
+    "bad part": ({"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]}, 400, "content"),
 }
 
 
@@ -239,10 +249,10 @@ def test_body_limits_and_bad_bodies(client, app):
             yield b" " * 10_000
 
     assert "300,000 bytes" in error_of(client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
-    error_of(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    error_of(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     error_of(client.post("/v1/locate", content=b"hello", headers={"content-type": "text/plain"}), 415)
     assert "JSON" in error_of(client.post("/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}), 415)
-    error_of(client.post("/v1/locate", json={"return_image": True}), 422)
+    error_of(client.post("/v1/locate", json={"return_image": True}), 400)
     error_of(client.post("/v1/locate", files={"photo": ("a.png", b"x", "image/png")}), 400)
     error_of(client.post("/v1/locate", files={"image": ("a.png", png_bytes(red_photo()), "image/png")}, data={"return_image": "maybe"}), 400)
     error_of(client.get("/nowhere"), 404)
@@ -251,7 +261,7 @@ def test_body_limits_and_bad_bodies(client, app):
 
 
 def test_errors_name_no_paths_and_no_internals(assistant, bank_dir, monkeypatch):
-    client = TestClient(create_app(assistant, limits=LIMITS), raise_server_exceptions=False)
+    client = TestClient(create_app(assistant, limits=LIMITS), base_url=LOCAL, raise_server_exceptions=False)
 
     def crash(*args, **kwargs):
         raise RuntimeError(f"boom in {bank_dir}")
@@ -308,7 +318,7 @@ def test_a_full_queue_answers_503(assistant):
         gate.admit()
     assert refused.value.status_code == 503
     app = create_app(assistant, limits=ServerLimits(max_queue=1, max_new_tokens=8))
-    client, gate = TestClient(app), app.state.server.bank.gate
+    client, gate = TestClient(app, base_url=LOCAL), app.state.server.bank.gate
     gate.lock.acquire()
     try:
         waiting = threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": ask(image=False)})
@@ -325,9 +335,9 @@ def test_a_full_queue_answers_503(assistant):
 
 
 def test_openapi_schema_matches_the_routes(app, assistant):
-    schema = TestClient(app).get("/openapi.json").json()
+    schema = TestClient(app, base_url=LOCAL).get("/openapi.json").json()
     paths = schema["paths"]
-    assert set(paths) == {"/health", "/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models"}
+    assert set(paths) == {"/health", "/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models", "/v1/models/{model_id}"}
     ref = lambda op, code="200", ctype="application/json": op["responses"][code]["content"][ctype]["schema"]["$ref"].rsplit("/", 1)[1]  # noqa: E731
     chat = paths["/v1/chat/completions"]["post"]
     assert ref(chat) == "ChatCompletion" and ref(chat, ctype="text/event-stream") == "ChatCompletionChunk"
@@ -337,9 +347,9 @@ def test_openapi_schema_matches_the_routes(app, assistant):
     assert ref(paths["/v1/concepts"]["get"]) == "ConceptList" and ref(paths["/health"]["get"]) == "Health"
     for path in ("/v1/chat/completions", "/v1/locate"):
         op = next(iter(paths[path].values()))
-        assert {ref(op, code) for code in ("400", "401", "413", "415", "422", "500", "503")} == {"ErrorResponse"}
+        assert {ref(op, code) for code in ("400", "401", "403", "404", "408", "413", "415", "500", "503")} == {"ErrorResponse"}
     components = schema["components"]["schemas"]
-    assert "HTTPValidationError" not in components and {"ChatCompletionChunk", "LocateRequest", "Delta"} <= set(components)
+    assert "HTTPValidationError" not in components and not any("422" in op["responses"] for ops in paths.values() for op in ops.values()) and {"ChatCompletionChunk", "LocateRequest", "Delta"} <= set(components)
     assert "security" not in chat
     keyed = TestClient(create_app(assistant, api_key=KEY, limits=LIMITS)).get("/openapi.json").json()
     assert keyed["paths"]["/v1/chat/completions"]["post"]["security"] and "security" not in keyed["paths"]["/health"]["get"]

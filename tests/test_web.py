@@ -27,7 +27,7 @@ def assistant(tmp_path_factory, tokenizer_dir):
     from mcllava.assistant import PersonalAssistant
 
     root = tmp_path_factory.mktemp("web")
-    return PersonalAssistant.load(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank"))
+    return PersonalAssistant.load(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank"), str(root / "base"))
 
 
 def test_page_uploads_a_photo_asks_and_shows_the_answer_and_marks(assistant, tmp_path):

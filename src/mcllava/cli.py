@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -236,27 +237,31 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help="Require this key on every route but /health."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Without --api-key, also answer requests naming this host "
+                                           "(besides --host and loopback; '*': any). Repeatable."),
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
-    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
+    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers (needed when it names a local path)."),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
 ) -> None:
     """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md)."""
+    if os.environ.get("MCLLAVA_API_KEY") == "" and api_key is None:
+        api_key = ""  # an empty variable is a mistake, not "no key"
+    if api_key is not None and not api_key.strip():
+        _fail(McLlavaError("the API key is empty (--api-key or MCLLAVA_API_KEY): give a real key, or none to serve on this machine only"))
     try:
-        import uvicorn
-
         from .assistant import PersonalAssistant
-        from .server import create_app
+        from .server import create_app, run
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
     try:
         assistant = PersonalAssistant.load(bank, base, split_together=not joint, recognise_first=not free_captions)
-        server_app = create_app(assistant, api_key=api_key, concepts_dir=concepts)
+        server_app = create_app(assistant, api_key=api_key, concepts_dir=concepts, allowed_hosts=[host, *allowed_host])
     except (McLlavaError, OSError) as exc:
         _fail(exc)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and (host not in ("127.0.0.1", "localhost", "::1") or allowed_host):
         err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
-    uvicorn.run(server_app, host=host, port=port, log_level="info")
+    run(server_app, host=host, port=port)
 
 
 @app.command("export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -18,7 +19,7 @@ from .. import __version__
 from ..assistant import PersonalAssistant
 from ..errors import McLlavaError
 from .guards import BodyLimit, RequestGuard
-from .limits import ApiError, ServerLimits
+from .limits import ApiError, ServerLimits, error_body
 from .schemas import (ERRORS, ChatCompletion, ChatCompletionChunk, ChatRequest, ConceptList, Health, LocateRequest, LocateResponse,
                       ModelCard, ModelList)
 from .service import Server
@@ -50,15 +51,19 @@ STREAM_DOC = {
 
 
 def create_app(
-    assistant_or_bank_path, api_key: str | None = None, limits: ServerLimits = ServerLimits(), concepts_dir: str | Path | None = None
+    assistant_or_bank_path, api_key: str | None = None, limits: ServerLimits = ServerLimits(), concepts_dir: str | Path | None = None,
+    allowed_hosts: Iterable[str] = (), base: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving one assistant (or the bank at a path, on the base model it remembers).
+    """The FastAPI app serving one assistant (or the bank at a path, on the base model it names or on `base`).
 
     With `api_key`, every route but /health, the web page and the API description answers 401 without
-    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. Without one, only requests naming a loopback host or one
+    of `allowed_hosts` in Host are answered (``"*"``: any), and none from a page of another origin.
     """
+    if api_key is not None and not api_key.strip():
+        raise McLlavaError("the API key is empty: give a real key, or none to serve on this machine only")
     if isinstance(assistant_or_bank_path, (str, Path)):
-        assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path)
+        assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path, base)
     server = Server(assistant_or_bank_path, limits, concepts_dir)
     app = FastAPI(
         title="mcllava",
@@ -66,8 +71,8 @@ def create_app(
         summary="A vision-language model personalised with your concepts: OpenAI-compatible chat, locate, concepts.",
     )
     app.state.server = server
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RequestGuard, api_key=api_key)  # outermost: no body is read before the key is checked
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)  # outermost: no body is read before the key is checked
     _install_error_handlers(app, server)
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
@@ -103,6 +108,14 @@ def create_app(
     def models() -> ModelList:
         """The one model served (for OpenAI clients that list models first)."""
         return ModelList(data=[ModelCard(id=server.bank.model_id, created=server.bank.created)])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS, tags=["chat"], **guarded)
+    def model(model_id: str) -> ModelCard:
+        """The served model, by its id (404 for any other)."""
+        if model_id != server.bank.model_id:
+            raise ApiError(404, f"no model '{model_id[:200]}' here: this server serves '{server.bank.model_id}'", param="model",
+                           code="model_not_found")
+        return ModelCard(id=server.bank.model_id, created=server.bank.created)
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
@@ -146,26 +159,38 @@ async def _locate_input(request: Request, server: Server) -> tuple[Image.Image, 
     return await run_in_threadpool(server.images.from_data_url, req.image), req.return_image
 
 
-def _install_error_handlers(app: FastAPI, server: Server) -> None:
-    """Every error becomes ``{"error": {"message", "type"}}``; nothing leaks paths or tracebacks."""
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: ('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or None
 
-    def reply(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+def _install_error_handlers(app: FastAPI, server: Server) -> None:
+    """Every error becomes OpenAI's ``{"error": {"message", "type", "param", "code"}}``; nothing leaks paths or tracebacks."""
+
+    def reply(status: int, message: str, kind: str, headers: dict | None = None, param: str | None = None, code: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if isinstance(exc, ApiError):
-            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers)
+            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
         return reply(exc.status_code, str(exc.detail), kind, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in exc.errors()[:5]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
-        return reply(422, ("invalid request: " + "; ".join(problems))[:1000], "invalid_request_error")
+        """A request that does not match the schema: 400 naming the first parameter at fault, as OpenAI does."""
+        errors = exc.errors()
+        problems = [f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]]
+        first = errors[0] if errors else {}
+        code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+        return reply(400, ("invalid request: " + "; ".join(problems))[:1000], "invalid_request_error",
+                     param=_param(first.get("loc", ())), code=code)
 
     @app.exception_handler(McLlavaError)
     async def refused(request: Request, exc: McLlavaError) -> JSONResponse:
@@ -178,13 +203,19 @@ def _install_error_handlers(app: FastAPI, server: Server) -> None:
 
 def _document_extra_schemas(app: FastAPI) -> None:
     """Add to the OpenAPI components the models that routes use outside FastAPI's view: the streamed chunk
-    (inside the event stream) and the locate request (parsed by hand, as it may also come as a form)."""
+    (inside the event stream) and the locate request (parsed by hand, as it may also come as a form); and drop
+    FastAPI's 422, which this API never answers."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for operations in schema.get("paths", {}).values():  # schema errors are 400s here, as in OpenAI's API
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
             for model, mode in ((ChatCompletionChunk, "serialization"), (LocateRequest, "validation")):
                 sub = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
                 for name, definition in sub.pop("$defs", {}).items():

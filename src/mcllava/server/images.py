@@ -75,6 +75,9 @@ class ImageDecoder:
             raise ApiError(400, "cannot read the image: corrupt, truncated, or not JPEG, PNG, WebP or BMP", "invalid_image") from None
         if width * height > self.limits.max_pixels:
             raise too_many
+        if max(width, height) > self.limits.max_aspect_ratio * max(1, min(width, height)):
+            raise ApiError(413, f"the image is {width:,}x{height:,} pixels, {max(width, height) / max(1, min(width, height)):,.0f} times "
+                           f"longer than wide; the limit is {self.limits.max_aspect_ratio:g} times", "limit_exceeded")
         path = self.folder / f"{uuid.uuid4().hex}.img"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

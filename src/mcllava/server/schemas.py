@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class ErrorBody(BaseModel):
     message: str
     type: str
+    param: str | None = Field(None, description="The request parameter at fault, when there is one (e.g. 'n', 'messages[0].content').")
+    code: str | None = Field(None, description="A machine-readable reason, when there is one (e.g. 'unsupported_parameter').")
 
 
 class ErrorResponse(BaseModel):
@@ -53,10 +54,16 @@ class ChatOptions(BaseModel):
     return_image: bool = Field(False, description="Return the marked image (when marks were drawn) as a data URL.")
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send the usage as a last chunk of its own, with no choices.")
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat request. The last user message is the question (its image, if any, the photo); earlier
     turns and system messages are ignored: the model answers one question at a time, and its system text is
-    the concept introductions. Decoding is greedy: sampling fields are accepted and ignored."""
+    the concept introductions. Decoding is greedy: temperature, top_p, seed and the penalties are accepted and
+    ignored; `n` must be 1; `stop` is honoured; response_format (other than text), logprobs and tools are
+    refused with a 400 naming the parameter, since the model cannot do them."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -64,8 +71,17 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, description="Must be 1 (decoding is greedy, so more choices would all be the same).")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the answer ends before the first of them.")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    logprobs: bool | None = Field(None, description="Not supported: only false.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    tools: list[Any] | None = Field(None, description="Not supported.")
+    tool_choice: Any = Field(None, description="Not supported (other than 'none').")
+    functions: list[Any] | None = Field(None, description="Not supported.")
+    function_call: Any = Field(None, description="Not supported (other than 'none').")
     mcllava: ChatOptions = Field(default_factory=ChatOptions)
 
 
@@ -124,7 +140,8 @@ class ChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed answer; the last one carries finish_reason, usage and mcllava."""
+    """One server-sent event of a streamed answer. The one with finish_reason carries mcllava; with
+    stream_options.include_usage a last chunk with no choices carries the usage."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -182,11 +199,14 @@ class Health(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": words}
     for code, words in {
-        400: "Invalid input (bad image, empty question, ...)",
+        400: "Invalid input (bad image, empty question, invalid text, a parameter the model cannot honour, a request "
+             "that does not match the schema, a Host or Origin refused without a key, ...); `param` names the parameter",
         401: "Missing or wrong API key",
+        403: "A cross-origin request to a server without an API key",
+        404: "No such route or model",
+        408: "The request body did not arrive in time",
         413: "A limit was exceeded (body, image bytes, pixels, text, messages, tokens)",
         415: "Unsupported content type (chat: application/json; locate: JSON or multipart/form-data)",
-        422: "The request does not match the schema",
         500: "Internal error (details are logged by the server, never sent)",
         503: "The queue for the model is full; retry later",
     }.items()

@@ -20,6 +20,7 @@ from .schemas import ConceptOut
 
 log = logging.getLogger("mcllava.server")
 THUMBNAIL_SIDE = 128
+PROMPT_MARGIN = 64  # tokens beyond the system text, template and photo: the visual prompt's words about its marks
 
 
 class ModelGate:
@@ -105,12 +106,25 @@ class ServedBank:
         self.model_id = f"mcllava-{bank.path.name}" if bank.path is not None else "mcllava"
         self.created = int(time.time())
         self.concepts = self._concept_cards(concepts_dir)
+        backbone = assistant.backbone
+        text_config = getattr(backbone.model.config, "text_config", backbone.model.config)
+        self.context: int = getattr(text_config, "max_position_embeddings", None) or 1 << 20
+        empty = backbone.format_prompt("", assistant.tokens.system_text(), image=True)
+        self.prompt_overhead = len(backbone.encode(empty).input_ids) + PROMPT_MARGIN
         secret_paths = [str(p) for p in (bank.path, bank.base_model, concepts_dir, *private_paths) if p]
         self._secrets = sorted({s for s in secret_paths if os.sep in s or Path(s).exists()}, key=len, reverse=True)
 
     @property
     def names(self) -> dict[str, str]:
         return self.assistant.names
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is as a question."""
+        return len(self.assistant.backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def question_room(self, max_tokens: int) -> int:
+        """How many tokens of the model's context are left for a question answered in `max_tokens` tokens."""
+        return max(0, self.context - self.prompt_overhead - max_tokens)
 
     def scrub(self, message: str) -> str:
         """Remove server paths (bank, base model, temporary folder) from a message meant for a client."""

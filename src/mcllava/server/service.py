@@ -18,7 +18,8 @@ from transformers import TextIteratorStreamer
 from ..errors import McLlavaError
 from ..locate import draw_marks
 from .images import ImageDecoder, image_data_url
-from .limits import DEFAULT_MAX_TOKENS, ApiError, ServerLimits
+from .limits import ApiError, ServerLimits, error_body
+from .params import ChatPlan, StopText, plan_chat
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatExtras, ChatOptions, ChatRequest, Choice, ChunkChoice,
                       Delta, LocateResponse, LocationOut, Usage)
 from .served import ServedBank, generation_hook
@@ -43,29 +44,6 @@ class Server:
         self.bank = ServedBank(assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,))
 
     # ------------------------------------------------------------------ chat
-    def parse_chat(self, req: ChatRequest) -> tuple[str, Image.Image | None, int]:
-        """The question, the photo and the answer length of a chat request, with every limit checked."""
-        lim = self.limits
-        if len(req.messages) > lim.max_messages:
-            raise ApiError(413, f"{len(req.messages)} messages; the limit is {lim.max_messages}", "limit_exceeded")
-        for m in req.messages:
-            if sum(len(t) for t in m.texts()) > lim.max_text_chars:
-                raise ApiError(413, f"a {m.role} message is longer than the limit of {lim.max_text_chars:,} characters", "limit_exceeded")
-        users = [m for m in req.messages if m.role == "user"]
-        if not users:
-            raise ApiError(400, "there is no user message to answer")
-        question = "\n".join(users[-1].texts()).strip()
-        if not question:
-            raise ApiError(400, "the last user message has no text: ask a question")
-        urls = users[-1].images()
-        if len(urls) > 1:
-            raise ApiError(400, f"the last user message has {len(urls)} images; send one photo per question")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, lim.max_new_tokens)
-        if max_tokens > lim.max_new_tokens:
-            raise ApiError(413, f"max_tokens is {max_tokens}; the limit is {lim.max_new_tokens}", "limit_exceeded")
-        image = self.images.from_data_url(urls[0]) if urls else None
-        return question, image, max_tokens
-
     def extras(self, result, return_image: bool) -> ChatExtras:
         names = self.bank.assistant.names
         marked = image_data_url(result.marked_image) if return_image and result.marked_image is not None else None
@@ -73,30 +51,34 @@ class Server:
                           marked_image=marked, parts=result.parts)
 
     def chat(self, req: ChatRequest) -> ChatCompletion | StreamingResponse:
-        question, image, max_tokens = self.parse_chat(req)
+        plan = plan_chat(req, self.limits, self.bank, self.images)
         opts = req.mcllava
         if req.stream:
-            return self._stream(question, image, max_tokens, opts)
+            return self._stream(plan, opts)
         with self.bank.gate(), generation_hook(self.bank.assistant.backbone.model) as stats:
-            result = self.bank.assistant.respond(image, question, visual_prompt=opts.visual_prompt, max_new_tokens=max_tokens)
+            result = self.bank.assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens)
+        stop = StopText(plan.stops)
+        text = stop.cut(result.text)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.bank.model_id,
-            choices=[Choice(message=AssistantMessage(content=result.text), finish_reason="stop" if stats.get("stopped", True) else "length")],
+            choices=[Choice(message=AssistantMessage(content=text), finish_reason=_finish(stats, stop))],
             usage=_usage(stats), mcllava=self.extras(result, opts.return_image),
         )
 
-    def _stream(self, question: str, image, max_tokens: int, opts: ChatOptions) -> StreamingResponse:
+    def _stream(self, plan: ChatPlan, opts: ChatOptions) -> StreamingResponse:
         """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
         together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
         self.bank.gate.admit()  # a full queue is a 503 now, not an error inside the stream
-        streamer = TextIteratorStreamer(self.bank.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        whole = image is not None and self.bank.assistant.asks_per_concept(question)
+        assistant = self.bank.assistant
+        streamer = TextIteratorStreamer(assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        whole = plan.image is not None and assistant.asks_per_concept(plan.question)
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with self.bank.gate.hold(), generation_hook(self.bank.assistant.backbone.model, None if whole else streamer) as stats:
-                    outcome["result"] = self.bank.assistant.respond(image, question, visual_prompt=opts.visual_prompt, max_new_tokens=max_tokens)
+                with self.bank.gate.hold(), generation_hook(assistant.backbone.model, None if whole else streamer) as stats:
+                    outcome["result"] = assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt,
+                                                          max_new_tokens=plan.max_tokens)
                 outcome["stats"] = stats
                 if whole:
                     streamer.on_finalized_text(outcome["result"].text)
@@ -108,10 +90,11 @@ class Server:
         worker = threading.Thread(target=work, name="mcllava-generate", daemon=True)
         worker.start()
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stop = StopText(plan.stops)
 
         def chunk(**fields) -> str:
             body = ChatCompletionChunk(id=cid, created=created, model=self.bank.model_id, **fields)
-            return f"data: {body.model_dump_json()}\n\n"
+            return f"data: {body.model_dump_json(exclude_none=False)}\n\n"
 
         def events() -> Iterator[str]:
             yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
@@ -120,19 +103,23 @@ class Server:
                 if not started:
                     text = text.lstrip()
                     started = bool(text)
+                text = stop.feed(text)
                 if text:
                     yield chunk(choices=[ChunkChoice(delta=Delta(content=text))])
             worker.join()  # generate ends the streamer before `respond` returns
+            rest = stop.finish().rstrip()
+            if rest:
+                yield chunk(choices=[ChunkChoice(delta=Delta(content=rest))])
             error = outcome.get("error")
             if error is not None:
                 status, message, kind = self.describe(error)
-                yield f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+                yield f"data: {json.dumps(error_body(message, kind))}\n\n"
             else:
                 stats = outcome["stats"]
-                yield chunk(
-                    choices=[ChunkChoice(delta=Delta(), finish_reason="stop" if stats.get("stopped", True) else "length")],
-                    usage=_usage(stats), mcllava=self.extras(outcome["result"], opts.return_image),
-                )
+                yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=_finish(stats, stop))],
+                            mcllava=self.extras(outcome["result"], opts.return_image))
+                if plan.include_usage:
+                    yield chunk(choices=[], usage=_usage(stats))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -156,6 +143,10 @@ class Server:
             width=image.size[0], height=image.size[1], locations=[_location(l, names) for l in locations],
             marks={str(n): c for n, c in marks.items()}, marked_image=image_data_url(marked) if return_image else None,
         )
+
+
+def _finish(stats: dict, stop: StopText) -> str:
+    return "stop" if stop.stopped or stats.get("stopped", True) else "length"
 
 
 def _usage(stats: dict) -> Usage:
