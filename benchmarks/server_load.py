@@ -113,9 +113,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mcllava-load-") as tmp:
         bank = tiny_bank(Path(tmp)) if args.tiny else args.bank
+        base = args.base or (str(Path(tmp) / "base") if args.tiny else None)  # a local base is not followed from the bank
         first = json.loads((Path(bank) / "manifest.json").read_text())["concept_ids"][0]
         port = free_port()
-        cmd = [sys.executable, "-m", "mcllava.cli", "serve", str(bank), "--port", str(port)] + (["--base", args.base] if args.base else [])
+        cmd = [sys.executable, "-m", "mcllava.cli", "serve", str(bank), "--port", str(port)] + (["--base", base] if base else [])
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--concepts", type=Path, default=None, help="concept folders (thumbnails on the page)")
     ap.add_argument("--photo", type=Path, required=True)
     ap.add_argument("--question", default="Describe this photo.")
+    ap.add_argument("--base", help="the base model, when the bank names it by a local path")
     ap.add_argument("--out", type=Path, default=Path("docs/img/web-page.png"))
     args = ap.parse_args()
 
@@ -37,7 +38,7 @@ def main() -> None:
     chromium = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and Path(p).exists()), None)
     if chromium is None:
         raise SystemExit("no Chromium binary: apt-get install -y chromium")
-    app = create_app(args.bank, concepts_dir=args.concepts)
+    app = create_app(args.bank, concepts_dir=args.concepts, base=args.base)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

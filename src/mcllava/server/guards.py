@@ -52,7 +52,7 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} seconds", "timeout",
+                raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s of its headers", "timeout",
                                headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))

@@ -114,10 +114,6 @@ class ServedBank:
         secret_paths = [str(p) for p in (bank.path, bank.base_model, concepts_dir, *private_paths) if p]
         self._secrets = sorted({s for s in secret_paths if os.sep in s or Path(s).exists()}, key=len, reverse=True)
 
-    @property
-    def names(self) -> dict[str, str]:
-        return self.assistant.names
-
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` is as a question."""
         return len(self.assistant.backbone.tokenizer(text, add_special_tokens=False)["input_ids"])

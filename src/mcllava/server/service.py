@@ -94,7 +94,7 @@ class Server:
 
         def chunk(**fields) -> str:
             body = ChatCompletionChunk(id=cid, created=created, model=self.bank.model_id, **fields)
-            return f"data: {body.model_dump_json(exclude_none=False)}\n\n"
+            return f"data: {body.model_dump_json()}\n\n"
 
         def events() -> Iterator[str]:
             yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
