@@ -365,7 +365,7 @@ class ConceptBank:
         for name, rows, reference in (("input_rows", self.input_rows, word_norm), ("head_rows", self.head_rows, head_norm)):
             if rows is None or reference is None or not math.isfinite(reference) or reference <= 0:
                 continue
-            norms = rows.norm(dim=-1)
+            norms = rows.double().norm(dim=-1)  # float32 squares of finite 1e30 rows would overflow
             worst = int(norms.argmax())
             i, j = divmod(worst, norms.shape[1])
             if float(norms.max()) > MAX_ROW_NORM_RATIO * reference:
