@@ -17,7 +17,9 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..assistant import PersonalAssistant
 from ..errors import McLlavaError
+from .banks import ModelError, bank_name, visible
 from .guards import BodyLimit, RequestGuard
+from .keys import KeyRing, key_banks
 from .limits import ApiError, ServerLimits
 from .schemas import (ERRORS, ChatCompletion, ChatCompletionChunk, ChatRequest, ConceptList, Health, LocateRequest, LocateResponse,
                       ModelCard, ModelList)
@@ -50,16 +52,21 @@ STREAM_DOC = {
 
 
 def create_app(
-    assistant_or_bank_path, api_key: str | None = None, limits: ServerLimits = ServerLimits(), concepts_dir: str | Path | None = None
+    assistant_or_bank_path, api_key: str | KeyRing | None = None, limits: ServerLimits = ServerLimits(),
+    concepts_dir: str | Path | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving one assistant (or the bank at a path, on the base model it remembers).
+    """The FastAPI app serving one assistant (or the bank at a path, on the base model it remembers), or the
+    banks of a `SharedBase` (several banks on one base; a request's `model` picks one).
 
-    With `api_key`, every route but /health, the web page and the API description answers 401 without
-    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+    With `api_key` (a key, or a `KeyRing` of keys each limited to some banks), every route but /health, the web
+    page and the API description answers 401 without ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, and
+    403 for a bank the key may not use.
     """
     if isinstance(assistant_or_bank_path, (str, Path)):
         assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path)
     server = Server(assistant_or_bank_path, limits, concepts_dir)
+    if isinstance(api_key, KeyRing):
+        api_key.check_banks(bank_name(b) for b in server.banks.values())
     app = FastAPI(
         title="mcllava",
         version=__version__,
@@ -84,25 +91,29 @@ def create_app(
         return Health(version=__version__)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: STREAM_DOC, **ERRORS}, tags=["chat"], **guarded)
-    def chat_completions(req: ChatRequest):
-        """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`)."""
-        return server.chat(req)
+    def chat_completions(req: ChatRequest, request: Request):
+        """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`); `model`
+        names the bank (any name will do on a server of one bank)."""
+        return server.chat(req, key_banks(request))
 
     @app.post("/v1/locate", response_model=LocateResponse, responses=ERRORS, openapi_extra={"requestBody": LOCATE_BODY}, tags=["concepts"], **guarded)
-    async def locate(request: Request) -> LocateResponse:
-        """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload)."""
+    async def locate(request: Request, model: str | None = None) -> LocateResponse:
+        """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload);
+        `?model=` names the bank where the server holds several."""
+        bank = server.pick(model, key_banks(request))
         image, return_image = await _locate_input(request, server)
-        return await run_in_threadpool(server.locate, image, return_image)
+        return await run_in_threadpool(server.locate, image, return_image, bank)
 
     @app.get("/v1/concepts", response_model=ConceptList, responses=ERRORS, tags=["concepts"], **guarded)
-    def concepts() -> ConceptList:
-        """The bank's concepts: ids, tokens to use in questions, display names, categories and thumbnails."""
-        return ConceptList(data=server.bank.concepts)
+    def concepts(request: Request, model: str | None = None) -> ConceptList:
+        """The bank's concepts: ids, tokens to use in questions, display names, categories and thumbnails; `?model=`
+        names the bank where the server holds several."""
+        return ConceptList(data=server.pick(model, key_banks(request)).concepts)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["chat"], **guarded)
-    def models() -> ModelList:
-        """The one model served (for OpenAI clients that list models first)."""
-        return ModelList(data=[ModelCard(id=server.bank.model_id, created=server.bank.created)])
+    def models(request: Request) -> ModelList:
+        """The banks served, as models (for OpenAI clients that list models first): those the key may use."""
+        return ModelList(data=[ModelCard(id=b.model_id, created=b.created) for b in visible(server.banks, key_banks(request))])
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
@@ -149,11 +160,13 @@ async def _locate_input(request: Request, server: Server) -> tuple[Image.Image, 
 def _install_error_handlers(app: FastAPI, server: Server) -> None:
     """Every error becomes ``{"error": {"message", "type"}}``; nothing leaks paths or tracebacks."""
 
-    def reply(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    def reply(status: int, message: str, kind: str, headers: dict | None = None, **more) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, **more}}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, ModelError):
+            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, param=exc.param, code=exc.code)
         if isinstance(exc, ApiError):
             return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")

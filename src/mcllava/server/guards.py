@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 
+from .keys import KEY_BANKS, KeyRing
 from .limits import ApiError
 
 
@@ -45,21 +45,23 @@ class RequestGuard:
     """ASGI middleware that answers before any body is read: with an API key, 401 on /v1/* without the right key
     (else a malformed body would get 422 first); and 415 for a chat request whose body is not JSON."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: "str | KeyRing | None"):
         self.app = app
-        self.expected = api_key.encode("utf-8") if api_key else None
+        self.keys = api_key if isinstance(api_key, KeyRing) else KeyRing.parse([api_key] if api_key else [])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None:
+        if self.keys:
             auth = headers.get(b"authorization", b"")
             given = [g for g in (auth[7:].strip() if auth[:7].lower() == b"bearer " else None, headers.get(b"x-api-key"))
                      if g is not None]
-            if not any(hmac.compare_digest(g, self.expected) for g in given):
+            found, banks = self.keys.match(given)
+            if not found:
                 return await _refuse(send, 401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
                                      "authentication_error", [(b"www-authenticate", b"Bearer")])
+            scope.setdefault("state", {})[KEY_BANKS] = banks  # the routes refuse the banks this key may not use
         if scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":

@@ -98,15 +98,28 @@ class ServedBank:
     """The assistant of one bank as the routes use it: the gate to its model, the model id clients name, the
     concept cards, and the server paths (bank, base, concept folder) that no message to a client may contain."""
 
-    def __init__(self, assistant, max_queue: int, concepts_dir: str | Path | None = None, private_paths: tuple[str, ...] = ()):
+    def __init__(self, assistant, max_queue: int, concepts_dir: str | Path | None = None, private_paths: tuple[str, ...] = (),
+                 gate: ModelGate | None = None, model_id: str | None = None, use=None):
+        """With several banks on one base, they share `gate`, each is named by `model_id` (its folder's name) and
+        `use` (`SharedBase.use` for this bank) puts it in the model for a request; one bank alone needs neither."""
         self.assistant = assistant
-        self.gate = ModelGate(max_queue)
+        self.gate = gate or ModelGate(max_queue)
         bank = assistant.bank
-        self.model_id = f"mcllava-{bank.path.name}" if bank.path is not None else "mcllava"
+        self.model_id = model_id or (f"mcllava-{bank.path.name}" if bank.path is not None else "mcllava")
+        self._use = use
         self.created = int(time.time())
         self.concepts = self._concept_cards(concepts_dir)
         secret_paths = [str(p) for p in (bank.path, bank.base_model, concepts_dir, *private_paths) if p]
         self._secrets = sorted({s for s in secret_paths if os.sep in s or Path(s).exists()}, key=len, reverse=True)
+
+    @contextmanager
+    def in_use(self) -> Iterator[Any]:
+        """The assistant, with this bank's rows in the model for the block (hold the gate around it)."""
+        if self._use is None:
+            yield self.assistant
+        else:
+            with self._use() as assistant:
+                yield assistant
 
     @property
     def names(self) -> dict[str, str]:
