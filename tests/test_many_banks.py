@@ -156,3 +156,24 @@ def test_key_specs_and_keys_file(tmp_path):
     for bad in (["k="], ["k", "k=a"], [" "]):
         with pytest.raises(McLlavaError):
             KeyRing.parse(bad)
+
+
+def test_cli_serves_a_folder_of_banks_with_keys_per_bank(banks, tmp_path, tokenizer_dir, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from mcllava.cli import app
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: served.update(app=server_app, **kw))
+    (tmp_path / "keys").write_text("bob-key-0123456789=bob\n")
+    result = CliRunner().invoke(app, ["serve", str(banks["alice"].parent), "--api-key", "admin-key-0123456789", "--api-keys", str(tmp_path / "keys")])
+    assert result.exit_code == 0, result.output
+    client = TestClient(served["app"])
+    bob = {"X-API-Key": "bob-key-0123456789"}
+    assert [m["id"] for m in client.get("/v1/models", headers=bob).json()["data"]] == ["bob"]
+    assert client.get("/v1/concepts", params={"model": "alice"}, headers=bob).status_code == 403
+    assert client.get("/v1/concepts", params={"model": "alice"}, headers={"X-API-Key": "admin-key-0123456789"}).status_code == 200
+    other = make_bank(make_base(tokenizer_dir, tmp_path / "base2", tied=True), tmp_path / "carol")
+    result = CliRunner().invoke(app, ["serve", str(banks["alice"]), str(other)])
+    assert result.exit_code == 2 and "carol" in result.output and "Traceback" not in result.output

@@ -76,3 +76,39 @@ def test_page_uploads_a_photo_asks_and_shows_the_answer_and_marks(assistant, tmp
         finally:
             browser.close()
     assert problems == []
+
+
+def test_page_picks_a_bank_from_the_models_list(tmp_path, tokenizer_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    from mcllava.assistant import PersonalAssistant
+    from mcllava.multibank import SharedBase
+
+    base = make_base(tokenizer_dir, tmp_path / "base")
+    bob = make_bank(base, tmp_path / "banks" / "bob", concepts={"kit": {"name": "Kit"}, "rex": {"name": "Rex"}, "zoe": {"name": "Zoe"}}, seed=3)
+    make_bank(base, tmp_path / "banks" / "alice", seed=1)
+    app = create_app(SharedBase.load([tmp_path / "banks"]), limits=ServerLimits(max_new_tokens=8))
+    expected = PersonalAssistant.load(bob).respond(None, "Who is <kit>?", max_new_tokens=8).text
+
+    problems: list[str] = []
+    with serving(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
+            page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.goto(url)
+            picker = page.get_by_label("Bank")
+            expect(picker).to_be_visible()
+            expect(picker.locator("option")).to_have_count(2)
+            expect(page.locator("button.concept")).to_have_count(2)  # alice's, the first bank
+            picker.select_option("bob")
+            expect(page.locator("button.concept")).to_have_count(3)
+            expect(page.locator("button.concept").first).to_contain_text("Kit")
+            page.get_by_label("Question").fill("Who is <kit>?")
+            page.get_by_role("button", name="Ask").click()
+            expect(page.locator("#answer")).to_have_text(expected or "(empty answer)", timeout=30_000)
+            expect(page.locator("#error")).to_be_hidden()
+        finally:
+            browser.close()
+    assert problems == []
