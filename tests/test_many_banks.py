@@ -153,7 +153,9 @@ def test_key_specs_and_keys_file(tmp_path):
     ring = KeyRing.parse(KeyRing.read(path))
     assert ring.match([b"nope", b"alice-key"]) == (True, frozenset({"alice", "bob"}))
     assert ring.match([b"admin-key"]) == (True, None) and ring.match([b"admin"]) == (False, None)
-    for bad in (["k="], ["k", "k=a"], [" "]):
+    assert KeyRing.parse(["YWJjZA==", "a=b=c,d"]).match([b"YWJjZA=="]) == (True, None)  # base64 padding is no bank list
+    assert KeyRing.parse(["a=b=c,d"]).match([b"a=b"]) == (True, frozenset({"c", "d"}))
+    for bad in (["k", "k=a"], [" "], ["two words"], ["=alice"]):
         with pytest.raises(McLlavaError):
             KeyRing.parse(bad)
 

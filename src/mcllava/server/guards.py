@@ -47,7 +47,7 @@ class RequestGuard:
 
     def __init__(self, app, api_key: "str | KeyRing | None"):
         self.app = app
-        self.keys = api_key if isinstance(api_key, KeyRing) else KeyRing.parse([api_key] if api_key else [])
+        self.keys = api_key if isinstance(api_key, KeyRing) else KeyRing({api_key: None} if api_key else {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):

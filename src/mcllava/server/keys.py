@@ -23,19 +23,22 @@ class KeyRing:
 
     def __init__(self, keys: Mapping[str, frozenset[str] | None]):
         for key in keys:
-            if not key or key != key.strip() or any(c in key for c in "=,#"):
-                raise McLlavaError("an API key must be non-empty and hold no spaces around it, '=', ',' or '#'")
+            if not key or any(c.isspace() or not c.isprintable() for c in key):
+                raise McLlavaError("an API key must be non-empty, without spaces or control characters")
         self._keys = [(k.encode("utf-8"), banks) for k, banks in keys.items()]
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> "KeyRing":
-        """Keys from `KEY` (every bank) or `KEY=bank1,bank2` specs; the same key twice is refused."""
+        """Keys from `KEY` (every bank) or `KEY=bank1,bank2` specs (split at the last `=`: a key ending in `=`, as
+        base64 keys may, is a whole key); the same key twice is refused."""
         keys: dict[str, frozenset[str] | None] = {}
         for spec in specs:
-            key, sep, names = spec.strip().partition("=")
-            banks = frozenset(n.strip() for n in names.split(",") if n.strip()) if sep else ALL_BANKS
-            if sep and not banks:
-                raise McLlavaError("an API key given as KEY=BANKS names no bank; give KEY alone to allow every bank")
+            key, sep, names = spec.strip().rpartition("=")
+            banks = frozenset(n.strip() for n in names.split(",") if n.strip())
+            if sep and not key and banks:
+                raise McLlavaError("an API key given as KEY=BANKS has no key before the '='")
+            if not sep or not banks:  # no '=', or a trailing one: the whole spec is a key for every bank
+                key, banks = spec.strip(), ALL_BANKS
             if key in keys:
                 raise McLlavaError("an API key is given twice")
             keys[key] = banks
