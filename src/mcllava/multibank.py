@@ -96,11 +96,13 @@ class SharedBase:
         self.backbone = backbone
         tokenizer = backbone.tokenizer
         check_same_base(banks)
+        digest = config_hash(backbone.model.config)
         for bank in banks.values():  # names the bank when the base is not its own
-            bank.check_base(config_hash(backbone.model.config), len(tokenizer))
+            bank.check_base(digest, len(tokenizer))
         self._base_tokenizer = copy.deepcopy(tokenizer)  # before any concept token: encodes the plain text
         strings = list(dict.fromkeys(s for bank in banks.values() for s in bank.all_tokens))
-        clashes = [s for s in strings if s in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()
+        clashes = [s for s in strings if s in vocab]
         if clashes:
             raise BankError(f"concept tokens already exist in the base tokenizer: {', '.join(clashes[:5])}")
         tokenizer.add_tokens(strings, special_tokens=False)
