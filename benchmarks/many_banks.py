@@ -9,8 +9,9 @@ or a row. Then:
 - latency: one process holds both servers and alternates requests (same photo, same question, greedy answers of
   `--max-tokens` tokens): the one-bank server on bank 0; the many-bank server on bank 0 (the same bank again and
   again: its rows stay, its prompt cache is warm); the many-bank server round the banks (each answer for the
-  next bank: rows written, and no prompt cache survives with more banks than `--prompt-caches`). Answers of
-  bank 0 must be equal on both servers.
+  next bank: rows written, and no prompt cache survives with more banks than `--prompt-caches`); and, for
+  comparison with the last, the one-bank server with its prompt cache off. Answers of bank 0 must be equal on
+  both servers.
 
     python benchmarks/many_banks.py --bank BANK [--banks 100] [--answers 20] [--max-tokens 16]
     python benchmarks/many_banks.py --tiny     # an untrained tiny bank, as the tests build (plumbing only)
@@ -121,10 +122,15 @@ def latency(folder: Path, args) -> dict:
     first_one, first_many = answer(one, request(banks[0], None, args.max_tokens)), answer(many, request(banks[0], paths[0].name, args.max_tokens))
     assert first_one[1] == first_many[1], ("bank 0 answers differently on the two servers", first_one[1], first_many[1])
     answer(one, request(banks[0], None, args.max_tokens))  # the prompt caches learn their prefix on the second answer
-    times: dict[str, list[float]] = {"one bank": [], "many: same bank": [], "many: round the banks": []}
+    times: dict[str, list[float]] = {"one bank": [], "one bank, no prompt cache": [], "many: same bank": [], "many: round the banks": []}
+    cache = one.app.state.server.bank.assistant.backbone.prompt_cache
     for r in range(args.answers):
         ms, text = answer(one, request(banks[0], None, args.max_tokens))
         times["one bank"].append(ms)
+        cache.enabled = False  # what a bank whose prompt cache is cold costs, on the one-bank server
+        ms, _ = answer(one, request(banks[0], None, args.max_tokens))
+        cache.enabled = True
+        times["one bank, no prompt cache"].append(ms)
         ms, same = answer(many, request(banks[0], paths[0].name, args.max_tokens))
         times["many: same bank"].append(ms)
         assert same == text, ("bank 0 answers differently on the two servers", text, same)
