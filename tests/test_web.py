@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,25 @@ def assistant(tmp_path_factory, tokenizer_dir):
     return PersonalAssistant.load(make_bank(make_base(tokenizer_dir, root / "base"), root / "bank"), str(root / "base"))
 
 
+@contextmanager
+def browsing(app, problems: list[str]) -> Iterator:
+    """A headless Chromium page open at `app` (served on loopback); console errors and page errors go to `problems`."""
+    from playwright.sync_api import sync_playwright
+
+    with serving(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
+            page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
 def test_page_uploads_a_photo_asks_and_shows_the_answer_and_marks(assistant, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     photo = tmp_path / "photo.png"
     red_photo(240).save(photo)
@@ -41,38 +60,58 @@ def test_page_uploads_a_photo_asks_and_shows_the_answer_and_marks(assistant, tmp
     expected = assistant.respond(red_photo(240), QUESTION, max_new_tokens=8).text
 
     problems: list[str] = []
-    with serving(app) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 760})
-            page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.goto(url)
-            expect(page.get_by_role("heading", name="Your concepts")).to_be_visible()
-            concepts = page.locator("button.concept")
-            expect(concepts).to_have_count(2)
-            expect(concepts.first).to_contain_text("Bo")
-            expect(page.locator("img.thumb")).to_have_count(1)  # Bo's thumbnail from the concept folder
+    with browsing(app, problems) as page:
+        expect(page.get_by_role("heading", name="Your concepts")).to_be_visible()
+        concepts = page.locator("button.concept")
+        expect(concepts).to_have_count(2)
+        expect(concepts.first).to_contain_text("Bo")
+        expect(page.locator("img.thumb")).to_have_count(1)  # Bo's thumbnail from the concept folder
 
-            page.get_by_label("Question").fill("Is ")
-            page.get_by_label("Question").press("End")
-            concepts.first.click()  # inserts <bo> at the cursor
-            page.get_by_label("Question").press_sequentially("in this photo?")
-            expect(page.get_by_label("Question")).to_have_value(QUESTION)
+        page.get_by_label("Question").fill("Is ")
+        page.get_by_label("Question").press("End")
+        concepts.first.click()  # inserts <bo> at the cursor
+        page.get_by_label("Question").press_sequentially("in this photo?")
+        expect(page.get_by_label("Question")).to_have_value(QUESTION)
 
-            page.set_input_files("#photo", str(photo))
-            expect(page.locator("#preview")).to_be_visible()
-            page.get_by_role("button", name="Ask").click()
+        page.set_input_files("#photo", str(photo))
+        expect(page.locator("#preview")).to_be_visible()
+        page.get_by_role("button", name="Ask").click()
 
-            expect(page.locator("#answer")).to_have_text(expected or "(empty answer)", timeout=30_000)
-            marked = page.locator("#marked")
-            expect(marked).to_be_visible()
-            assert page.evaluate("document.getElementById('marked').naturalWidth") == 240
-            expect(page.locator("#marks-caption")).to_have_text("Marks: 1 = Bo")
-            expect(page.locator("#error")).to_be_hidden()
-            shot = Path(os.environ.get("MCLLAVA_SCREENSHOT") or tmp_path / "web-page.png")
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        expect(page.locator("#answer")).to_have_text(expected or "(empty answer)", timeout=30_000)
+        marked = page.locator("#marked")
+        expect(marked).to_be_visible()
+        assert page.evaluate("document.getElementById('marked').naturalWidth") == 240
+        expect(page.locator("#marks-caption")).to_have_text("Marks: 1 = Bo")
+        expect(page.locator("#error")).to_be_hidden()
+        shot = Path(os.environ.get("MCLLAVA_SCREENSHOT") or tmp_path / "web-page.png")
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+    assert problems == []
+
+
+def test_page_picks_a_bank_from_the_models_list(tmp_path, tokenizer_dir):
+    from playwright.sync_api import expect
+
+    from mcllava.assistant import PersonalAssistant
+    from mcllava.multibank import SharedBase
+
+    base = make_base(tokenizer_dir, tmp_path / "base")
+    bob = make_bank(base, tmp_path / "banks" / "bob", concepts={"kit": {"name": "Kit"}, "rex": {"name": "Rex"}, "zoe": {"name": "Zoe"}}, seed=3)
+    make_bank(base, tmp_path / "banks" / "alice", seed=1)
+    app = create_app(SharedBase.load([tmp_path / "banks"]), limits=ServerLimits(max_new_tokens=8))
+    expected = PersonalAssistant.load(bob).respond(None, "Who is <kit>?", max_new_tokens=8).text
+
+    problems: list[str] = []
+    with browsing(app, problems) as page:
+        picker = page.get_by_label("Bank")
+        expect(picker).to_be_visible()
+        expect(picker.locator("option")).to_have_count(2)
+        expect(page.locator("button.concept")).to_have_count(2)  # alice's, the first bank
+        picker.select_option("bob")
+        expect(page.locator("button.concept")).to_have_count(3)
+        expect(page.locator("button.concept").first).to_contain_text("Kit")
+        page.get_by_label("Question").fill("Who is <kit>?")
+        page.get_by_role("button", name="Ask").click()
+        expect(page.locator("#answer")).to_have_text(expected or "(empty answer)", timeout=30_000)
+        expect(page.locator("#error")).to_be_hidden()
     assert problems == []

@@ -96,17 +96,25 @@ class PersonalAssistant:
         introduce: Literal["all", "relevant"] | None = None,
         split_together: bool = True,
         recognise_first: bool = True,
+        tokens: ConceptTokens | None = None,
+        never_say: Iterable[int] = (),
     ):
+        """`tokens` and `never_say` serve several banks on one base (`multibank.SharedBase`): the bank's tokens are
+        already in the tokenizer, its rows are written before each use, and `never_say` (the other banks' token ids)
+        is never generated. By default the bank's tokens are added and its rows written here."""
         from .bank import config_hash
 
         self.backbone = backbone
         self.bank = bank
-        bank.check_base(config_hash(backbone.model.config), len(backbone.tokenizer))
-        n = len(backbone.tokenizer)
-        bank.check_row_norms(word_embedding_norm(backbone.model, n),
-                             None if bank.tied_head else backbone.model.get_output_embeddings().weight[:n].float().norm(dim=-1).mean().item())
-        self.tokens: ConceptTokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
-        write_rows(backbone.model, self.tokens, bank.input_rows, bank.head_rows)
+        n = bank.tokenizer_len_before
+        bank.check_base(config_hash(backbone.model.config), None if tokens else len(backbone.tokenizer))
+        head = None if bank.tied_head else backbone.model.get_output_embeddings().weight[:n].float().norm(dim=-1).mean().item()
+        bank.check_row_norms(word_embedding_norm(backbone.model, n), head)
+        if tokens is None:
+            tokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
+            write_rows(backbone.model, tokens, bank.input_rows, bank.head_rows)
+        self.tokens: ConceptTokens = tokens
+        self.never_say = [*tokens.soft_ids, *never_say]  # token ids no answer may contain
         self.reference = reference
         self.split_together = split_together
         self.recognise_first = recognise_first
@@ -164,7 +172,7 @@ class PersonalAssistant:
         if image is None:
             system = self.tokens.system_text(self.introduced(question, []))
             prompt = self.backbone.format_prompt(question, system, image=False)
-            text = self.backbone.generate(prompt, None, max_new_tokens, suppress=self.tokens.soft_ids)
+            text = self.backbone.generate(prompt, None, max_new_tokens, suppress=self.never_say)
             return Answer(text=text, system=system)
         image = image.convert("RGB")
         features = self.backbone.visual_tokens([image]).features[0]
@@ -181,7 +189,7 @@ class PersonalAssistant:
 
         def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
             return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens,
-                                          suppress=[*self.tokens.soft_ids, *suppress], prefix=prefix)
+                                          suppress=[*self.never_say, *suppress], prefix=prefix)
 
         def recognise(cids: list[str]) -> dict[str, str]:  # each concept asked about on its own, same visual tokens
             return {c: reply(q, system_for(q)) for c in cids for q in [recognition_question([c])]}

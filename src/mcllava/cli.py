@@ -52,6 +52,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+API_KEY_HELP = ("Require a key on every route but /health: KEY (every bank) or KEY=bank1,bank2 (those banks only); "
+                "give it several times for several keys.")
+PROMPT_CACHES_HELP = "How many banks, of those used last, keep their prompt cache (0: none)."
 INTRODUCE_HELP = ("all: the system text introduces every concept; relevant: only those the question names or the photo "
                   "shows (shorter prompts for large banks). Default: as the bank was trained.")
 JOINT_HELP = ("Ask 'are <a> and <b> both in this photo?' as one question; by default each concept is asked about on its "
@@ -233,34 +236,45 @@ def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> Non
 
 @app.command()
 def serve(
-    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    banks: list[Path] = typer.Argument(..., help="Concept bank folders, or folders of banks (all on one base model)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help="Require this key on every route but /health."),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help=API_KEY_HELP),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="A file of keys: one KEY or KEY=bank1,bank2 a line."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Without --api-key, also answer requests naming this host "
                                            "(besides --host and loopback; '*': any). Repeatable."),
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
-    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers (needed when it names a local path)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the banks remember (needed when one names a local path)."),
+    prompt_caches: int = typer.Option(8, "--prompt-caches", min=0, help=PROMPT_CACHES_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
 ) -> None:
-    """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md)."""
-    if os.environ.get("MCLLAVA_API_KEY") == "" and api_key is None:
-        api_key = ""  # an empty variable is a mistake, not "no key"
-    if api_key is not None and not api_key.strip():
-        _fail(McLlavaError("the API key is empty (--api-key or MCLLAVA_API_KEY): give a real key, or none to serve on this machine only"))
+    """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md). Several banks
+    share one copy of the base model; a request's `model` (a bank's folder name) picks its bank."""
+    if os.environ.get("MCLLAVA_API_KEY") == "" and not api_key:
+        api_key = [""]  # an empty variable is a mistake, not "no key"
     try:
         from .assistant import PersonalAssistant
+        from .multibank import SharedBase, bank_folders
         from .server import create_app, run
+        from .server.keys import KeyRing
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
+    options = dict(split_together=not joint, recognise_first=not free_captions)
     try:
-        assistant = PersonalAssistant.load(bank, base, split_together=not joint, recognise_first=not free_captions)
-        server_app = create_app(assistant, api_key=api_key, concepts_dir=concepts, allowed_hosts=[host, *allowed_host])
+        keys = KeyRing.parse([*(api_key or []), *(KeyRing.read(api_keys) if api_keys else [])])
+        folders = bank_folders(banks)
+        if len(folders) == 1:  # one bank: served as always, under the id mcllava-<folder>, for any model name
+            served = PersonalAssistant.load(next(iter(folders.values())), base, **options)
+        else:
+            served = SharedBase.load(folders.values(), base, prompt_caches=prompt_caches, **options)
+        server_app = create_app(served, api_key=keys or None, concepts_dir=concepts, allowed_hosts=[host, *allowed_host])
     except (McLlavaError, OSError) as exc:
         _fail(exc)
-    if api_key is None and (host not in ("127.0.0.1", "localhost", "::1") or allowed_host):
+    if not keys and (host not in ("127.0.0.1", "localhost", "::1") or allowed_host):
         err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    if len(folders) > 1:
+        console.print(f"serving {len(folders)} banks on one base: {', '.join(folders)}", highlight=False)
     run(server_app, host=host, port=port)
 
 

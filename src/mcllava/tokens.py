@@ -96,12 +96,17 @@ def add_concept_tokens(model, tokenizer, concept_ids: list[str], k: int, pad_to_
     tokenizer.add_tokens(tokens.all_strings, special_tokens=False)
     for cid in tokens.concept_ids:
         tokens.ids[cid] = tokenizer.convert_tokens_to_ids(tokens.strings(cid))
+    grow_embeddings(model, len(tokenizer), pad_to_multiple_of)
+    return tokens
+
+
+def grow_embeddings(model, needed: int, pad_to_multiple_of: int = 64) -> None:
+    """Make the embedding matrix (and an untied head) hold at least `needed` rows; it never shrinks, and any growth
+    is rounded up to a multiple of `pad_to_multiple_of`."""
     rows = model.get_input_embeddings().weight.shape[0]
-    needed = len(tokenizer)
     if needed > rows:
         model.resize_token_embeddings(math.ceil(needed / pad_to_multiple_of) * pad_to_multiple_of, mean_resizing=False)
     assert model.get_input_embeddings().weight.shape[0] >= max(rows, needed)
-    return tokens
 
 
 def ordinary_rows(model, n_ordinary: int) -> torch.Tensor:

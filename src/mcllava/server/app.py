@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..assistant import PersonalAssistant
 from ..errors import McLlavaError
+from .banks import ModelError, bank_name, visible
 from .guards import BodyLimit, RequestGuard
+from .keys import KeyRing, key_banks
 from .limits import ApiError, ServerLimits, error_body
 from .schemas import (ERRORS, ChatCompletion, ChatCompletionChunk, ChatRequest, ConceptList, Health, LocateRequest, LocateResponse,
                       ModelCard, ModelList)
@@ -51,20 +53,24 @@ STREAM_DOC = {
 
 
 def create_app(
-    assistant_or_bank_path, api_key: str | None = None, limits: ServerLimits = ServerLimits(), concepts_dir: str | Path | None = None,
-    allowed_hosts: Iterable[str] = (), base: str | None = None,
+    assistant_or_bank_path, api_key: str | KeyRing | None = None, limits: ServerLimits = ServerLimits(),
+    concepts_dir: str | Path | None = None, allowed_hosts: Iterable[str] = (), base: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving one assistant (or the bank at a path, on the base model it names or on `base`).
+    """The FastAPI app serving one assistant (or the bank at a path, on the base model it names or on `base`), or
+    the banks of a `SharedBase` (several banks on one base; a request's `model` picks one).
 
-    With `api_key`, every route but /health, the web page and the API description answers 401 without
-    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. Without one, only requests naming a loopback host or one
-    of `allowed_hosts` in Host are answered (``"*"``: any), and none from a page of another origin.
+    With `api_key` (a key, or a `KeyRing` of keys each limited to some banks), every route but /health, the web
+    page and the API description answers 401 without ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, and
+    403 for a bank the key may not use. Without one, only requests naming a loopback host or one of
+    `allowed_hosts` in Host are answered (``"*"``: any), and none from a page of another origin.
     """
-    if api_key is not None and not api_key.strip():
+    if isinstance(api_key, str) and not api_key.strip():
         raise McLlavaError("the API key is empty: give a real key, or none to serve on this machine only")
     if isinstance(assistant_or_bank_path, (str, Path)):
         assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path, base)
     server = Server(assistant_or_bank_path, limits, concepts_dir)
+    if isinstance(api_key, KeyRing):
+        api_key.check_banks(bank_name(b) for b in server.banks.values())
     app = FastAPI(
         title="mcllava",
         version=__version__,
@@ -89,33 +95,38 @@ def create_app(
         return Health(version=__version__)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: STREAM_DOC, **ERRORS}, tags=["chat"], **guarded)
-    def chat_completions(req: ChatRequest):
-        """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`)."""
-        return server.chat(req)
+    def chat_completions(req: ChatRequest, request: Request):
+        """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`); `model`
+        names the bank (any name will do on a server of one bank)."""
+        return server.chat(req, key_banks(request))
 
     @app.post("/v1/locate", response_model=LocateResponse, responses=ERRORS, openapi_extra={"requestBody": LOCATE_BODY}, tags=["concepts"], **guarded)
-    async def locate(request: Request) -> LocateResponse:
-        """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload)."""
+    async def locate(request: Request, model: str | None = None) -> LocateResponse:
+        """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload);
+        `?model=` names the bank where the server holds several."""
+        bank = server.pick(model, key_banks(request))
         image, return_image = await _locate_input(request, server)
-        return await run_in_threadpool(server.locate, image, return_image)
+        return await run_in_threadpool(server.locate, image, return_image, bank)
 
     @app.get("/v1/concepts", response_model=ConceptList, responses=ERRORS, tags=["concepts"], **guarded)
-    def concepts() -> ConceptList:
-        """The bank's concepts: ids, tokens to use in questions, display names, categories and thumbnails."""
-        return ConceptList(data=server.bank.concepts)
+    def concepts(request: Request, model: str | None = None) -> ConceptList:
+        """The bank's concepts: ids, tokens to use in questions, display names, categories and thumbnails; `?model=`
+        names the bank where the server holds several."""
+        return ConceptList(data=server.pick(model, key_banks(request)).concepts)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["chat"], **guarded)
-    def models() -> ModelList:
-        """The one model served (for OpenAI clients that list models first)."""
-        return ModelList(data=[ModelCard(id=server.bank.model_id, created=server.bank.created)])
+    def models(request: Request) -> ModelList:
+        """The banks served, as models (for OpenAI clients that list models first): those the key may use."""
+        return ModelList(data=[ModelCard(id=b.model_id, created=b.created) for b in visible(server.banks, key_banks(request))])
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS, tags=["chat"], **guarded)
-    def model(model_id: str) -> ModelCard:
-        """The served model, by its id (404 for any other)."""
-        if model_id != server.bank.model_id:
-            raise ApiError(404, f"no model '{model_id[:200]}' here: this server serves '{server.bank.model_id}'", param="model",
-                           code="model_not_found")
-        return ModelCard(id=server.bank.model_id, created=server.bank.created)
+    def model(model_id: str, request: Request) -> ModelCard:
+        """A served bank, by its id (404 for any other, or one the key may not use)."""
+        for b in visible(server.banks, key_banks(request)):
+            if b.model_id == model_id:
+                return ModelCard(id=b.model_id, created=b.created)
+        raise ApiError(404, f"no model '{model_id[:200]}' here: GET /v1/models lists the models served", param="model",
+                       code="model_not_found")
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
@@ -177,6 +188,8 @@ def _install_error_handlers(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, ModelError):
+            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, param=exc.param, code=exc.code)
         if isinstance(exc, ApiError):
             return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")

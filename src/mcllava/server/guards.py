@@ -4,11 +4,11 @@ without a key, the content type, the body's size and how long it takes to arrive
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from .keys import KEY_BANKS, KeyRing
 from .limits import ApiError, error_body
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -72,15 +72,9 @@ class BodyLimit:
 class RequestGuard:
     """ASGI middleware that answers before any body is read.
 
-    With an API key: 401 on /v1/* without the right key (else a malformed body would get 422 first). Without
-    one: only the hosts the server was started for may be named in Host (else a web page could reach a local
-    server through DNS rebinding), and a request from a page of another origin is refused. Always: 415 for a
-    chat request whose body is not JSON.
-    """
-
-    def __init__(self, app, api_key: str | None, allowed_hosts: Iterable[str] = ()):
+    def __init__(self, app, api_key: str | KeyRing | None, allowed_hosts: Iterable[str] = ()):
         self.app = app
-        self.expected = api_key.encode("utf-8") if api_key is not None else None
+        self.keys = api_key if isinstance(api_key, KeyRing) else KeyRing({api_key: None} if api_key is not None else {})
         hosts = {host_name(h) for h in allowed_hosts if h and h not in ("0.0.0.0", "::")}
         self.any_host = ANY_HOST in hosts
         self.hosts = frozenset(LOOPBACK_HOSTS | hosts)
@@ -89,7 +83,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is None and not self.any_host:
+        if not self.keys and not self.any_host:
             host = host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.hosts:
                 return await refuse(send, 400, f"this server answers without an API key only to the hosts it was started for; "
@@ -101,13 +95,15 @@ class RequestGuard:
                                     "permission_error", code="cross_origin")
         if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        if self.expected is not None:
+        if self.keys:
             auth = headers.get(b"authorization", b"")
             given = [g for g in (auth[7:].strip() if auth[:7].lower() == b"bearer " else None, headers.get(b"x-api-key"))
                      if g is not None]
-            if not any(hmac.compare_digest(g, self.expected) for g in given):
+            found, banks = self.keys.match(given)
+            if not found:
                 return await refuse(send, 401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
                                     "authentication_error", [(b"www-authenticate", b"Bearer")], code="invalid_api_key")
+            scope.setdefault("state", {})[KEY_BANKS] = banks  # the routes refuse the banks this key may not use
         if scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":

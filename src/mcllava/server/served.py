@@ -99,11 +99,15 @@ class ServedBank:
     """The assistant of one bank as the routes use it: the gate to its model, the model id clients name, the
     concept cards, and the server paths (bank, base, concept folder) that no message to a client may contain."""
 
-    def __init__(self, assistant, max_queue: int, concepts_dir: str | Path | None = None, private_paths: tuple[str, ...] = ()):
+    def __init__(self, assistant, max_queue: int, concepts_dir: str | Path | None = None, private_paths: tuple[str, ...] = (),
+                 gate: ModelGate | None = None, model_id: str | None = None, use=None):
+        """With several banks on one base, they share `gate`, each is named by `model_id` (its folder's name) and
+        `use` (`SharedBase.use` for this bank) puts it in the model for a request; one bank alone needs neither."""
         self.assistant = assistant
-        self.gate = ModelGate(max_queue)
+        self.gate = gate or ModelGate(max_queue)
         bank = assistant.bank
-        self.model_id = f"mcllava-{bank.path.name}" if bank.path is not None else "mcllava"
+        self.model_id = model_id or (f"mcllava-{bank.path.name}" if bank.path is not None else "mcllava")
+        self._use = use
         self.created = int(time.time())
         self.concepts = self._concept_cards(concepts_dir)
         backbone = assistant.backbone
@@ -121,6 +125,18 @@ class ServedBank:
     def question_room(self, max_tokens: int) -> int:
         """How many tokens of the model's context are left for a question answered in `max_tokens` tokens."""
         return max(0, self.context - self.prompt_overhead - max_tokens)
+    @contextmanager
+    def in_use(self) -> Iterator[Any]:
+        """The assistant, with this bank's rows in the model for the block (hold the gate around it)."""
+        if self._use is None:
+            yield self.assistant
+        else:
+            with self._use() as assistant:
+                yield assistant
+
+    @property
+    def names(self) -> dict[str, str]:
+        return self.assistant.names
 
     def scrub(self, message: str) -> str:
         """Remove server paths (bank, base model, temporary folder) from a message meant for a client."""

@@ -22,6 +22,7 @@ from .limits import ApiError, ServerLimits, error_body
 from .params import ChatPlan, StopText, plan_chat
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatExtras, ChatOptions, ChatRequest, Choice, ChunkChoice,
                       Delta, LocateResponse, LocationOut, Usage)
+from .banks import pick, served_banks
 from .served import ServedBank, generation_hook
 
 log = logging.getLogger("mcllava.server")
@@ -35,48 +36,54 @@ def _location(loc, names: dict[str, str]) -> LocationOut:
 
 
 class Server:
-    """What the routes share: the limits, the image decoder and the served bank (see `ServedBank`)."""
+    """What the routes share: the limits, the image decoder and the served banks (see `ServedBank`): one
+    assistant's bank, or every bank of a `SharedBase`, by model id; `bank` is the first."""
 
     def __init__(self, assistant, limits: ServerLimits, concepts_dir: str | Path | None = None):
         self.limits = limits
         self._tmp = tempfile.TemporaryDirectory(prefix="mcllava-serve-")
         self.images = ImageDecoder(limits, Path(self._tmp.name))
-        self.bank = ServedBank(assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,))
+        self.banks: dict[str, ServedBank] = served_banks(assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,))
+        self.bank = next(iter(self.banks.values()))
+
+    def pick(self, model: str | None, allowed: frozenset[str] | None = None) -> ServedBank:
+        """The bank a request names (see `banks.pick`): 404 for an unknown model, 403 for one the key may not use."""
+        return pick(self.banks, model, allowed)
 
     # ------------------------------------------------------------------ chat
-    def extras(self, result, return_image: bool) -> ChatExtras:
-        names = self.bank.assistant.names
+    def extras(self, result, return_image: bool, bank: ServedBank | None = None) -> ChatExtras:
+        names = (bank or self.bank).assistant.names
         marked = image_data_url(result.marked_image) if return_image and result.marked_image is not None else None
         return ChatExtras(marks={str(n): c for n, c in result.marks.items()}, locations=[_location(l, names) for l in result.locations],
                           marked_image=marked, parts=result.parts)
 
-    def chat(self, req: ChatRequest) -> ChatCompletion | StreamingResponse:
-        plan = plan_chat(req, self.limits, self.bank, self.images)
+    def chat(self, req: ChatRequest, allowed: frozenset[str] | None = None) -> ChatCompletion | StreamingResponse:
+        bank = self.pick(req.model, allowed)
+        plan = plan_chat(req, self.limits, bank, self.images)
         opts = req.mcllava
         if req.stream:
-            return self._stream(plan, opts)
-        with self.bank.gate(), generation_hook(self.bank.assistant.backbone.model) as stats:
-            result = self.bank.assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens)
+            return self._stream(bank, plan, opts)
+        with bank.gate(), bank.in_use() as assistant, generation_hook(assistant.backbone.model) as stats:
+            result = assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens)
         stop = StopText(plan.stops)
         text = stop.cut(result.text)
         return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.bank.model_id,
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=bank.model_id,
             choices=[Choice(message=AssistantMessage(content=text), finish_reason=_finish(stats, stop))],
-            usage=_usage(stats), mcllava=self.extras(result, opts.return_image),
+            usage=_usage(stats), mcllava=self.extras(result, opts.return_image, bank),
         )
 
-    def _stream(self, plan: ChatPlan, opts: ChatOptions) -> StreamingResponse:
+    def _stream(self, bank: ServedBank, plan: ChatPlan, opts: ChatOptions) -> StreamingResponse:
         """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
         together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
-        self.bank.gate.admit()  # a full queue is a 503 now, not an error inside the stream
-        assistant = self.bank.assistant
-        streamer = TextIteratorStreamer(assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        whole = plan.image is not None and assistant.asks_per_concept(plan.question)
+        bank.gate.admit()  # a full queue is a 503 now, not an error inside the stream
+        streamer = TextIteratorStreamer(bank.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        whole = plan.image is not None and bank.assistant.asks_per_concept(plan.question)
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with self.bank.gate.hold(), generation_hook(assistant.backbone.model, None if whole else streamer) as stats:
+                with bank.gate.hold(), bank.in_use() as assistant, generation_hook(assistant.backbone.model, None if whole else streamer) as stats:
                     outcome["result"] = assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt,
                                                           max_new_tokens=plan.max_tokens)
                 outcome["stats"] = stats
@@ -93,7 +100,7 @@ class Server:
         stop = StopText(plan.stops)
 
         def chunk(**fields) -> str:
-            body = ChatCompletionChunk(id=cid, created=created, model=self.bank.model_id, **fields)
+            body = ChatCompletionChunk(id=cid, created=created, model=bank.model_id, **fields)
             return f"data: {body.model_dump_json()}\n\n"
 
         def events() -> Iterator[str]:
@@ -117,7 +124,7 @@ class Server:
             else:
                 stats = outcome["stats"]
                 yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=_finish(stats, stop))],
-                            mcllava=self.extras(outcome["result"], opts.return_image))
+                            mcllava=self.extras(outcome["result"], opts.return_image, bank))
                 if plan.include_usage:
                     yield chunk(choices=[], usage=_usage(stats))
             yield "data: [DONE]\n\n"
@@ -134,11 +141,12 @@ class Server:
         return 500, "internal server error (the details are in the server's log)", "server_error"
 
     # ------------------------------------------------------------------ locate
-    def locate(self, image: Image.Image, return_image: bool) -> LocateResponse:
-        with self.bank.gate():
-            locations = self.bank.assistant.locations(image)
-        names = self.bank.assistant.names
-        marked, marks = draw_marks(image, locations, max_marks=self.bank.assistant.locate_config.max_marks)
+    def locate(self, image: Image.Image, return_image: bool, bank: ServedBank | None = None) -> LocateResponse:
+        bank = bank or self.bank
+        with bank.gate(), bank.in_use() as assistant:
+            locations = assistant.locations(image)
+        names = bank.assistant.names
+        marked, marks = draw_marks(image, locations, max_marks=bank.assistant.locate_config.max_marks)
         return LocateResponse(
             width=image.size[0], height=image.size[1], locations=[_location(l, names) for l in locations],
             marks={str(n): c for n, c in marks.items()}, marked_image=image_data_url(marked) if return_image else None,

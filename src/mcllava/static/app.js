@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { photo: null }; // the chosen photo as a data URL
+const state = { photo: null, bank: null }; // the chosen photo as a data URL; the chosen bank (a model id)
 
 function headers(extra = {}) {
   const key = sessionStorage.getItem("mcllava-key");
@@ -26,9 +26,40 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// The banks this key may use, from /v1/models; the picker shows only when there are several.
+async function loadBanks() {
+  try {
+    const { data } = await api("/v1/models");
+    const select = $("bank");
+    select.replaceChildren();
+    for (const model of data) {
+      const option = document.createElement("option");
+      option.value = model.id;
+      option.textContent = model.id;
+      select.append(option);
+    }
+    const saved = sessionStorage.getItem("mcllava-bank");
+    state.bank = data.some((m) => m.id === saved) ? saved : data.length ? data[0].id : null;
+    select.value = state.bank ?? "";
+    $("bank-row").hidden = data.length < 2;
+  } catch (error) {
+    $("concepts-status").textContent = `Could not load the banks: ${error.message}`;
+    return;
+  }
+  await loadConcepts();
+}
+
+function chooseBank(event) {
+  state.bank = event.target.value;
+  sessionStorage.setItem("mcllava-bank", state.bank);
+  $("result").hidden = true;
+  loadConcepts();
+}
+
 async function loadConcepts() {
   try {
-    const { data } = await api("/v1/concepts");
+    const query = state.bank ? `?model=${encodeURIComponent(state.bank)}` : "";
+    const { data } = await api(`/v1/concepts${query}`);
     const list = $("concepts");
     list.replaceChildren();
     for (const concept of data) {
@@ -129,6 +160,7 @@ async function ask(event) {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({
+        ...(state.bank ? { model: state.bank } : {}),
         messages: [{ role: "user", content }],
         mcllava: { visual_prompt: $("visual-prompt").checked, return_image: true },
       }),
@@ -180,7 +212,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("ask-form").addEventListener("submit", ask);
   $("api-key").addEventListener("change", (event) => {
     sessionStorage.setItem("mcllava-key", event.target.value);
-    loadConcepts();
+    loadBanks();
   });
-  loadConcepts();
+  $("bank").addEventListener("change", chooseBank);
+  loadBanks();
 });
