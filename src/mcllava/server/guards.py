@@ -72,6 +72,12 @@ class BodyLimit:
 class RequestGuard:
     """ASGI middleware that answers before any body is read.
 
+    With an API key: 401 on /v1/* without a right key (else a malformed body would get 422 first), and the banks
+    that key may use are left in the request's state. Without one: only the hosts the server was started for may
+    be named in Host (else a web page could reach a local server through DNS rebinding), and a request from a page
+    of another origin is refused. Always: 415 for a chat request whose body is not JSON.
+    """
+
     def __init__(self, app, api_key: str | KeyRing | None, allowed_hosts: Iterable[str] = ()):
         self.app = app
         self.keys = api_key if isinstance(api_key, KeyRing) else KeyRing({api_key: None} if api_key is not None else {})
