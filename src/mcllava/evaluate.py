@@ -263,7 +263,7 @@ def _score(row: dict, names: dict[str, str]) -> None:
         row["split"] = _visual_split(row) if row.get("image") else "text"
         row["parsed"] = parse_choice(pred, options)
         row["correct"] = row["parsed"] is not None and row["parsed"] == ref
-        row["official"] = official.exact(pred, row["answer"])
+        row["official"] = official.exact(pred, row.get("official_answer", row["answer"]))
     elif kind == "vqa":
         row["split"] = _visual_split(row) if row.get("image") else "text"
         row["score"] = bleu_mcllava(str(row["answer"]).strip(), pred.strip())
