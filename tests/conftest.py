@@ -57,3 +57,17 @@ def tiny_base_dir(tokenizer_dir):
     digest.update("\n".join(mcllava.training_data.RECOGNITION_QUESTIONS).encode())
     cache = Path(os.environ.get("MCLLAVA_CACHE", Path.home() / ".cache" / "mcllava"))
     return make_tiny_base(cache / f"test-tiny-base-{digest.hexdigest()[:12]}", tokenizer_cache=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer_dir):
+    """An untrained tiny LLaVA (tied head) saved like a checkpoint folder, for command-line tests."""
+    from transformers import AutoTokenizer
+
+    from mcllava.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(AutoTokenizer.from_pretrained(tokenizer_dir), tied=True)
+    out = tmp_path_factory.mktemp("base")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -9,21 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mcllava.cli import app
-from mcllava.tiny import build_tiny_llava, make_shape_concepts
+from mcllava.tiny import make_shape_concepts
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model, processor = build_tiny_llava(tok, tied=True)
-    out = tmp_path_factory.mktemp("base")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

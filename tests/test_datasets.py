@@ -84,15 +84,16 @@ def test_mcllava_release_shapes(tmp_path):
     (case / "concept" / "test" / "Alex" / "qa.json").write_text(json.dumps(
         [{"question": "What does <Alex> eat?\nA. fish\nB. hay", "answer": "B"}]))
     (case / "multi" / "Alex_Gloria" / "choice.json").write_text(json.dumps(
-        {"1.png": [{"Human": "Who is on the left, <Alex> or <Gloria>?", "AI": "A"}]}))
+        {"1.png": [{"Human": "Who is on the left? A. <Alex> B. <Gloria>", "AI": "A"}]}))
     recs = read_mcllava(tmp_path)
     rec = [r for r in recs if r["task"] == "recognition"]
     assert len(rec) == 4 * 2 + 2 * 3  # single: yes + no per image; multi: each + all
     choice = [r for r in recs if r["task"] == "choice" and r["image"]]
-    assert {r["question"] for r in choice} == {"What is <Alex> wearing?", "Who is on the left, <Alex> or <Gloria>?"}
+    assert {r["question"] for r in choice} == {"What is <Alex> wearing?", "Who is on the left?"}
     assert choice[0]["options"] == {"A": "a hat", "B": "a scarf", "C": "nothing"}
-    unparsed = next(r for r in choice if "Gloria" in r["question"])
-    assert unparsed["concepts"] == ["Alex", "Gloria"] and set(unparsed["options"]) >= {"A", "B", "C"}
+    inline = next(r for r in choice if "left" in r["question"])
+    assert inline["concepts"] == ["Alex", "Gloria"] and inline["options"] == {"A": "<Alex>", "B": "<Gloria>"}
+    assert {r["scenario"] for r in recs} == {"two_concept/Alex_Gloria"}
     text = [r for r in recs if r["image"] is None]
     assert text[0]["options"] == {"A": "fish", "B": "hay"} and text[0]["answer"] == "B"
     assert not any("_mask" in (r["image"] or "") for r in recs)

@@ -144,8 +144,9 @@ def test_choice_visual_and_text(img):
     rep = evaluate(records, ans, progress=False)
     c = rep["choice"]
     assert (c["accuracy"], c["n"]) == (0.75, 4)
-    assert c["splits"]["visual"] == {"accuracy": 0.5, "n": 2}
-    assert c["splits"]["text"] == {"accuracy": 1.0, "n": 2}
+    assert (c["splits"]["single"]["accuracy"], c["splits"]["single"]["n"]) == (0.5, 2)
+    assert (c["splits"]["text"]["accuracy"], c["splits"]["text"]["n"]) == (1.0, 2)
+    assert c["official"]["accuracy"] == 0.0  # none of them is the bare letter
     assert "recognition" not in rep and "vqa" not in rep
     # the options reach the model, with the letter instruction; images only where the record has one
     assert "\nB. a dog\n" in ans.seen[0][1] and ans.seen[0][0].mode == "RGB" and ans.seen[0][0].size == (16, 12)
@@ -185,7 +186,9 @@ def test_caption_recall(img):
     ]
     ans = Scripted(by_question={"Describe c1": "Bo is sitting alone.", "Describe c2": "<bo> runs."})
     rep = evaluate(records, ans, progress=False)
-    assert rep["caption"] == {"recall": pytest.approx(2 / 3), "precision": 1.0, "n": 2, "n_concepts": 3}
+    assert rep["caption"]["lenient"] == {"recall": pytest.approx(2 / 3), "precision": 1.0, "n": 2, "n_concepts": 3}
+    # official: the multi-concept caption needs the ids as substrings ("Bo" is not "bo"), the single one "<bo>"
+    assert rep["caption"]["official"] == {"recall": 0.5, "n": 2}
     assert [row["correct"] for row in rep["rows"]] == [False, True]
 
 
@@ -227,13 +230,13 @@ def test_report_shape_and_table(img, recognition_set):
     ans = Scripted("Yes")
     assert isinstance(ans, Answerer)
     rep = evaluate(records, ans, progress=False, keep_rows=False)
-    assert set(rep) == {"recognition", "vqa", "timing"}
+    assert set(rep) == {"recognition", "vqa", "timing", "scoring"}
     assert rep["timing"]["n"] == 7 and rep["timing"]["total_s"] >= rep["timing"]["answer_s"] >= 0
     json.dumps(rep)
     console = Console(record=True, width=120)
     print_table(rep, console)
     out = console.export_text()
-    for word in ("weighted_accuracy", "multi_one", "multi_all", "bleu_sacrebleu", "0.500"):
+    for word in ("weighted_accuracy", "multi_one", "multi_all", "bleu_sacrebleu", "0.500", "official", "lenient"):
         assert word in out
 
 

@@ -166,12 +166,43 @@ def ask(
         sys.stdout.write(result.text + "\n")
 
 
+METHOD_HELP = ("bank: the personalised bank (first argument) answers every question; retrieval: the training-free arm "
+               "(first argument: the concept folder; needs --base) answers the recognition questions by visual "
+               "similarity to the concepts' masked training photos, thresholds from training photos only.")
+PROMPTS_HELP = "ours: our wording; official: the MC-LLaVA code's wording ('Can you see <c> in this photo? ...')."
+
+
+def _answerer(target: Path, method: str, base: str | None, negatives: Path | None, opts: dict):
+    """The model that answers: the bank's assistant, or the retrieval arm fitted on the concept folder."""
+    if method == "retrieval":
+        from .backbone import Backbone
+        from .concepts import ConceptSet
+        from .retrieval import RetrievalArm
+
+        if base is None:
+            raise McLlavaError("--method retrieval needs --base (the model whose visual tokens it compares)")
+        if not (target / "concept.yaml").exists() and (target / "bank.json").exists():
+            raise McLlavaError(f"{target} is a bank; --method retrieval takes the concept folder instead")
+        return RetrievalArm.fit(Backbone.load(base), ConceptSet.load(target), negatives)
+    if method != "bank":
+        raise McLlavaError(f"--method must be bank or retrieval, not {method!r}")
+    from .assistant import AssistantAnswerer, PersonalAssistant
+
+    assistant = PersonalAssistant.load(target, base, introduce=_introduce(opts["introduce"]),
+                                       split_together=not opts["joint"], recognise_first=not opts["free_captions"])
+    return AssistantAnswerer(assistant, visual_prompt=not opts["no_visual_prompt"], keep_marks=opts["html"])
+
+
 @app.command("eval")
 def evaluate_cmd(
-    bank: Path = typer.Argument(..., help="A concept bank folder."),
+    bank: Path = typer.Argument(..., help="A concept bank folder (with --method retrieval: the concept folder)."),
     tests: Path = typer.Argument(..., help="tests.jsonl, or an MC-LLaVA / Yo'LLaVA release folder."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
+    method: str = typer.Option("bank", "--method", help=METHOD_HELP),
+    prompts: str = typer.Option("ours", "--prompts", help=PROMPTS_HELP),
+    negatives: Optional[Path] = typer.Option(None, "--negatives", help="--method retrieval: generic photos without any concept, as extra negatives for its thresholds."),
+    mcllava_labels: str = typer.Option("official", "--mcllava-labels", help="MC-LLaVA release folders: 'official' labels every concept of a group photo present, as its code does; 'positions' says No where position.json marks the concept null."),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
@@ -180,22 +211,32 @@ def evaluate_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Evaluate a bank on a test set: recognition, choice, VQA, caption and grounding metrics."""
-    from .assistant import AssistantAnswerer, PersonalAssistant
-    from .evaluate import evaluate, print_table
+    """Evaluate a bank (or the retrieval arm) on a test set: recognition, choice, VQA, caption and grounding, each
+    scored the official way and our lenient way, per split and per scenario."""
     from .datasets import read_any
+    from .evaluate import evaluate, print_table
 
+    if prompts not in ("ours", "official"):
+        _fail(ValueError(f"--prompts must be ours or official, not {prompts!r}"))
     try:
-        records = read_any(tests)
+        records = read_any(tests, labels=mcllava_labels)
+        if method == "retrieval":
+            records = [r for r in records if r["task"] == "recognition"]
         if limit:
             records = records[:limit]
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
-                                            recognise_first=not free_captions)
-        answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt, keep_marks=html is not None)
-        report = evaluate(records, answerer, progress=not quiet)
-    except (McLlavaError, OSError) as exc:
+        opts = {"introduce": introduce, "joint": joint, "free_captions": free_captions,
+                "no_visual_prompt": no_visual_prompt, "html": html is not None}
+        answerer = _answerer(bank, method, base, negatives, opts)
+        report = evaluate(records, answerer, progress=not quiet, prompts=prompts)
+    except (McLlavaError, OSError, ValueError) as exc:
         _fail(exc)
+    report["method"] = method
+    if method == "retrieval":
+        report["retrieval"] = answerer.summary()
     print_table(report, console)
+    if method == "retrieval":
+        console.print(f"retrieval arm: {report['retrieval']['seconds_per_photo'] or 0:.3f} s per photo, "
+                      f"fitted in {report['retrieval']['fit_seconds']:.1f} s, no training")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -205,7 +246,7 @@ def evaluate_cmd(
     if html:
         from .report import write_html
 
-        path = write_html(report, html, marked_images=answerer.marked)
+        path = write_html(report, html, marked_images=getattr(answerer, "marked", {}))
         console.print(f"HTML report: {path}")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from mcllava.bank import permissions_of_new_files
-from mcllava.evaluate import fmt, headline
+from mcllava.evaluate import WHY_LENIENT, fmt, headline
 
 THUMB = 320  # longest side of the copied images, in pixels
 
@@ -100,14 +100,23 @@ def write_html(
     parts = [
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>mcllava evaluation</title>",
         f"<style>{_CSS}</style></head><body>\n<h1>mcllava evaluation</h1>",
-        "<table><tr><th>task</th><th>split</th><th>metric</th><th>value</th><th>n</th></tr>",
+        "<table><tr><th>task</th><th>split</th><th>metric</th><th>official</th><th>lenient</th><th>n</th></tr>",
     ]
-    for task, split, metric, value, n in headline(report):
+    for task, split, metric, off, lenient, n in headline(report):
         parts.append(
             f"<tr><td>{html.escape(task)}</td><td>{html.escape(split)}</td><td>{html.escape(metric)}</td>"
-            f"<td class='num'>{fmt(value, metric)}</td><td class='num'>{n}</td></tr>"
+            f"<td class='num'>{fmt(off, metric)}</td><td class='num'>{fmt(lenient, metric)}</td>"
+            f"<td class='num'>{n}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(f"<p>{html.escape(WHY_LENIENT)}</p>")
+    for name, sub in (report.get("scenarios") or {}).items():
+        parts.append(f"<h2>scenario {html.escape(name)}</h2><table><tr><th>task</th><th>split</th><th>metric</th>"
+                     "<th>official</th><th>lenient</th><th>n</th></tr>")
+        parts += [f"<tr><td>{html.escape(t)}</td><td>{html.escape(s)}</td><td>{html.escape(m)}</td>"
+                  f"<td class='num'>{fmt(o, m)}</td><td class='num'>{fmt(v, m)}</td><td class='num'>{n}</td></tr>"
+                  for t, s, m, o, v, n in headline(sub)]
+        parts.append("</table>")
     if t := report.get("timing"):
         parts.append(f"<p>{t['n']} questions in {t['total_s']:.1f} s.</p>")
 
@@ -122,6 +131,8 @@ def write_html(
         correct, score = row.get("correct"), row.get("score")
         cls = "right" if correct is True else "wrong" if correct is False else "scored"
         result = {True: "right", False: "wrong", None: ""}[correct]
+        if isinstance(row.get("official"), bool):
+            result += f" (official: {'right' if row['official'] else 'wrong'})"
         if score is not None and row.get("kind") in ("vqa", "caption", "grounding"):
             result = f"{result} {score:.3f}".strip()
         src = image_src(row)

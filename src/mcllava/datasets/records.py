@@ -12,7 +12,8 @@ from typing import Any
 
 TASKS = ("recognition", "choice", "vqa", "caption", "grounding", "text")
 IMAGE_TASKS = ("recognition", "vqa", "caption", "grounding")
-KNOWN_KEYS = {"image", "task", "question", "answer", "options", "concepts", "present", "boxes"}
+KNOWN_KEYS = {"image", "task", "question", "answer", "options", "concepts", "present", "boxes", "scenario", "split",
+              "kind", "official_answer", "protocol"}
 _TOKEN = re.compile(r"<([A-Za-z0-9_\-]+)>")
 
 

@@ -32,7 +32,8 @@ NAMES = [
     "bo", "ana", "kiki", "mo", "lulu", "pip", "tam", "zed", "nia", "rex", "ivy", "oto", "suki", "fen", "gus",
     "jojo", "kai", "lea", "momo", "noor", "pax", "remy", "sol", "tia", "uma", "vik", "wen", "yuki", "zia", "dot",
 ]
-PURPOSES = {"concepts": 1, "train": 2, "multi": 3, "negatives": 4, "scenes": 5, "questions": 6, "corpus": 7}
+PURPOSES = {"concepts": 1, "train": 2, "multi": 3, "negatives": 4, "scenes": 5, "questions": 6, "corpus": 7,
+            "mcllava-single": 8, "mcllava-multi": 9}
 SCENE_KINDS = ("single", "multi", "distractor", "none")
 
 
@@ -246,9 +247,11 @@ def make_world(
     summary = {"out": str(out), "concepts": ids, "groups": groups, "train_images": concepts * train_images,
                "multi_images": 2 * len(pairs), "negatives": n_neg, "test_scenes": n_test, "records": len(records)}
     if layout == "mcllava":
-        from .mcllava_layout import write_mcllava_layout
+        from .mcllava_layout import scene_renderer, write_mcllava_layout
 
-        summary["mcllava"] = write_mcllava_layout(out, records, world)
+        render = scene_renderer(seed, size, {c.id: c.identity for c in cs}, lambda rng, k: _bystanders(rng, k, special),
+                                rng_for)
+        summary["mcllava"] = write_mcllava_layout(out, records, world, render)
     return summary
 
 

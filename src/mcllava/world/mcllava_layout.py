@@ -1,19 +1,22 @@
-"""Write a world's test set in the MC-LLaVA release layout (github.com/arctanxarc/MC-LLaVA), so that
-`mcllava.datasets.read_mcllava` is exercised on the real shape of that dataset.
+"""Write a world's concepts as an MC-LLaVA release folder (github.com/arctanxarc/MC-LLaVA) that the official
+loader (`llava/dataset.py`) reads unchanged, and that `mcllava.datasets.read_mcllava` reads too.
 
-    mcllava/scenarios.json                     ["bo_ana", ...]: the multi-concept groups
-    mcllava/concept/train/<c>/<k>.png, <k>_mask.png, and concept/train/train.json {c: [file, ...]}
-    mcllava/concept/test/<c>/<scene>.png       images showing exactly concept c (and no other concept)
-    mcllava/concept/test/<c>/choice.json       {image: {"Human": question + options, "AI": letter}} (list if several)
-    mcllava/concept/test/<c>/vqa.json          {image: {"Human": question, "AI": answer}} (list if several)
-    mcllava/concept/test/<c>/qa.json           [{"question": question + options, "answer": letter}]: text-only
-    mcllava/multi/<a_b>/<scene>.png            images showing several concepts of group a_b (and no others)
-    mcllava/multi/<a_b>/{choice,vqa,qa}.json   as above, lists per image
-    mcllava/multi/<a_b>/position.json          {image: {c: [x0, y0, x1, y1] or null}} for every concept of the group
+    mcllava/concept_type.json                       {c: case}: the case folder of every concept
+    mcllava/<case>/concept/test/<c>/<k>.png         5 photos showing c alone (the loader asserts 5 per concept)
+    mcllava/<case>/concept/test/<c>/choice.json     {image: {"Human": question + "A. x" lines, "AI": letter}}, one per photo
+    mcllava/<case>/concept/test/<c>/vqa.json        {image: {"Human": question, "AI": answer}}, one per photo
+    mcllava/<case>/concept/test/<c>/qa.json         [{"question": question + options, "answer": letter}]: text-only
+    mcllava/<case>/concept/train/<c>/<k>.png, <k>_mask.png
+    mcllava/<case>/multi/<a_b>/<k>.png              5 photos showing every concept of the group
+    mcllava/<case>/multi/<a_b>/{choice,vqa}.json    {image: [qa, ...]}: questions about one concept first (the
+                                                    loader's first two are its one-concept split), then several
+    mcllava/<case>/multi/<a_b>/vqa_position.json    {image: [{"Human": "Where is <c> ...\nA. ...", "AI": letter}]}
+    mcllava/<case>/multi/<a_b>/position.json        {image: {c: [x0, y0, x1, y1]}}
+    mcllava/<case>/multi/<a_b>/qa.json              text-only questions about the group
 
-Recognition and caption questions are not stored: as in the release, they follow from which folder an image
-is in and from position.json. Scenes that fit no folder (look-alikes only, concepts of several groups) are
-left out.
+<case> is "two_concept", "three_concept", ... by group size. Image keys are absolute paths, as the loader opens
+them as they are. The photos are rendered for the layout (seeded like the world), since the loader needs exactly
+five per concept and per group: the world's own test scenes are mixed for the proving ground's purposes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .questions import SceneFacts, visual_records
+from .scenes import sample_visible_scene
+
+PHOTOS = 5  # the official loader asserts five test photos per concept and per group
 OPTION_LINE = "{letter}. {text}"
+CASES = {1: "one_concept", 2: "two_concept", 3: "three_concept", 4: "four_concept", 5: "five_concept"}
 
 
 def with_options(question: str, options: dict[str, str]) -> str:
     """The question with its options on their own lines ("A. a ball"), as MC-LLaVA's choice files carry them."""
     return question + "".join("\n" + OPTION_LINE.format(letter=k, text=v) for k, v in options.items())
+
+
+def case_of(group: list[str]) -> str:
+    return CASES.get(len(group), f"{len(group)}_concept")
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -52,82 +66,85 @@ def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any]) -> dict[str, Any]:
-    """Write `out/mcllava/` from a world's records and ground truth; returns counts."""
+def position_question(cid: str, facts: SceneFacts) -> dict[str, str]:
+    """The lettered grounding question: is <c> left or right of the others (of the photo's centre when alone)."""
+    x0, _, x1, _ = facts.boxes[cid]
+    others = [(b[0] + b[2]) / 2 for c, b in facts.boxes.items() if c != cid]
+    ref = sum(others) / len(others) if others else facts.scene.image.size[0] / 2
+    letter = "A" if (x0 + x1) / 2 < ref else "B"
+    return {"Human": with_options(f"Where is <{cid}> in this photo?", {"A": "on the left", "B": "on the right"}),
+            "AI": letter}
+
+
+def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any], render) -> dict[str, Any]:
+    """Write `out/mcllava/` for a world; `render(purpose, index, cids)` returns a seeded RenderedScene showing
+    exactly the concepts `cids` (and perhaps bystanders). Returns counts."""
     root = out / "mcllava"
     if root.exists():
         shutil.rmtree(root)
-    groups: list[list[str]] = world["groups"]
-    folder_of: dict[str, Path] = {}  # scene image (relative to out) -> its folder in the layout
-    present_of: dict[str, list[str]] = {}
-    for s in world["scenes"]:
-        present = [o["ref"] for o in s["objects"] if o["role"] == "concept"]
-        present_of[s["image"]] = present
-        if len(present) == 1:
-            folder_of[s["image"]] = root / "concept" / "test" / present[0]
-        elif len(present) >= 2:
-            g = next((g for g in groups if set(present) <= set(g)), None)
-            if g is not None:
-                folder_of[s["image"]] = root / "multi" / "_".join(g)
-    # every concept and group has a folder, even when empty
-    for c in world["concepts"]:
-        (root / "concept" / "test" / c["id"]).mkdir(parents=True, exist_ok=True)
-    for g in groups:
-        if len(g) >= 2:
-            (root / "multi" / "_".join(g)).mkdir(parents=True, exist_ok=True)
+    ids = [c["id"] for c in world["concepts"]]
+    groups: list[list[str]] = [g for g in world["groups"]]
+    group_of = {c: g for g in groups for c in g}
+    case = {c: case_of(group_of.get(c, [c])) for c in ids}
+    qrng = np.random.default_rng([int(world["seed"]), 25])
+    n_photos = 0
 
-    files: dict[Path, dict[str, list[dict]]] = {}
-    text: dict[Path, list[dict]] = {}
-    n_visual = 0
-    for rec in records:
-        if rec.get("image") is None:
-            if rec["task"] != "choice":
-                continue
-            cs = rec["concepts"]
-            if len(cs) == 1:
-                folder = root / "concept" / "test" / cs[0]
-            else:
-                g = next((g for g in groups if set(cs) <= set(g)), None)
-                if g is None:
-                    continue
-                folder = root / "multi" / "_".join(g)
-            text.setdefault(folder, []).append({"question": with_options(rec["question"], rec["options"]),
-                                                "answer": rec["answer"]})
-            continue
-        if rec["task"] not in ("choice", "vqa") or rec["image"] not in folder_of:
-            continue
-        folder = folder_of[rec["image"]]
-        name = Path(rec["image"]).name
-        files.setdefault(folder / f"{rec['task']}.json", {}).setdefault(name, []).append(_qa(rec))
-        n_visual += 1
+    def photo(folder: Path, purpose: str, index: int, k: int, cids: list[str]) -> tuple[str, SceneFacts]:
+        nonlocal n_photos
+        scene = render(purpose, index * PHOTOS + k, cids)
+        path = folder / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scene.image.save(path)
+        n_photos += 1
+        return str(path.resolve()), SceneFacts(scene, ids)
 
-    for image, folder in folder_of.items():
-        _link(out / image, folder / Path(image).name)
-    for path, by_image in files.items():
-        single = path.parent.parent.name == "test"
-        _dump(path, {k: (v[0] if single and len(v) == 1 else v) for k, v in by_image.items()})
-    for folder, items in text.items():
-        _dump(folder / "qa.json", items)
-    for g in groups:
-        if len(g) < 2:
-            continue
-        folder = root / "multi" / "_".join(g)
+    text = [r for r in records if r.get("image") is None and r["task"] == "choice"]
+    for ci, c in enumerate(ids):
+        folder = root / case[c] / "concept" / "test" / c
+        choice, vqa = {}, {}
+        for k in range(PHOTOS):
+            key, facts = photo(folder, "mcllava-single", ci, k, [c])
+            qs = visual_records(qrng, key, facts, n_choice=1, n_vqa=1)
+            choice[key] = _qa(next(q for q in qs if q["task"] == "choice"))
+            vqa[key] = _qa(next(q for q in qs if q["task"] == "vqa"))
+        _dump(folder / "choice.json", choice)
+        _dump(folder / "vqa.json", vqa)
+        _dump(folder / "qa.json", [{"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
+                                   for r in text if r["concepts"] == [c]])
+
+    for gi, g in enumerate(x for x in groups if len(x) >= 2):
+        folder = root / case_of(g) / "multi" / "_".join(g)
+        files: dict[str, dict[str, list]] = {"choice": {}, "vqa": {}, "vqa_position": {}}
         positions = {}
-        for s in world["scenes"]:
-            if folder_of.get(s["image"]) == folder:
-                boxes = {o["ref"]: o["box"] for o in s["objects"] if o["role"] == "concept"}
-                positions[Path(s["image"]).name] = {c: boxes.get(c) for c in g}
+        for k in range(PHOTOS):
+            key, facts = photo(folder, "mcllava-multi", gi, k, list(g))
+            qs = visual_records(qrng, key, facts, n_choice=len(g), n_vqa=len(g) + 1)
+            for kind in ("choice", "vqa"):
+                mine = sorted((q for q in qs if q["task"] == kind), key=lambda q: len(q["concepts"]) > 1)
+                files[kind][key] = list({q["question"]: _qa(q) for q in mine}.values())  # each question once
+            files["vqa_position"][key] = [position_question(c, facts) for c in g]
+            positions[key] = {c: list(map(int, facts.boxes[c])) if c in facts.boxes else None for c in g}
+        for kind, data in files.items():
+            _dump(folder / f"{kind}.json", data)
         _dump(folder / "position.json", positions)
+        _dump(folder / "qa.json", [{"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
+                                   for r in text if len(r["concepts"]) >= 2 and set(r["concepts"]) <= set(g)])
 
-    train_json: dict[str, list[str]] = {}
     for t in world["train"]:
         cid = Path(t["image"]).parts[1]
         src = out / t["image"]
-        dst = root / "concept" / "train" / cid / src.name
+        dst = root / case[cid] / "concept" / "train" / cid / src.name
         _link(src, dst)
         _link(src.with_name(src.stem + "_mask.png"), dst.with_name(src.stem + "_mask.png"))
-        train_json.setdefault(cid, []).append(src.name)
-    _dump(root / "concept" / "train" / "train.json", train_json)
-    _dump(root / "scenarios.json", ["_".join(g) for g in groups])
-    return {"root": str(root), "images": len(folder_of), "visual_questions": n_visual,
-            "text_questions": sum(len(v) for v in text.values())}
+    _dump(root / "concept_type.json", case)
+    return {"root": str(root), "images": n_photos, "cases": sorted(set(case.values()))}
+
+
+def scene_renderer(seed: int, size: int, identities: dict[str, Any], bystanders, rng_for):
+    """The `render` callable `write_mcllava_layout` needs, from the world maker's own seeded pieces."""
+    def render(purpose: str, index: int, cids: list[str]):
+        rng = rng_for(seed, purpose, index)
+        actors = [(identities[c], "concept", c) for c in cids] + bystanders(rng, int(rng.random() < 0.3))
+        return sample_visible_scene(rng, actors, size)
+
+    return render
