@@ -155,3 +155,14 @@ def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
     assert pg == proving_ground_config(epochs=3, seed=1, holdout=0, introduce="relevant")
     other = common.train_config(common.Setup("some/llava", "characters", Path(".")), 3, 1)
     assert other == TrainConfig(epochs=3, seed=1, holdout=0)
+
+
+def test_extend_against_joint(run):
+    _, saved = run("extend", "--concepts", "3", "--new", "1", "--epochs", "1", "--test-images", "12")
+    assert saved["old_rows_bit_identical"] is True and len(saved["old_concepts"]) == 2 and len(saved["new_concepts"]) == 1
+    for arm in ("joint", "extended", "old"):
+        r = saved[arm]
+        assert unit(r["old"]["weighted_accuracy"]) and r["train_s"] > 0 and r["steps_per_epoch"] > 0
+        assert r["confusion_old_asked_on_new"]["n"] > 0 and unit(r["confusion_old_new"]["rate"])
+    assert saved["old"]["new"] is None and unit(saved["extended"]["new"]["weighted_accuracy"])
+    assert saved["extended"]["steps_per_epoch"] < saved["joint"]["steps_per_epoch"]

@@ -72,9 +72,11 @@ def _introduce(value: str | None) -> str | None:
 @app.command()
 def personalize(
     concepts_dir: Path = typer.Argument(..., help="Folder with one sub-folder per concept (see README)."),
-    base: str = typer.Option(..., "--base", help="HF id, local folder (save_pretrained), or 'proving-ground'."),
+    base: Optional[str] = typer.Option(None, "--base", help="HF id, local folder (save_pretrained), or 'proving-ground'. Default with --extend: the bank's."),
     out: Path = typer.Option(..., "--out", help="Where to write the concept bank (a folder)."),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="Soft tokens per concept. Default: 16 (6 on proving-ground)."),
+    extend: Optional[Path] = typer.Option(None, "--extend", help="A trained bank to add CONCEPTS_DIR's concepts to: only theirs train; the bank's rows stay as they are."),
+    concepts_of_bank: Optional[Path] = typer.Option(None, "--concepts-of-bank", help="With --extend: the bank's concept folder; its photos are the new concepts' negatives."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Soft tokens per concept. Default: 16 (6 on proving-ground; the bank's with --extend)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper); 10 on proving-ground."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: 1e-3 (1e-2 on proving-ground)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 8 (fast) or 1 (paper)."),
@@ -85,13 +87,14 @@ def personalize(
     group_pairs: Optional[int] = typer.Option(None, "--group-pairs", min=0, help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1."),
     captions: Optional[int] = typer.Option(None, "--captions", min=0, help="Per concept and epoch, this many 'Describe this photo.' answers naming it, written by the base from the concepts' descriptions before training. Default: 0 (1 on proving-ground)."),
     holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
-    introduce: str = typer.Option("all", "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask)."),
+    introduce: Optional[str] = typer.Option(None, "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask). Default: all (the bank's with --extend)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
     seed: int = typer.Option(0, "--seed"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train one concept bank for every concept in CONCEPTS_DIR, jointly."""
+    """Train one concept bank for every concept in CONCEPTS_DIR, jointly (or add them to a bank with --extend)."""
     from .backbone import PROVING_GROUND, Backbone
+    from .bank import ConceptBank
     from .concepts import ConceptSet
     from .train import TrainConfig, personalize as run
 
@@ -99,7 +102,17 @@ def personalize(
         _fail(ValueError(f"--init must be kmeans or random, not {init!r}"))
     if recipe not in ("fast", "paper"):
         _fail(ValueError(f"--recipe must be fast or paper, not {recipe!r}"))
-    _introduce(introduce)
+    if concepts_of_bank is not None and extend is None:
+        _fail(ValueError("--concepts-of-bank goes with --extend BANK"))
+    try:
+        old = ConceptBank.load(extend) if extend is not None else None
+    except McLlavaError as exc:
+        _fail(exc)
+    if old is not None:  # the bank decides what its new rows must match
+        base, k, introduce = base or old.base_model, k or old.k, introduce or old.recipe.get("introduce", "all")
+    if base is None:
+        _fail(ValueError("--base is required (or --extend BANK, whose base is used)"))
+    introduce = _introduce(introduce) or "all"
     overrides = {k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     common = {"init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
     if base == PROVING_GROUND:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
@@ -118,11 +131,14 @@ def personalize(
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-        result = run(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print)
+        old_set = ConceptSet.load(concepts_of_bank, tokenizer=backbone.tokenizer) if concepts_of_bank is not None else None
+        result = run(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print,
+                     extend=old, extend_concepts=old_set)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     last = result.history[-1] if result.history else {}
-    console.print(f"[green]saved[/] {out} ({len(concept_set)} concepts, k={config.k}); final loss {last.get('loss', float('nan')):.4f}")
+    added = f" ({len(concept_set)} added to {len(old.concept_ids)} of {extend})" if old is not None else ""
+    console.print(f"[green]saved[/] {out} ({len(result.bank.concept_ids)} concepts{added}, k={config.k}); final loss {last.get('loss', float('nan')):.4f}")
 
 
 @app.command()

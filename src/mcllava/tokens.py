@@ -54,6 +54,10 @@ class ConceptTokens:
     def token(self, cid: str) -> str:
         return f"<{cid}>"
 
+    def subset(self, cids: list[str]) -> "ConceptTokens":
+        """The bookkeeping of some of the concepts (same ids): extending a bank trains only the new ones' rows."""
+        return ConceptTokens(list(cids), self.k, {cid: self.ids[cid] for cid in cids})
+
     def introduction(self, cid: str) -> str:
         """`<c> is <c_1><c_2>…<c_k>.` — the text that binds the identifier to its soft tokens."""
         strings = self.strings(cid)

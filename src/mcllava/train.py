@@ -30,6 +30,7 @@ from .bank import ConceptBank, config_hash, os_words
 from .captions import distil_captions
 from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
 from .errors import McLlavaError
+from .extend import check_extension, extended_bank, old_catalog
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
 from .tokens import ConceptTokens, add_concept_tokens, head_is_tied, make_trainable, trained_rows, word_embedding_norm, write_rows
 from .training_data import (
@@ -242,9 +243,10 @@ def yes_no_margin(backbone: Backbone, system: str, question: str, features: torc
 
 
 def probe_accuracy(
-    backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry], introduce: str = "all"
+    backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry], introduce: str = "all",
+    asked: list[str] | None = None,
 ) -> dict | None:
-    """Recognition weighted accuracy on held-out training images, every concept asked about every image."""
+    """Recognition weighted accuracy on held-out training images, every concept (or those `asked`) asked about every image."""
     if not probe:
         return None
     refs = [ImageRef(e.key) for e in probe]
@@ -252,7 +254,7 @@ def probe_accuracy(
     pos, neg = [], []
     for e, ref in zip(probe, refs):
         feats = store.cache[ref]
-        for cid in tokens.concept_ids:
+        for cid in asked or tokens.concept_ids:
             question = PROBE_QUESTION.format(c=tokens.token(cid))
             system = tokens.system_text(tokens.relevant(question, e.present) if introduce == "relevant" else None)
             yes = yes_no_margin(backbone, system, question, feats) > 0
@@ -293,11 +295,16 @@ def personalize(
     limits: ImageLimits = ImageLimits(),
     log=print,
     on_epoch: Callable[[dict, ConceptBank], None] | None = None,
+    extend: ConceptBank | None = None,
+    extend_concepts: ConceptSet | None = None,
 ) -> TrainResult:
     """Train one bank for all concepts of `concepts` on a frozen base model and save it to `out`.
 
     `on_epoch(entry, bank)`, if given, is called after every epoch's checkpoint with the epoch's history entry
     and an unsaved bank of the rows so far (benchmarks evaluate it on held-out questions, for learning curves).
+    With `extend` (a trained bank on the same base) and `extend_concepts` (its concept folder), only the new
+    concepts' rows train, the bank's concepts serve as negatives, and `out` gets the bank's concepts and the new
+    ones, the bank's rows unchanged (see `extend.py`).
     """
     out = Path(out)
     torch.manual_seed(config.seed)
@@ -308,12 +315,21 @@ def personalize(
     for c in concepts:
         validate_concept_id(c.id, tokenizer, c.root)
 
+    frozen: list[str] = []
     train_entries, probe = build_catalog(concepts, Path(negatives) if negatives else None, config.holdout)
+    if extend is not None:
+        old_set = check_extension(extend, concepts, extend_concepts, base_hash, n_ordinary, config.k, config.introduce)
+        frozen = list(extend.concept_ids)
+        train_entries += old_catalog(old_set)
     store = ImageStore(backbone, train_entries + probe, limits)
     ckpt = _ckpt_dir(out)
     found = latest_checkpoint(ckpt) if resume else None
-    captions = _captions(backbone, concepts, store, train_entries, config, found, progress, log)
-    tokens = add_concept_tokens(model, tokenizer, concepts.ids, config.k)
+    new_entries = [e for e in train_entries if not e.present & set(frozen)]  # the bank's photos need no captions
+    captions = _captions(backbone, concepts, store, new_entries, config, found, progress, log)
+    tokens = add_concept_tokens(model, tokenizer, frozen + concepts.ids, config.k)  # the bank's order, then the new
+    trained = tokens.subset(concepts.ids)  # the rows that train
+    if extend is not None:
+        write_rows(model, tokens.subset(frozen), extend.input_rows, extend.head_rows)
 
     # k-means (or random) initialisation of every concept's rows.
     norm = word_embedding_norm(model, n_ordinary)
@@ -329,18 +345,18 @@ def personalize(
             init_rows.append(kmeans_rows(feats, config.k, norm, seed=config.seed + i))
         else:
             init_rows.append(random_rows(config.k, backbone.hidden_size, norm, seed=config.seed + i))
-    write_rows(model, tokens, torch.stack(init_rows))
+    write_rows(model, trained, torch.stack(init_rows))
     hard = hard_negative_keys(backbone, store, train_entries, refs, config.data.hard_negatives, config.recipe == "fast")
 
     # Trainable state: PEFT trainable-token rows (fast), or the full matrices (paper).
     tied = head_is_tied(model)
     if config.recipe == "fast":
-        params = make_trainable(model, tokens)
+        params = make_trainable(model, trained)
     else:
         params = list(dict.fromkeys([model.get_input_embeddings().weight, model.get_output_embeddings().weight]))
         for p in params:
             p.requires_grad_(True)
-        index = torch.tensor(tokens.all_ids, device=backbone.device)
+        index = torch.tensor(trained.all_ids, device=backbone.device)
         originals = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
@@ -354,7 +370,7 @@ def personalize(
         return tokens.system_text(tokens.relevant(s.question, present[s.image.key] if s.image is not None else ()))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash}
+    meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash, **({"extends": frozen} if frozen else {})}
     start_epoch, history = 0, []
     if found is not None:
         meta = load_checkpoint(found, params, optimizer)
@@ -364,8 +380,8 @@ def personalize(
         log(f"resuming from {found} after epoch {start_epoch}")
 
     def current_bank() -> ConceptBank:
-        input_rows, head_rows = trained_rows(model, tokens)
-        return ConceptBank(
+        input_rows, head_rows = trained_rows(model, trained)
+        bank = ConceptBank(
             base_model=backbone.name,
             base_config_hash=base_hash,
             tokenizer_len_before=n_ordinary,
@@ -380,11 +396,12 @@ def personalize(
             recipe=config.to_dict(),
             metrics={"history": list(history)},
         )
+        return bank if extend is None else extended_bank(extend, bank)
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         rng = random.Random(config.seed * 100_003 + epoch)
-        samples = build_epoch(train_entries, facts, rng, config.data, captions)
+        samples = build_epoch(train_entries, facts, rng, config.data, captions, frozen)
         if config.recipe == "fast":
             store.fill_cache([s.image for s in samples if s.image is not None], progress)
         bs = config.batch_size
@@ -413,7 +430,7 @@ def personalize(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0, "steps": len(losses)}
-        acc = probe_accuracy(backbone, tokens, store, probe, config.introduce)
+        acc = probe_accuracy(backbone, tokens, store, probe, config.introduce, trained.concept_ids)
         if acc:
             entry["probe"] = acc
         history.append(entry)

@@ -158,9 +158,12 @@ def build_epoch(
     rng: random.Random,
     options: DataOptions = DataOptions(),
     captions: dict[str, str] | None = None,
+    frozen: list[str] = (),
 ) -> list[Sample]:
     """All samples of one epoch, shuffled. Deterministic for the state of `rng`. `captions` maps catalogue keys to
-    caption answers (used when `options.captions` > 0)."""
+    caption answers (used when `options.captions` > 0). `frozen` names concepts of the catalogue whose rows do not
+    train (a bank being extended): their photos are the trained concepts' negatives, and `_frozen_samples` asks
+    about them too, as many times as the trained concepts have photos."""
     samples: list[Sample] = []
     for concept in concepts:
         cid, tok = concept.cid, f"<{concept.cid}>"
@@ -201,8 +204,35 @@ def build_epoch(
                 samples.append(Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present))))
     if options.group:
         samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
+    if frozen:
+        samples += _frozen_samples(catalog, [c.cid for c in concepts], list(frozen), rng, options)
     rng.shuffle(samples)
     return samples
+
+
+def _frozen_samples(catalog: list[CatalogEntry], trained: list[str], frozen: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
+    """Questions about concepts whose rows are frozen, so that the new rows learn not to disturb them: for each photo
+    of a trained concept, 'is <old> here?' -> No about a frozen concept it does not show, and as many -> Yes on a
+    frozen concept's own photo. Their number follows the trained concepts' photos, not the frozen concepts'."""
+    new_photos = [e for e in catalog if e.present & set(trained)]
+    own = {c: [e for e in catalog if c in e.present] for c in frozen}
+    shown = [c for c in frozen if own[c]]
+    yes, no = ([options.yes_no[0]], [options.yes_no[1]]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
+
+    def ask(cid: str, entry: CatalogEntry, answers: list[str], kind: str) -> Sample:
+        tok = f"<{cid}>"
+        return Sample(rng.choice(RECOGNITION_QUESTIONS).format(c=tok), rng.choice(answers).format(c=tok),
+                      ImageRef(entry.key, options.flip and rng.random() < 0.5), kind, (cid,))
+
+    out = []
+    for e in new_photos:
+        absent = [c for c in frozen if c not in e.present]
+        if absent:
+            out.append(ask(rng.choice(absent), e, no, "negative"))
+        if shown:
+            cid = rng.choice(shown)
+            out.append(ask(cid, rng.choice(own[cid]), yes, "positive"))
+    return out
 
 
 def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
