@@ -122,11 +122,13 @@ def create_app(
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS, tags=["chat"], **guarded)
     def model(model_id: str, request: Request) -> ModelCard:
         """A served bank, by its id (404 for any other, or one the key may not use)."""
-        for b in visible(server.banks, key_banks(request)):
+        served = visible(server.banks, key_banks(request))
+        for b in served:
             if b.model_id == model_id:
                 return ModelCard(id=b.model_id, created=b.created)
-        raise ApiError(404, f"no model '{model_id[:200]}' here: GET /v1/models lists the models served", param="model",
-                       code="model_not_found")
+        ids = ", ".join(f"'{b.model_id}'" for b in served[:10]) + (" and more (GET /v1/models)" if len(served) > 10 else "")
+        raise ApiError(404, f"no model '{model_id[:200]}' here: this server serves {ids or 'no model you may use'}",
+                       param="model", code="model_not_found")
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",

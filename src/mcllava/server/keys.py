@@ -23,8 +23,11 @@ class KeyRing:
 
     def __init__(self, keys: Mapping[str, frozenset[str] | None]):
         for key in keys:
-            if not key or any(c.isspace() or not c.isprintable() for c in key):
-                raise McLlavaError("an API key must be non-empty, without spaces or control characters")
+            if not key.strip():
+                raise McLlavaError("the API key is empty (--api-key or MCLLAVA_API_KEY): give a real key, or none to serve on "
+                                   "this machine only")
+            if any(c.isspace() or not c.isprintable() for c in key):
+                raise McLlavaError("an API key must be without spaces or control characters")
         self._keys = [(k.encode("utf-8"), banks) for k, banks in keys.items()]
 
     @classmethod
