@@ -65,7 +65,7 @@ class BankTokenizer:
 
     def __init__(self, shared, base, ids: Mapping[str, int]):
         self._shared, self._base, self._ids = shared, base, dict(ids)
-        self._split = re.compile("|".join(re.escape(s) for s in sorted(self._ids, key=len, reverse=True)))
+        self._split = re.compile("|".join(re.escape(s) for s in sorted(self._ids, key=len, reverse=True)) or r"(?!)")
 
     def __call__(self, text: str, add_special_tokens: bool = False, **kwargs) -> dict[str, list[int]]:
         if add_special_tokens or not isinstance(text, str):
