@@ -147,7 +147,7 @@ def test_recipe_speed_fast_against_paper(run, tmp_path):
 def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
     """On the proving ground the benchmarks must train as `personalize --base proving-ground` does (k = 6, lr 1e-2,
     bare Yes/No): the library's defaults collapse there to answering one way (0.50)."""
-    from mcllava.proving_base import train_config as proving_ground_config
+    from mcllava.presets import proving_ground as proving_ground_config
     from mcllava.train import TrainConfig
 
     common = bench("_common")

@@ -17,9 +17,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers_bank import data_url, make_bank, make_base, png_bytes, red_photo, serving
 from mcllava.errors import McLlavaError
 from mcllava.server import ChatCompletion, ChatCompletionChunk, LocateResponse, ModelGate, ServerLimits, create_app
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
 
 KEY = "s3cret-key"
 LIMITS = ServerLimits(max_body_bytes=300_000, max_image_bytes=100_000, max_pixels=1_000_000, max_text_chars=500, max_messages=4, max_new_tokens=8, max_queue=16)

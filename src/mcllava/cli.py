@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
+from . import presets, proving_base
+from .assistant import AssistantAnswerer, PersonalAssistant
+from .backbone import Backbone
+from .bank import ConceptBank
+from .concepts import ConceptSet, load_image
+from .datasets import read_any
 from .errors import McLlavaError
+from .evaluate import evaluate, print_table
+from .export import export
+from .proving_base.cli import base_app
+from .report import write_html
+from .train import TrainConfig
+from .train import personalize as personalize_concepts
+from .world.cli import world_app
 
 app = typer.Typer(help="Personalise LLaVA-family vision-language models with several concepts at once.", no_args_is_help=True)
 console = Console()
@@ -26,22 +46,9 @@ def _setup() -> None:
 
 def quiet_libraries() -> None:
     """Keep output clean: library progress bars and notices go away, our own progress and errors stay."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    try:  # the GGUF loader draws its own tqdm bar, which the switch above does not reach
-        from functools import partial
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-
-        gguf_utils.tqdm = partial(tqdm, disable=True)
-    except (ImportError, AttributeError):
-        pass
+    gguf_utils.tqdm = partial(tqdm, disable=True)  # the GGUF loader's own bar, which the switch above does not reach
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -87,10 +94,6 @@ def personalize(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one concept bank for every concept in CONCEPTS_DIR, jointly."""
-    from .backbone import PROVING_GROUND, Backbone
-    from .concepts import ConceptSet
-    from .train import TrainConfig, personalize as run
-
     if init not in ("kmeans", "random"):
         _fail(ValueError(f"--init must be kmeans or random, not {init!r}"))
     if recipe not in ("fast", "paper"):
@@ -98,13 +101,11 @@ def personalize(
     _introduce(introduce)
     overrides = {k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     common = {"init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
-    if base == PROVING_GROUND:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
-        from .proving_base import train_config
-
+    if base == proving_base.NAME:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
         paper = {"recipe": "paper", "batch_size": 1, "epochs": 15} if recipe == "paper" else {}
-        config = train_config(**{**paper, **common})
+        config = presets.proving_ground(**{**paper, **common})
     else:
-        config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
+        config = presets.paper(**common) if recipe == "paper" else TrainConfig(**common)
     if hard_negatives is not None:
         config.data = replace(config.data, hard_negatives=hard_negatives)
     if group_pairs is not None:
@@ -114,7 +115,7 @@ def personalize(
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-        result = run(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print)
+        result = personalize_concepts(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     last = result.history[-1] if result.history else {}
@@ -135,13 +136,9 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
 ) -> None:
     """Answer a question about a photo (or about the concepts alone)."""
-    from .assistant import PersonalAssistant
-    from .concepts import load_image
-
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
-                                            recognise_first=not free_captions)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions)
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -177,16 +174,11 @@ def evaluate_cmd(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Evaluate a bank on a test set: recognition, choice, VQA, caption and grounding metrics."""
-    from .assistant import AssistantAnswerer, PersonalAssistant
-    from .evaluate import evaluate, print_table
-    from .datasets import read_any
-
     try:
         records = read_any(tests)
         if limit:
             records = records[:limit]
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
-                                            recognise_first=not free_captions)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions)
         answerer = AssistantAnswerer(assistant, visual_prompt=not no_visual_prompt, keep_marks=html is not None)
         report = evaluate(records, answerer, progress=not quiet)
     except (McLlavaError, OSError) as exc:
@@ -199,8 +191,6 @@ def evaluate_cmd(
         tmp.replace(out)
         console.print(f"report written to {out}")
     if html:
-        from .report import write_html
-
         path = write_html(report, html, marked_images=answerer.marked)
         console.print(f"HTML report: {path}")
 
@@ -208,10 +198,6 @@ def evaluate_cmd(
 @app.command()
 def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> None:
     """Show what a bank holds: base model, concepts, k, size, recipe and training metrics."""
-    from rich.table import Table
-
-    from .bank import ConceptBank
-
     try:
         b = ConceptBank.load(bank)
     except (McLlavaError, OSError) as exc:
@@ -245,12 +231,11 @@ def serve(
     try:
         import uvicorn
 
-        from .assistant import PersonalAssistant
         from .server import create_app
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
     try:
-        assistant = PersonalAssistant.load(bank, base, split_together=not joint, recognise_first=not free_captions)
+        assistant = PersonalAssistant.load(bank, base, joint=joint, free_captions=free_captions)
         server_app = create_app(assistant, api_key=api_key, concepts_dir=concepts)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -266,8 +251,6 @@ def export_cmd(
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
 ) -> None:
     """Write base model + concepts as a standard HF checkpoint (vLLM, SGLang, TGI, transformers serve it as is)."""
-    from .export import export
-
     try:
         path = export(bank, out_dir, base)
     except (McLlavaError, OSError) as exc:
@@ -275,15 +258,8 @@ def export_cmd(
     console.print(f"[green]exported[/] {path}: the concept introductions are the chat template's default system text")
 
 
-def _mount_subapps() -> None:
-    from .proving_base.cli import base_app
-    from .world.cli import world_app
-
-    app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
-    app.add_typer(base_app, name="base", help="The proving ground: build and check the small offline base model.")
-
-
-_mount_subapps()
+app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
+app.add_typer(base_app, name="base", help="The proving ground: build and check the small offline base model.")
 
 if __name__ == "__main__":
     app()

@@ -10,9 +10,15 @@ import re
 import time
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
+import sacrebleu
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
 
 SPLITS = ("single", "multi_one", "multi_all")
 _YES = {"yes", "yeah", "yep"}
@@ -128,8 +134,6 @@ def accuracy(correct: list[bool]) -> dict:
 
 def bleu_mcllava(reference: str, prediction: str) -> float:
     """MC-LLaVA's VQA score: NLTK sentence BLEU over characters, weights (0.7, 0.3), smoothing method1."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
     if not prediction or not reference:
         return float(prediction == reference)
     with warnings.catch_warnings():
@@ -144,8 +148,6 @@ def bleu_mcllava(reference: str, prediction: str) -> float:
 
 def bleu_sacrebleu(references: list[str], predictions: list[str]) -> float:
     """Standard word-level corpus BLEU (0-100)."""
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(predictions, [references]).score)
 
 
@@ -183,8 +185,6 @@ def _kind(record: dict) -> str:
 
 def evaluate(records: Iterable[dict], answerer: Answerer, progress: bool = True, keep_rows: bool = True) -> dict:
     """Ask `answerer` every record and score it; returns the report (only sections with questions appear)."""
-    from tqdm.auto import tqdm
-
     records = list(records)
     images: OrderedDict[str, Image.Image] = OrderedDict()
 
@@ -336,9 +336,6 @@ def fmt(value: float | None, metric: str = "") -> str:
 
 def print_table(report: dict, console: Any = None) -> None:
     """Print the headline metrics and their splits as one rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     table = Table(title="mcllava evaluation")
     for col, justify in (("task", "left"), ("split", "left"), ("metric", "left"), ("value", "right"), ("n", "right")):

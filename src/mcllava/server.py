@@ -35,10 +35,13 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from transformers import TextIteratorStreamer
 
-from . import __version__
-from .concepts import IMAGE_FORMATS, ImageLimits, load_image
+from .assistant import PersonalAssistant
+from .concepts import IMAGE_FORMATS, ConceptSet, ImageLimits, load_image
 from .errors import ConceptError, McLlavaError
+from .locate import draw_marks
+from .version import __version__
 
 log = logging.getLogger("mcllava.server")
 STATIC = Path(__file__).with_name("static")
@@ -505,8 +508,6 @@ class Server:
             if isinstance(given, str) and given.startswith("data:image/"):
                 thumbs[cid] = given
         if concepts_dir is not None:
-            from .concepts import ConceptSet
-
             for concept in ConceptSet.load(concepts_dir, check_images=False).concepts:
                 if concept.id in bank.concept_ids and concept.id not in thumbs and concept.images:
                     try:
@@ -566,8 +567,6 @@ class Server:
     def _stream(self, question: str, image, max_tokens: int, opts: ChatOptions) -> StreamingResponse:
         """Token streaming: generation runs in a worker thread and feeds a `TextIteratorStreamer`. An answer put
         together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
-        from transformers import TextIteratorStreamer
-
         self.gate.admit()  # a full queue is a 503 now, not an error inside the stream
         streamer = TextIteratorStreamer(self.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
         whole = image is not None and self.assistant.asks_per_concept(question)
@@ -628,8 +627,6 @@ class Server:
 
     # ------------------------------------------------------------------ locate
     def locate(self, image: Image.Image, return_image: bool) -> LocateResponse:
-        from .locate import draw_marks
-
         with self.gate():
             locations = self.assistant.locations(image)
         names = self.assistant.names
@@ -677,8 +674,6 @@ def create_app(
     ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
     """
     if isinstance(assistant_or_bank_path, (str, Path)):
-        from .assistant import PersonalAssistant
-
         assistant_or_bank_path = PersonalAssistant.load(assistant_or_bank_path)
     server = Server(assistant_or_bank_path, limits, concepts_dir)
     app = FastAPI(

@@ -12,7 +12,6 @@ from typing import Any
 
 TASKS = ("recognition", "choice", "vqa", "caption", "grounding", "text")
 IMAGE_TASKS = ("recognition", "vqa", "caption", "grounding")
-KNOWN_KEYS = {"image", "task", "question", "answer", "options", "concepts", "present", "boxes"}
 _TOKEN = re.compile(r"<([A-Za-z0-9_\-]+)>")
 
 
