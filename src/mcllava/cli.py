@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -50,7 +51,8 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     gguf_utils.tqdm = partial(tqdm, disable=True)  # the GGUF loader's own bar, which the switch above does not reach
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # k-means over fewer distinct visual tokens than k still gives k rows (kmeans_init); other warnings still show
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
 
 
 def _fail(exc: Exception) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -66,7 +66,9 @@ def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_
     model = LlavaForConditionalGeneration(config)
     if tied:
         model.tie_weights()
-    image_processor = CLIPImageProcessor(
+    # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
+    # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
+    image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(

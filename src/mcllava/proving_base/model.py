@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -76,7 +76,9 @@ def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: 
         model.tie_weights()
     else:
         model.lm_head.load_state_dict(text_model.lm_head.state_dict())
-    image_processor = CLIPImageProcessor(
+    # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
+    # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
+    image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size},
     )
     processor = LlavaProcessor(
