@@ -94,6 +94,7 @@ def test_caption_samples_per_concept_and_epoch():
     assert sum(s.kind == "caption" for s in few) == 3 + 2
 
 
+@pytest.mark.slow  # personalises the pretrained tiny base
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path, tiny_base_dir, monkeypatch, interrupt):
     """The captions are written once, before concept tokens exist, and a resumed run reads them from the

@@ -85,6 +85,7 @@ def _concepts(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # LLaVA-1.5-7B's full-width embeddings, trained and answered
 def test_llava15_shape_loads_grows_trains_and_answers(llava15_dir, tmp_path):
     from mcllava.assistant import PersonalAssistant
     from mcllava.train import TrainConfig, personalize

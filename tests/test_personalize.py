@@ -19,6 +19,8 @@ from mcllava.tiny import make_shape_concepts
 from mcllava.train import TrainConfig, personalize, yes_no_margin
 from mcllava.training_data import DataOptions
 
+pytestmark = pytest.mark.slow  # pretrains the tiny base and personalises it
+
 SHAPES = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("yellow", "triangle")}
 # The tiny base answers "Yes." / "No." and never learned fuller phrasings or facts: train on short answers.
 TINY_DATA = DataOptions(short_answers=True, text=False)

@@ -204,6 +204,7 @@ def test_missing_weights_error(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow  # loads SmolLM2 from its GGUF
 @pytest.mark.skipif(not (WEIGHTS / "vision.safetensors").exists(), reason="proving-ground weights not committed")
 def test_committed_weights_load_offline():
     from transformers import LlavaForConditionalGeneration

@@ -29,6 +29,8 @@ from mcllava.bank import ConceptBank
 from mcllava.testing import make_base
 from mcllava.tiny import make_shape_concepts
 
+pytestmark = pytest.mark.slow  # kills training subprocesses at many points
+
 LONG = os.environ.get("MCLLAVA_LONG") == "1"
 EPOCHS = 3
 ARGS = ["--k", "2", "--epochs", str(EPOCHS), "--batch-size", "2", "--holdout", "0", "--seed", "3", "--quiet"]

@@ -9,7 +9,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
+
 from mcllava.testing import serving
+
+pytestmark = pytest.mark.slow  # eight clients against a live server
 
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "server_soak.py"
 REQUESTS = 400 if os.environ.get("MCLLAVA_LONG") == "1" else 50
