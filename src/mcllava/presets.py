@@ -22,7 +22,7 @@ def proving_ground(epochs: int = 10, seed: int = 0, **overrides) -> TrainConfig:
     lr 1e-2, batch 8; answers in the short form the base was trained on ("Yes" / "No", no full stop); no
     text-only questions, whose loss dominated and cost held-out recognition; one caption answer per concept
     and epoch, written by the base from the concepts' descriptions (`captions.distil_captions`), so that the
-    trained name rows (tied to the head) do not fill captions with names (docs/results.md, "Recipe").
+    trained name rows (tied to the head) do not fill captions with names (docs/results.md, "The recipe, and what was tried and not kept").
     """
     settings = {"k": 6, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed, "cpu_bf16": True,
                 "data": DataOptions(short_answers=True, text=False, yes_no=("Yes", "No"), captions=1)}
