@@ -1,9 +1,11 @@
-# Two entry points: `make demo` and `make test`. Each builds the venv from nothing when it is missing.
+# Entry points: `make demo` and `make test` (each builds the venv from nothing when it is missing), `make lint`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# `make test` runs the fast suite; `make test PYTEST_ARGS=` (CI, `make test-all`) runs everything, slow tests too
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-all lint venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,7 +17,15 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-all:
+	$(MAKE) test PYTEST_ARGS=
+
+lint: venv
+	@$(BIN)/ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q ruff
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 demo: venv
 	$(BIN)/python -m mcllava.demo

@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mcllava import presets, proving_base
 from mcllava.assistant import CAPTION_QUESTION, AssistantAnswerer, PersonalAssistant
-from mcllava.backbone import PROVING_GROUND, Backbone
+from mcllava.backbone import Backbone
 from mcllava.bank import ConceptBank
 from mcllava.cli import quiet_libraries
 from mcllava.concepts import ConceptSet
 from mcllava.datasets import read_tests_jsonl
 from mcllava.evaluate import evaluate
-from mcllava.tiny import COLOURS, SHAPES, draw_shapes, make_shape_concepts, make_tiny_base, tiny_train_config
+from mcllava.tiny import COLOURS, SHAPES, draw_shapes, make_shape_concepts, make_tiny_base
 from mcllava.tokens import write_rows
 from mcllava.train import TrainConfig, TrainResult, personalize
 from mcllava.training_data import PROBE_QUESTION, join_names
@@ -86,14 +87,13 @@ def setup(args: argparse.Namespace, name: str) -> Setup:
 
 def train_config(s: Setup, epochs: int, seed: int, **overrides) -> TrainConfig:
     """The recipe `make demo` / `personalize` use on the base: the tiny base's for the shapes world,
-    `proving_base.train_config()` on the proving ground, the library's defaults for other bases; no probe."""
+    `presets.proving_ground()` on the proving ground, the library's defaults for other bases; no probe."""
     overrides = {"holdout": 0, **overrides}
     if s.world == "shapes":
-        return tiny_train_config(epochs=epochs, seed=seed, **overrides)
-    if s.base == PROVING_GROUND:
-        from mcllava.proving_base import train_config as proving_ground_config
+        return presets.tiny(epochs=epochs, seed=seed, **overrides)
+    if s.base == proving_base.NAME:
 
-        return proving_ground_config(epochs=epochs, seed=seed, **overrides)
+        return presets.proving_ground(epochs=epochs, seed=seed, **overrides)
     return TrainConfig(epochs=epochs, seed=seed, **overrides)
 
 

@@ -8,7 +8,7 @@ freed before the next. For each model it measures
 1. one personalisation step (`mcllava.train`'s pieces: concept tokens, `answer_loss`, AdamW):
    - fast recipe: batch 8 (`TrainConfig()`), only the concept rows trainable (PEFT trainable tokens), visual
      tokens cached once;
-   - paper recipe: batch 1 (`TrainConfig.paper()`), the full embedding and head matrices in the optimizer with
+   - paper recipe: batch 1 (`presets.paper()`), the full embedding and head matrices in the optimizer with
      the other rows restored after each step, the vision tower run at every step;
    reporting wall time per step (median), tokens/s (real tokens of the batch, the 576 image tokens each
    included), trainable parameters and AdamW state, peak memory (CUDA: max_memory_allocated; CPU: the process's
@@ -40,18 +40,26 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
 
+from mcllava import presets
 from mcllava.backbone import Backbone
-from mcllava.tiny import llama_like_tokenizer
 from mcllava.locate import draw_marks, locate, mark_prompt
-from mcllava.tokens import ConceptTokens, add_concept_tokens, make_trainable, trained_rows, word_embedding_norm, write_rows
+from mcllava.tiny import llama_like_tokenizer
+from mcllava.tokens import (
+    ConceptTokens,
+    add_concept_tokens,
+    make_trainable,
+    trained_rows,
+    word_embedding_norm,
+    write_rows,
+)
 from mcllava.train import TrainConfig
 from mcllava.training_data import NO_ANSWERS, RECOGNITION_QUESTIONS, YES_ANSWERS, collate
 
@@ -91,7 +99,14 @@ def build_llava15(
     model: str, device: torch.device, text_layers: int | None = None, vision_layers: int | None = None, image_size: int | None = None
 ) -> tuple[Backbone, dict]:
     """A LLaVA-1.5 `model` ('7b'/'13b') with random bf16 weights built on `device`, and the configuration used."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     cfg = published_config(model)
     text, vision = cfg["text_config"], cfg["vision_config"]
@@ -156,7 +171,7 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def step_flops(bb: Backbone, mask: torch.Tensor, n_answer: int, recipe: str) -> float:
+def step_flops(backbone: Backbone, mask: torch.Tensor, n_answer: int, recipe: str) -> float:
     """FLOPs of one personalisation step (fwd + bwd), counted on real (unpadded) tokens.
 
     Decoder, P = decoder-layer parameters, T = tokens, L layers, D width, n = each sequence's length:
@@ -167,7 +182,7 @@ def step_flops(bb: Backbone, mask: torch.Tensor, n_answer: int, recipe: str) -> 
     Paper recipe only: the vision tower's forward at every step (Pv params, Tv = 577 tokens per image, Lv, Dv)
       2*Pv*Tv + 4*Lv*Dv*Tv^2 per image, plus the projector's 2*Pp*576 per image.
     """
-    cfg, lm = bb.model.config, bb.model.model.language_model
+    cfg, lm = backbone.model.config, backbone.model.model.language_model
     lens = mask.sum(1).double()
     tokens, sq = float(lens.sum()), float((lens**2).sum())
     L, D = cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size
@@ -175,8 +190,8 @@ def step_flops(bb: Backbone, mask: torch.Tensor, n_answer: int, recipe: str) -> 
     if recipe == "paper":
         v = cfg.vision_config
         tv = (v.image_size // v.patch_size) ** 2 + 1
-        per_image = 2 * _params(bb.model.model.vision_tower) * tv + 4 * v.num_hidden_layers * v.hidden_size * tv**2
-        per_image += 2 * _params(bb.model.model.multi_modal_projector) * (tv - 1)
+        per_image = 2 * _params(backbone.model.model.vision_tower) * tv + 4 * v.num_hidden_layers * v.hidden_size * tv**2
+        per_image += 2 * _params(backbone.model.model.multi_modal_projector) * (tv - 1)
         flops += per_image * mask.shape[0]
     return flops
 
@@ -186,41 +201,45 @@ def _image(seed: int, size: tuple[int, int] = (500, 400)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def _batch(bb: Backbone, tokens: ConceptTokens, n: int):
+def _batch(backbone: Backbone, tokens: ConceptTokens, n: int):
     system = tokens.system_text()
     encoded = []
     for i in range(n):
         c = tokens.token(CONCEPTS[i % len(CONCEPTS)])
         answer = (YES_ANSWERS if i % 2 == 0 else NO_ANSWERS)[i % 7].format(c=c)
-        encoded.append(bb.encode(bb.format_prompt(RECOGNITION_QUESTIONS[i].format(c=c), system=system), answer))
-    batch = collate(encoded, [None] * n, bb.tokenizer.pad_token_id)
-    dev = bb.device
+        encoded.append(backbone.encode(backbone.format_prompt(RECOGNITION_QUESTIONS[i].format(c=c), system=system), answer))
+    batch = collate(encoded, [None] * n, backbone.tokenizer.pad_token_id)
+    dev = backbone.device
     return batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.labels.to(dev)
 
 
-def train_steps(bb: Backbone, tokens: ConceptTokens, config: TrainConfig, steps: int, warmup: int, peak: float | None) -> dict:
+def train_steps(backbone: Backbone, tokens: ConceptTokens, config: TrainConfig, steps: int, warmup: int, peak: float | None) -> dict:
     """Time `steps` personalisation steps of `config.recipe`, as `mcllava.train.personalize` takes them."""
-    model, dev = bb.model, bb.device
-    ids, mask, labels = _batch(bb, tokens, config.batch_size)
+    model, dev = backbone.model, backbone.device
+    ids, mask, labels = _batch(backbone, tokens, config.batch_size)
     images = [_image(i) for i in range(config.batch_size)]
     _reset_peak(dev)
     if config.recipe == "fast":
         params = make_trainable(model, tokens)
-        cache = bb.visual_tokens(images).features  # the training loop embeds each image once
-        features: Callable[[], torch.Tensor] = lambda: cache
+        cache = backbone.visual_tokens(images).features  # the training loop embeds each image once
+
+        def features() -> torch.Tensor:
+            return cache
     else:
         params = list(dict.fromkeys([model.get_input_embeddings().weight, model.get_output_embeddings().weight]))
         for p in params:
             p.requires_grad_(True)
         index = torch.tensor(tokens.all_ids, device=dev)
         originals = [p.detach().clone() for p in params]
-        features = lambda: bb.visual_tokens(images).features  # the vision tower at every step
+
+        def features() -> torch.Tensor:  # the vision tower at every step
+            return backbone.visual_tokens(images).features
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     times, losses = [], []
     for step in range(warmup + steps):
         _sync(dev)
         t0 = time.perf_counter()
-        loss = bb.answer_loss(ids, mask, labels, features())
+        loss = backbone.answer_loss(ids, mask, labels, features())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -236,7 +255,7 @@ def train_steps(bb: Backbone, tokens: ConceptTokens, config: TrainConfig, steps:
     step_s = statistics.median(times)
     n_tokens = int(mask.sum())
     n_answer = int((labels[:, 1:] != -100).sum())
-    flops = step_flops(bb, mask, n_answer, config.recipe)
+    flops = step_flops(backbone, mask, n_answer, config.recipe)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     out = {
         "batch_size": config.batch_size, "steps": steps, "warmup": warmup, "step_s": step_s, "step_s_all": times,
@@ -269,17 +288,17 @@ class _Clock:
 
 
 @torch.no_grad()
-def _generate(bb: Backbone, prompt: str, features: torch.Tensor, n: int, clock: _Clock) -> int:
+def _generate(backbone: Backbone, prompt: str, features: torch.Tensor, n: int, clock: _Clock) -> int:
     """`Backbone.generate`'s path with exactly `n` new tokens (EOS suppressed); returns the prompt length."""
-    ids = torch.tensor([bb.encode(prompt).input_ids], device=bb.device)
-    bb.model.generate(
-        inputs_embeds=bb.embed(ids, features[None]), attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-        do_sample=False, pad_token_id=bb.tokenizer.pad_token_id, eos_token_id=bb.tokenizer.eos_token_id, streamer=clock,
+    ids = torch.tensor([backbone.encode(prompt).input_ids], device=backbone.device)
+    backbone.model.generate(
+        inputs_embeds=backbone.embed(ids, features[None]), attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+        do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id, eos_token_id=backbone.tokenizer.eos_token_id, streamer=clock,
     )
     return ids.shape[1]
 
 
-def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int, many: int = 0) -> dict:
+def answer_latency(backbone: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int, many: int = 0) -> dict:
     """Latency of plain, personalised and visual-prompt answers, following `PersonalAssistant.respond`.
 
     With `many` > 0 also a personalised answer whose system text introduces `many` concepts (benchmark 4's plain
@@ -290,32 +309,32 @@ def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats
     first new token (the prompt's cost); per_token_s: each further token. Medians of `repeats` answers.
     """
     image = _image(99)
-    refs = {cid: rows[1:] for cid, rows in zip(tokens.concept_ids, trained_rows(bb.model, tokens)[0])}
-    gh, gw = bb.grid
+    refs = {cid: rows[1:] for cid, rows in zip(tokens.concept_ids, trained_rows(backbone.model, tokens)[0])}
+    gh, gw = backbone.grid
     question = "What is <bo> doing in this photo?"
 
     def plain(clock: _Clock) -> dict:
-        feats = bb.visual_tokens([image]).features[0]
-        return {"prompt_tokens": _generate(bb, bb.format_prompt("What is the person doing in this photo?"), feats, new_tokens, clock)}
+        feats = backbone.visual_tokens([image]).features[0]
+        return {"prompt_tokens": _generate(backbone, backbone.format_prompt("What is the person doing in this photo?"), feats, new_tokens, clock)}
 
     def introducing(cids: list[str]) -> Callable[[_Clock], dict]:
         """A personalised answer whose system text introduces `cids`."""
         def answer(clock: _Clock) -> dict:
-            feats = bb.visual_tokens([image]).features[0]
-            return {"prompt_tokens": _generate(bb, bb.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
+            feats = backbone.visual_tokens([image]).features[0]
+            return {"prompt_tokens": _generate(backbone, backbone.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
                     "concepts_introduced": len(cids)}
         return answer
 
     def visual_prompt(clock: _Clock) -> dict:
-        feats = bb.visual_tokens([image]).features[0]
+        feats = backbone.visual_tokens([image]).features[0]
         found = locate(feats[-gh * gw :].float().cpu(), refs, (gh, gw), image.size)
         forced = not any(loc.present for loc in found)
         if forced:  # random weights: mark every concept so that the marked path is what is timed
             found = [dataclasses.replace(loc, present=True) for loc in found]
         marked, marks = draw_marks(image, found)
-        feats = bb.visual_tokens([marked]).features[0]
-        prompt = bb.format_prompt(question, tokens.system_text(extra=mark_prompt(marks, tokens.token)))
-        return {"prompt_tokens": _generate(bb, prompt, feats, new_tokens, clock), "marks": len(marks), "marks_forced": forced}
+        feats = backbone.visual_tokens([marked]).features[0]
+        prompt = backbone.format_prompt(question, tokens.system_text(extra=mark_prompt(marks, tokens.token)))
+        return {"prompt_tokens": _generate(backbone, prompt, feats, new_tokens, clock), "marks": len(marks), "marks_forced": forced}
 
     kinds = [("plain", plain), ("personalised", introducing(tokens.concept_ids)), ("visual_prompt", visual_prompt)]
     if many:
@@ -330,49 +349,49 @@ def answer_latency(bb: Backbone, tokens: ConceptTokens, new_tokens: int, repeats
     for _ in range(repeats):  # round robin, so that drift in clocks or host load falls on every kind alike
         for name, fn in kinds:
             clock = _Clock()
-            _reset_peak(bb.device)
-            _sync(bb.device)
+            _reset_peak(backbone.device)
+            _sync(backbone.device)
             t0 = time.perf_counter()
             info[name] = fn(clock)
-            _sync(bb.device)
+            _sync(backbone.device)
             end = time.perf_counter()
             assert len(clock.times) == new_tokens, "generate stopped early"
             runs[name].append({"answer_s": end - t0, "first_token_s": clock.times[0] - t0,
                                "per_token_s": (clock.times[-1] - clock.times[0]) / (new_tokens - 1),
-                               "peak_bytes": peak_memory(bb.device)["peak_bytes"]})
+                               "peak_bytes": peak_memory(backbone.device)["peak_bytes"]})
     out = {}
     for name, rs in runs.items():
         medians = {key: statistics.median(r[key] for r in rs) for key in ("answer_s", "first_token_s", "per_token_s")}
         out[name] = {**info[name], "new_tokens": new_tokens, **medians, "peak_bytes": max(r["peak_bytes"] for r in rs),
-                     "kind": peak_memory(bb.device)["kind"]}
+                     "kind": peak_memory(backbone.device)["kind"]}
     return out
 
 
 def measure_model(model: str, args: argparse.Namespace, device: torch.device, peak: float | None) -> dict:
     """Build one model, time its answers and both recipes' steps, then free it."""
     t0 = time.perf_counter()
-    bb, cfg = build_llava15(model, device, args.text_layers, args.vision_layers, args.image_size)
+    backbone, cfg = build_llava15(model, device, args.text_layers, args.vision_layers, args.image_size)
     build_s = time.perf_counter() - t0
-    n_ordinary = len(bb.tokenizer)
-    fast, paper = TrainConfig(), TrainConfig.paper()
-    tokens = add_concept_tokens(bb.model, bb.tokenizer, CONCEPTS, fast.k)
+    n_ordinary = len(backbone.tokenizer)
+    fast, paper = TrainConfig(), presets.paper()
+    tokens = add_concept_tokens(backbone.model, backbone.tokenizer, CONCEPTS, fast.k)
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(len(CONCEPTS), fast.k + 1, bb.hidden_size, generator=g)
-    write_rows(bb.model, tokens, rows / rows.norm(dim=-1, keepdim=True) * word_embedding_norm(bb.model, n_ordinary))
+    rows = torch.randn(len(CONCEPTS), fast.k + 1, backbone.hidden_size, generator=g)
+    write_rows(backbone.model, tokens, rows / rows.norm(dim=-1, keepdim=True) * word_embedding_norm(backbone.model, n_ordinary))
     result = {
         "config": cfg,
-        "parameters": _params(bb.model),
-        "parameters_language_layers": _params(bb.model.model.language_model.layers),
+        "parameters": _params(backbone.model),
+        "parameters_language_layers": _params(backbone.model.model.language_model.layers),
         "build_s": build_s,
         "memory_after_build": peak_memory(device),
-        "answer": answer_latency(bb, tokens, args.new_tokens, args.repeats, args.warmup, args.many),
+        "answer": answer_latency(backbone, tokens, args.new_tokens, args.repeats, args.warmup, args.many),
         # paper first: it trains plain weights; the fast recipe then wraps the layers in PEFT for good
         "train": {
-            "paper": train_steps(bb, tokens, paper, args.steps, args.warmup, peak),
-            "fast": train_steps(bb, tokens, fast, args.steps, args.warmup, peak),
+            "paper": train_steps(backbone, tokens, paper, args.steps, args.warmup, peak),
+            "fast": train_steps(backbone, tokens, fast, args.steps, args.warmup, peak),
         },
     }
-    del bb, tokens
+    del backbone, tokens
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -17,7 +17,15 @@ import statistics
 import time
 
 from _common import (
-    BankEvaluator, build_world, first_reaching, header, parser, setup, test_records, train, train_config,
+    BankEvaluator,
+    build_world,
+    first_reaching,
+    header,
+    parser,
+    setup,
+    test_records,
+    train,
+    train_config,
     write_results,
 )
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 
-from mcllava.bank import ConceptBank
-
 from _common import BankEvaluator, build_world, header, parser, setup, test_records, train, train_config, write_results
+
+from mcllava.bank import ConceptBank
 
 
 def yes_rate(rows: list[dict]) -> float | None:

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from mcllava.backbone import Backbone
-from mcllava.proving_base.build import (BuildConfig, EncodedPool, _align_loss, _start, add_lora, patch_word_targets,
-                                        tower_features, word_readout, yes_no_report, yes_no_scores)
+from mcllava.proving_base.build import BuildConfig, EncodedPool, yes_no_report, yes_no_scores
+from mcllava.proving_base.build.align import _align_loss, patch_word_targets, word_readout
+from mcllava.proving_base.build.common import _start, tower_features
+from mcllava.proving_base.build.lm import add_lora
 from mcllava.proving_base.data import PATCH_TRAITS, VALUES, patch_labels
 from mcllava.proving_base.model import VisionSpec
 from mcllava.training_data import collate
@@ -50,7 +52,7 @@ def main() -> None:
     words = tuple(args.words.split(","))
     cfg = BuildConfig(work=args.work, vision=VisionSpec(patch_size=args.patch_size), progress=False)
     tok, model, proc = _start(cfg, "read_probe")
-    bb = Backbone(model, proc, "read-probe")
+    backbone = Backbone(model, proc, "read-probe")
     pool = torch.load(args.work / "vision" / "pool.pt", weights_only=False)
     # held-out questions on the scenes the vision stage held out (its first n_val), training questions on others:
     # the tower's features of its own training scenes are cleaner than those of new photos
@@ -82,7 +84,7 @@ def main() -> None:
         pick = present if pos else [c for c in range(len(cats)) if c not in present]
         c = cats[pick[rng.integers(len(pick))]]
         samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No", "exists"))
-    batch = collate([bb.encode(bb.format_prompt(q, None, image=True), a) for q, a, _ in samples], [None] * len(samples),
+    batch = collate([backbone.encode(backbone.format_prompt(q, None, image=True), a) for q, a, _ in samples], [None] * len(samples),
                     tok.pad_token_id)
 
     proj = model.model.multi_modal_projector
@@ -108,7 +110,7 @@ def main() -> None:
     def held_out_auc() -> dict[str, float]:
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            scores = yes_no_scores(bb, held_out, batch=50, features=tokens)
+            scores = yes_no_scores(backbone, held_out, batch=50, features=tokens)
         model.train()
         return {k: round(v["auc"], 3) for k, v in yes_no_report(scores, held_out).items()}
 
@@ -118,7 +120,7 @@ def main() -> None:
         idx = torch.randint(n_va, len(sel), (16,), generator=gen)
         w = int(batch.attention_mask[idx].sum(1).max())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = bb.answer_loss(batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.labels[idx, :w], tokens(idx))
+            loss = backbone.answer_loss(batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.labels[idx, :w], tokens(idx))
         opt.zero_grad(), loss.backward()
         torch.nn.utils.clip_grad_norm_(lora, 1.0)
         opt.step()

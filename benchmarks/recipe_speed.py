@@ -20,10 +20,20 @@ import dataclasses
 import statistics
 
 import torch
-
 from _common import (
-    BankEvaluator, build_world, first_reaching, header, parser, peak_rss_mb, reset_peak_rss, rss_mb, setup,
-    test_records, train, train_config, write_results,
+    BankEvaluator,
+    build_world,
+    first_reaching,
+    header,
+    parser,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    setup,
+    test_records,
+    train,
+    train_config,
+    write_results,
 )
 from gpu_llava15 import answer_latency
 

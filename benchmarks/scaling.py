@@ -32,13 +32,23 @@ from __future__ import annotations
 import json
 import statistics
 
+from _common import (
+    BankEvaluator,
+    build_world,
+    header,
+    parser,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    setup,
+    test_records,
+    train,
+    train_config,
+    write_results,
+)
+
 from mcllava.bank import ConceptBank
 from mcllava.training_data import PROBE_QUESTION
-
-from _common import (
-    BankEvaluator, build_world, header, parser, peak_rss_mb, reset_peak_rss, rss_mb, setup, test_records, train,
-    train_config, write_results,
-)
 
 
 def plot_panels(rows: list[dict]) -> list[dict]:
@@ -106,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
         modes = {mode: evaluator(result.bank, introduce=mode, prompt_cache=False) for mode in ("all", "relevant")}
         modes["remedy"] = evaluator(remedy.bank, prompt_cache=False)  # trained and answering with introduce="relevant"
         cached = with_prompt_cache(evaluator, result.bank)
-        tokens, bb = evaluator.assistant.tokens, evaluator.assistant.backbone
+        tokens, backbone = evaluator.assistant.tokens, evaluator.assistant.backbone
         system = tokens.system_text()
-        question = bb.format_prompt(PROBE_QUESTION.format(c=tokens.token(world.ids[0])), system=system)
+        question = backbone.format_prompt(PROBE_QUESTION.format(c=tokens.token(world.ids[0])), system=system)
         rows.append({
             "concepts": n,
             "distinct_looks": world.distinct_looks,
@@ -116,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
             "train_s": train_s,
             "epoch_s": statistics.mean(h["seconds"] for h in result.history),
             "steps_per_epoch": result.history[0]["steps"],
-            "prompt_tokens": len(bb.encode(question).input_ids),
-            "system_tokens": len(bb.tokenizer(system, add_special_tokens=False)["input_ids"]),
+            "prompt_tokens": len(backbone.encode(question).input_ids),
+            "system_tokens": len(backbone.tokenizer(system, add_special_tokens=False)["input_ids"]),
             "peak_rss_mb": peak_rss_mb(),
             "rss_before_mb": rss_before,
             "answer_latency_s": modes["all"]["latency_s"]["recognition"],

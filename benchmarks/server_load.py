@@ -29,6 +29,9 @@ import httpx
 from PIL import Image, ImageDraw
 from server_soak import drive  # the shared client-threads driver (benchmarks/ is on sys.path when run as a script)
 
+from mcllava.smollm2 import smollm2_tokenizer
+from mcllava.testing import make_bank, make_base
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "server_load.json"
 
@@ -43,11 +46,6 @@ def photo_url(size: int = 256) -> str:
 
 def tiny_bank(root: Path) -> Path:
     """An untrained tiny base and a random bank (the tests' helpers): for the plumbing, not for quality."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers_bank import make_bank, make_base
-
-    from mcllava.tiny import smollm2_tokenizer
-
     smollm2_tokenizer(root / "tokenizer")
     return make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")
 

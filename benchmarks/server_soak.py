@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -24,9 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from mcllava.server import create_app
+from mcllava.smollm2 import smollm2_tokenizer
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers_bank import data_url, png_bytes, red_photo, serving  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "server_soak.json"
 
@@ -129,11 +130,7 @@ def soak(url: str, requests: int, clients: int = 8, headers: dict | None = None)
 
 
 def tiny_app(root: Path):
-    from helpers_bank import make_bank, make_base
-
-    from mcllava.server import create_app
-    from mcllava.tiny import smollm2_tokenizer
-
+    """The app on an untrained tiny base with a random bank (`mcllava.testing`): for the plumbing, not for quality."""
     smollm2_tokenizer(root / "tokenizer")
     return create_app(str(make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")), base=str(root / "base"))
 

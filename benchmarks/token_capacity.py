@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mcllava.proving_base.build import SLOT_WORDS, patch_word_trait
+from mcllava.proving_base.build import SLOT_WORDS
+from mcllava.proving_base.build.align import patch_word_trait
 from mcllava.proving_base.data import PATCH_TRAITS as ALL
 
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")

@@ -16,7 +16,15 @@ per task with the overhead over "off". Writes benchmarks/out/visual_prompt.json 
 from __future__ import annotations
 
 from _common import (
-    BankEvaluator, build_world, header, parser, setup, strip_rows, test_records, train, train_config,
+    BankEvaluator,
+    build_world,
+    header,
+    parser,
+    setup,
+    strip_rows,
+    test_records,
+    train,
+    train_config,
     write_results,
 )
 

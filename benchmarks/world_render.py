@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mcllava.world.render import _draw_cached
-    from mcllava.world.scenes import background, render_scene, sample_scene, SETTINGS, N_VARIANTS
+    from mcllava.world.scenes import N_VARIANTS, SETTINGS, background, render_scene, sample_scene
     from mcllava.world.traits import random_identity
 
     rng = np.random.default_rng(args.seed)
@@ -53,7 +53,7 @@ def main() -> None:
     recurring = rate(lambda: cast[rng.integers(len(cast))])
     with_png = rate(lambda: cast[rng.integers(len(cast))], encode=True)
     t = time.perf_counter()
-    specs = [sample_scene(rng, [random_identity(rng) for _ in range(int(rng.integers(1, 5)))], args.size) for _ in range(args.n)]
+    _ = [sample_scene(rng, [random_identity(rng) for _ in range(int(rng.integers(1, 5)))], args.size) for _ in range(args.n)]
     sampling = args.n / (time.perf_counter() - t)
     result = {
         "benchmark": "world_render", "size": args.size, "n": args.n, "processes": 1,

@@ -43,17 +43,17 @@ def main() -> None:
     from mcllava.evaluate import format_question, recognition_split
     from mcllava.train import yes_no_margin
 
-    assistant = PersonalAssistant.load(args.bank, args.base, split_together=not args.joint)
-    bb = assistant.backbone
+    assistant = PersonalAssistant.load(args.bank, args.base, joint=args.joint)
+    backbone = assistant.backbone
 
     def margin(question: str, features: torch.Tensor) -> float:
-        return yes_no_margin(bb, assistant.tokens.system_text(assistant.introduced(question, [])), question, features)
+        return yes_no_margin(backbone, assistant.tokens.system_text(assistant.introduced(question, [])), question, features)
 
     rows = []
     for r in (r for r in read_tests_jsonl(args.tests) if r["task"] == "recognition"):
         question = format_question(r)
         image = Image.open(r["image"]).convert("RGB")
-        features = bb.visual_tokens([image]).features[0]
+        features = backbone.visual_tokens([image]).features[0]
         together = assistant.asked_together(question)  # Yes only if every concept's own answer is Yes
         m = min(margin(recognition_question([c]), features) for c in together) if together else margin(question, features)
         rows.append({"question": question, "image": r["image"], "split": recognition_split(r),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 torch.set_num_threads(2)
 
@@ -11,7 +11,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer + <image>, saved once as a plain folder (parsing the GGUF takes seconds)."""
-    from mcllava.tiny import smollm2_tokenizer
+    from mcllava.smollm2 import smollm2_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     smollm2_tokenizer(path)

@@ -8,9 +8,9 @@ The plain method introduces every concept of the bank in every prompt, so the pr
 from __future__ import annotations
 
 import pytest
-from helpers_bank import make_bank, make_base, red_photo
 
 from mcllava.assistant import PersonalAssistant
+from mcllava.testing import make_bank, make_base, red_photo
 
 CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}, "rex": {"name": "Rex"}}
 
@@ -37,7 +37,7 @@ def test_without_photo_only_the_named_concepts_are_introduced(assistant):
 def test_with_photo_the_named_and_the_located_concepts_are_introduced(assistant):
     photo = red_photo()
     seen = [loc.concept_id for loc in sorted(assistant.locations(photo), key=lambda loc: -loc.score) if loc.present]
-    assert "bo" in seen  # helpers_bank makes bo's locator references from this very photo
+    assert "bo" in seen  # mcllava.testing makes bo's locator references from this very photo
     a = assistant.respond(photo, "Is <rex> here?", visual_prompt=False, max_new_tokens=1)
     expected = [c for c in CONCEPTS if c == "rex" or c in seen]
     assert a.system == " ".join(assistant.tokens.introduction(c) for c in expected)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers_bank import make_bank, make_base
+from mcllava.testing import make_bank, make_base
 from mcllava.assistant import PersonalAssistant
 from mcllava.bank import ConceptBank
 from mcllava.cli import app

@@ -58,6 +58,7 @@ def unit(x) -> bool:
     return x is not None and 0.0 <= x <= 1.0
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_init_compare_curves_per_init_and_seed(run):
     returned, saved = run("init_compare", "--concepts", "2", "--seeds", "1", "--epochs", "2", "--eval-every", "1", "--test-images", "4")
     assert saved["benchmark"] == "init_compare" and saved["world"] == "shapes" and len(saved["concepts"]) == 2
@@ -74,6 +75,7 @@ def test_init_compare_curves_per_init_and_seed(run):
     assert returned["kmeans"]["steps_to_target"] == saved["kmeans"]["steps_to_target"]
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_joint_vs_separate_recognition_and_confusion(run):
     _, saved = run("joint_vs_separate", "--concepts", "3", "--epochs", "1", "--test-images", "6")
     ids = set(saved["concepts"])
@@ -88,6 +90,7 @@ def test_joint_vs_separate_recognition_and_confusion(run):
         assert r["train_s"] > 0
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_visual_prompt_three_modes(run):
     _, saved = run("visual_prompt", "--concepts", "2", "--epochs", "1", "--test-images", "3")
     assert saved["missing_variants"] == [] and saved["test_questions"]["grounding"] > 0
@@ -101,6 +104,7 @@ def test_visual_prompt_three_modes(run):
         assert unit(saved[mode]["grounding"]) and set(saved[mode]["latency_overhead_s"]) == {"recognition", "caption"}
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_scaling_grows_prompt_with_concepts(run):
     _, saved = run("scaling", "--concepts", "2,3", "--epochs", "1", "--test-per-concept", "1")
     rows = saved["rows"]
@@ -127,6 +131,7 @@ def test_scaling_grows_prompt_with_concepts(run):
     assert other["rows"][0]["steps_per_epoch"] == rows[1]["steps_per_epoch"] and other["rows"][0]["train_s"] != rows[1]["train_s"]
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_recipe_speed_fast_against_paper(run, tmp_path):
     _, saved = run("recipe_speed", "--concepts", "2", "--epochs", "2", "--test-images", "3", "--new-tokens", "2", "--repeats", "1")
     fast, paper = saved["fast"], saved["paper"]
@@ -147,7 +152,7 @@ def test_recipe_speed_fast_against_paper(run, tmp_path):
 def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
     """On the proving ground the benchmarks must train as `personalize --base proving-ground` does (k = 6, lr 1e-2,
     bare Yes/No): the library's defaults collapse there to answering one way (0.50)."""
-    from mcllava.proving_base import train_config as proving_ground_config
+    from mcllava.presets import proving_ground as proving_ground_config
     from mcllava.train import TrainConfig
 
     common = bench("_common")

@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
-from helpers_bank import make_assistant, red_photo
 
 from mcllava.assistant import CAPTION_QUESTION, asks_caption
+from mcllava.testing import make_assistant, red_photo
 
 CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}}
 
@@ -82,11 +82,11 @@ def test_free_captions_and_photo_less_questions_are_asked_as_is(assistant, scrip
     calls, _ = scripted
     a = assistant.respond(None, "Describe this photo.")
     assert a.parts == {} and len(calls) == 1 and calls[0]["prefix"] == ""
-    assistant.recognise_first = False
+    assistant.free_captions = True
     try:
         a = assistant.respond(red_photo(), "Describe this photo.", visual_prompt=False)
     finally:
-        assistant.recognise_first = True
+        assistant.free_captions = False
     assert a.parts == {} and len(calls) == 2 and calls[-1]["prefix"] == "" and a.text == "in a kitchen."
 
 
@@ -103,23 +103,23 @@ def test_relevant_introduction_asks_only_about_concepts_the_locator_sees(assista
 
 def test_generate_starts_the_answer_with_the_prefix(assistant, monkeypatch):
     """The prefix is part of the model's input, tokenised as a training answer is, and leads the returned text."""
-    bb = assistant.backbone
+    backbone = assistant.backbone
     seen = []
-    original = bb.model.generate
+    original = backbone.model.generate
 
     def spy(*args, **kwargs):
         seen.append(kwargs["inputs_embeds"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(bb.model, "generate", spy)
-    features = bb.visual_tokens([red_photo()]).features[0]
-    prompt = bb.format_prompt("Describe this photo.", assistant.tokens.system_text())
-    text = bb.generate(prompt, features, max_new_tokens=4, prefix="<bo> and <ana>")
-    plain = bb.generate(prompt, features, max_new_tokens=4)
+    monkeypatch.setattr(backbone.model, "generate", spy)
+    features = backbone.visual_tokens([red_photo()]).features[0]
+    prompt = backbone.format_prompt("Describe this photo.", assistant.tokens.system_text())
+    text = backbone.generate(prompt, features, max_new_tokens=4, prefix="<bo> and <ana>")
+    plain = backbone.generate(prompt, features, max_new_tokens=4)
     assert text.startswith("<bo> and <ana>") and not plain.startswith("<bo> and <ana>")
-    answer = bb.tokenizer(bb.answer_prefix + "<bo> and <ana>", add_special_tokens=False)["input_ids"]
+    answer = backbone.tokenizer(backbone.answer_prefix + "<bo> and <ana>", add_special_tokens=False)["input_ids"]
     assert seen[0].shape[1] == seen[1].shape[1] + len(answer)
-    expected = bb.embed(torch.tensor([bb.encode(prompt).input_ids + answer]), features[None])
+    expected = backbone.embed(torch.tensor([backbone.encode(prompt).input_ids + answer]), features[None])
     assert torch.allclose(seen[0], expected)
 
 
@@ -136,4 +136,4 @@ def test_the_demo_reports_the_free_caption_figure_beside_the_recognised_one(assi
     assert (report["caption"]["recall"], report["caption"]["precision"]) == (1.0, 1.0)
     free = free_captions(assistant, records, 8)  # left to itself, the script names no one
     assert free["recall"] == 0.0 and free["precision"] is None and free["n"] == 1
-    assert assistant.recognise_first  # switched back
+    assert not assistant.free_captions  # switched back

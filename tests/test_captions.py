@@ -10,8 +10,8 @@ import torch
 
 from mcllava.backbone import Backbone
 from mcllava.captions import distil_captions, whole_sentences
-from mcllava.evaluate import named_concepts
 from mcllava.concepts import ConceptSet
+from mcllava.evaluate import named_concepts
 from mcllava.tiny import make_shape_concepts
 from mcllava.train import TrainConfig, personalize
 from mcllava.training_data import CAPTION_QUESTION, CatalogEntry, ConceptFacts, DataOptions, build_epoch
@@ -94,6 +94,7 @@ def test_caption_samples_per_concept_and_epoch():
     assert sum(s.kind == "caption" for s in few) == 3 + 2
 
 
+@pytest.mark.slow  # personalises the pretrained tiny base
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path, tiny_base_dir, monkeypatch, interrupt):
     """The captions are written once, before concept tokens exist, and a resumed run reads them from the
@@ -119,9 +120,9 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
     cfg = TrainConfig(k=2, epochs=2, lr=1e-2, batch_size=8, data=DataOptions(short_answers=True, text=False, captions=1))
 
     def run(resume=False):
-        bb = Backbone.load(tiny_base_dir)
-        cs = ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer)
-        return personalize(cs, bb, tmp_path / "bank", cfg, resume=resume, progress=False, log=lambda *_: None), len(bb.tokenizer)
+        backbone = Backbone.load(tiny_base_dir)
+        cs = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
+        return personalize(cs, backbone, tmp_path / "bank", cfg, resume=resume, progress=False, log=lambda *_: None), len(backbone.tokenizer)
 
     if interrupt:
         original = train_mod.probe_accuracy
@@ -139,8 +140,8 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
         monkeypatch.setattr(train_mod, "probe_accuracy", original)
     result, _ = run(resume=True)
     assert len(calls) == 1  # written once, also across the interruption
-    bb = Backbone.load(tiny_base_dir)
-    assert calls[0] == len(bb.tokenizer)  # before the concept tokens were added
+    backbone = Backbone.load(tiny_base_dir)
+    assert calls[0] == len(backbone.tokenizer)  # before the concept tokens were added
     assert len(seen) == 2 * (3 if interrupt else 2)  # one per concept in each epoch built (the cut one too)
     assert {s.answer for s in seen} == {"<bo> in a park.", "<ana> in a park."}
     assert len(result.history) == 2

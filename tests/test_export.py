@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from helpers_bank import make_bank, make_base, red_photo
 from mcllava.assistant import PersonalAssistant
 from mcllava.errors import McLlavaError
 from mcllava.export import EXPORT_INFO, export
+from mcllava.testing import make_bank, make_base, red_photo
 
 CASES = [(True, "What is <ana> doing next to <bo>?"), (False, "Is <bo> a dog?")]
 NEW_TOKENS = 6
@@ -49,13 +49,13 @@ def _hf_answer(model, processor, image, question: str) -> tuple[list[int], str]:
 def test_transformers_alone_answers_like_the_assistant(exported):
     bank, out = exported
     assistant = PersonalAssistant.load(bank, str(bank.parent / "base"))
-    bb = assistant.backbone
+    backbone = assistant.backbone
     model, processor = LlavaForConditionalGeneration.from_pretrained(out), AutoProcessor.from_pretrained(out)
     for with_image, question in CASES:
         image = red_photo() if with_image else None
         ids, text = _hf_answer(model, processor, image, question)
-        prompt = bb.format_prompt(question, assistant.tokens.system_text(), image=with_image)
-        assert ids == bb.encode(prompt).input_ids  # the same prompt, token for token
+        prompt = backbone.format_prompt(question, assistant.tokens.system_text(), image=with_image)
+        assert ids == backbone.encode(prompt).input_ids  # the same prompt, token for token
         assert text == assistant.answer(image, question, visual_prompt=False, max_new_tokens=NEW_TOKENS)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers_bank import make_base
+from mcllava.testing import make_base
 from mcllava.backbone import Backbone
 from mcllava.bank import ConceptBank
 from mcllava.cli import app

@@ -1,6 +1,6 @@
 """Fuzzing every API payload: each malformed request gets a 4xx with a JSON error, never a 500, a hang or a leak.
 
-The app serves a random tiny bank (helpers_bank). Requests are built from hostile pieces: wrong types, absurd
+The app serves a random tiny bank (`mcllava.testing`). Requests are built from hostile pieces: wrong types, absurd
 numbers, deep nesting, unknown roles and parts, data URLs of every kind of broken or odd image, multipart
 uploads with path-traversal names. test_server.py holds the hand-picked cases; these are generated.
 """
@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers_bank import make_bank, make_base
-from mcllava.server import ServerLimits, create_app
 from test_fuzz_inputs import image_bytes
+
+from mcllava.server import ServerLimits, create_app
+from mcllava.testing import make_bank, make_base
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 LIMITS = ServerLimits(max_body_bytes=200_000, max_image_bytes=50_000, max_pixels=200_000, max_text_chars=300, max_messages=4, max_new_tokens=3, max_queue=8)

@@ -11,6 +11,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # LLaVA-1.5-7B and 13B at full width
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_llava15.py"
 
 

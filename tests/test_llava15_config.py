@@ -40,7 +40,14 @@ LLAVA15_7B = {
 
 @pytest.fixture(scope="module")
 def llava15_dir(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     published = json.loads(REFERENCE.read_text())["llava-1.5-7b"] if REFERENCE.exists() else LLAVA15_7B
     text = {**published["text_config"], "num_hidden_layers": 1}
@@ -78,23 +85,24 @@ def _concepts(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # LLaVA-1.5-7B's full-width embeddings, trained and answered
 def test_llava15_shape_loads_grows_trains_and_answers(llava15_dir, tmp_path):
     from mcllava.assistant import PersonalAssistant
     from mcllava.train import TrainConfig, personalize
 
-    bb = Backbone.load(llava15_dir, dtype=torch.bfloat16, device="cpu")
-    assert bb.num_image_tokens == 576 and bb.grid == (24, 24)
-    assert bb.model.get_input_embeddings().weight.shape[0] == 32064
-    assert not bb.model.config.tie_word_embeddings and len(bb.tokenizer) == 32002
-    vt = bb.visual_tokens([Image.new("RGB", (500, 400), "red")])
+    backbone = Backbone.load(llava15_dir, dtype=torch.bfloat16, device="cpu")
+    assert backbone.num_image_tokens == 576 and backbone.grid == (24, 24)
+    assert backbone.model.get_input_embeddings().weight.shape[0] == 32064
+    assert not backbone.model.config.tie_word_embeddings and len(backbone.tokenizer) == 32002
+    vt = backbone.visual_tokens([Image.new("RGB", (500, 400), "red")])
     assert vt.features.shape == (1, 576, 4096)
 
-    concepts = ConceptSet.load(_concepts(tmp_path / "concepts"), tokenizer=bb.tokenizer)
+    concepts = ConceptSet.load(_concepts(tmp_path / "concepts"), tokenizer=backbone.tokenizer)
     config = TrainConfig(k=4, epochs=1, batch_size=2, holdout=0)
-    result = personalize(concepts, bb, tmp_path / "bank", config, progress=False, log=lambda *_: None)
+    result = personalize(concepts, backbone, tmp_path / "bank", config, progress=False, log=lambda *_: None)
     # 2 concepts x 5 tokens fit in the 62 spare rows: the matrix neither shrinks nor grows
-    assert bb.model.get_input_embeddings().weight.shape[0] == 32064
-    assert len(bb.tokenizer) == 32012
+    assert backbone.model.get_input_embeddings().weight.shape[0] == 32064
+    assert len(backbone.tokenizer) == 32012
     assert result.history[0]["steps"] >= 1 and np.isfinite(result.history[0]["loss"])
     assert result.bank.head_rows is not None and result.bank.input_rows.shape == (2, 5, 4096)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from helpers_bank import data_url, make_bank, make_base, red_photo
+from mcllava.testing import data_url, make_bank, make_base, red_photo
 from mcllava.assistant import PersonalAssistant
 from mcllava.errors import BankError, McLlavaError
 from mcllava.multibank import SharedBase, bank_folders

@@ -14,14 +14,17 @@ from mcllava.concepts import ConceptSet
 from mcllava.datasets import read_tests_jsonl
 from mcllava.errors import BankError
 from mcllava.evaluate import evaluate
-from mcllava.tiny import make_shape_concepts, tiny_train_config
+from mcllava.presets import tiny as tiny_recipe
+from mcllava.tiny import make_shape_concepts
 from mcllava.train import TrainConfig, personalize, yes_no_margin
 from mcllava.training_data import DataOptions
+
+pytestmark = pytest.mark.slow  # pretrains the tiny base and personalises it
 
 SHAPES = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("yellow", "triangle")}
 # The tiny base answers "Yes." / "No." and never learned fuller phrasings or facts: train on short answers.
 TINY_DATA = DataOptions(short_answers=True, text=False)
-FAST = tiny_train_config()  # the demo's recipe
+FAST = tiny_recipe()  # the tiny base's recipe
 
 
 class YesNo:
@@ -35,9 +38,9 @@ class YesNo:
         self.assistant, self.names = assistant, assistant.names
 
     def answer(self, image, question):
-        bb = self.assistant.backbone
-        features = bb.visual_tokens([image]).features[0]
-        return "Yes" if yes_no_margin(bb, self.assistant.tokens.system_text(), question, features) > 0 else "No"
+        backbone = self.assistant.backbone
+        features = backbone.visual_tokens([image]).features[0]
+        return "Yes" if yes_no_margin(backbone, self.assistant.tokens.system_text(), question, features) > 0 else "No"
 
     def locate(self, image):
         return self.assistant.locate(image)
@@ -54,8 +57,8 @@ def shapes(tmp_path_factory):
 def trained(tmp_path_factory, tiny_base_dir, shapes):
     concepts_dir, _ = shapes
     out = tmp_path_factory.mktemp("bank") / "bank"
-    bb = Backbone.load(tiny_base_dir)
-    result = personalize(ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer), bb, out, FAST, progress=False, log=lambda *_: None)
+    backbone = Backbone.load(tiny_base_dir)
+    result = personalize(ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer), backbone, out, FAST, progress=False, log=lambda *_: None)
     return out, result
 
 
@@ -70,9 +73,8 @@ def test_personalisation_learns_to_recognise(trained, tiny_base_dir, shapes):
     after = recognition(bank_path, tiny_base_dir, shapes[1])
     print("recognition after personalisation:", json.dumps(after))
     # chance is 0.5 (an untrained bank: test_untrained_rows_are_near_chance). The tiny base's float32 training
-    # follows the CPU's kernels and thread count: this recipe gave 0.82 (recalls 0.83 / 0.81) on the ninth
-    # session's AMD EPYC, and 0.74-0.96 over other builds and seeds of the demo's four concepts (docs/results.md,
-    # "The tiny base"); the bar asks for clear learning on either recall, not for one build's figure
+    # follows the CPU's kernels and thread count, so the figure varies between machines (docs/results.md,
+    # "The tiny base"): the test asks for clear learning on either recall, not for one machine's figure
     assert after["weighted_accuracy"] >= 0.75, after
     assert after["positive_recall"] >= 0.7 and after["negative_recall"] >= 0.7, after
     history = ConceptBank.load(bank_path).metrics["history"]
@@ -81,9 +83,9 @@ def test_personalisation_learns_to_recognise(trained, tiny_base_dir, shapes):
 
 def test_untrained_rows_are_near_chance(tmp_path, tiny_base_dir, shapes):
     concepts_dir, tests = shapes
-    bb = Backbone.load(tiny_base_dir)
+    backbone = Backbone.load(tiny_base_dir)
     cfg = TrainConfig(k=4, epochs=1, lr=0.0, batch_size=8, seed=0, data=TINY_DATA)  # lr 0: the bank keeps its initial rows
-    personalize(ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer), bb, tmp_path / "b0", cfg, progress=False, log=lambda *_: None)
+    personalize(ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer), backbone, tmp_path / "b0", cfg, progress=False, log=lambda *_: None)
     before = recognition(tmp_path / "b0", tiny_base_dir, tests)
     assert 0.3 <= before["weighted_accuracy"] <= 0.7, before
 
@@ -130,9 +132,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_base_dir
     cfg = TrainConfig(k=4, epochs=3, lr=3e-2, batch_size=8, seed=5, data=TINY_DATA)
 
     def run(out, epochs, resume=False):
-        bb = Backbone.load(tiny_base_dir)
-        c = ConceptSet.load(concepts_dir, tokenizer=bb.tokenizer)
-        return personalize(c, bb, out, TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "data": cfg.data}), resume=resume, progress=False, log=lambda *_: None)
+        backbone = Backbone.load(tiny_base_dir)
+        c = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
+        return personalize(c, backbone, out, TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "data": cfg.data}), resume=resume, progress=False, log=lambda *_: None)
 
     full = run(tmp_path / "full", 3).bank
 
@@ -181,14 +183,14 @@ def test_hard_negatives_rank_what_looks_like_the_concept_first(tiny_base_dir, tm
         im.save(path)
         return str(path)
 
-    bb = Backbone.load(str(tiny_base_dir))
+    backbone = Backbone.load(str(tiny_base_dir))
     kinds = [((200, 30, 30), "circle"), ((30, 30, 200), "square"), ((30, 160, 30), "square"), ((200, 30, 30), "circle")]
     entries = [CatalogEntry(f"_neg/{i}", photo(c, s, tmp_path / f"n{i}.png"), None, frozenset()) for i, (c, s) in enumerate(kinds)]
     entries.append(CatalogEntry("bo/0", photo((200, 30, 30), "circle", tmp_path / "bo.png"), None, frozenset(["bo"])))
-    store = ImageStore(bb, entries, ImageLimits())
-    vt = bb.visual_tokens([store.images["bo/0"]])
+    store = ImageStore(backbone, entries, ImageLimits())
+    vt = backbone.visual_tokens([store.images["bo/0"]])
     refs = {"bo": kmeans_rows(masked_tokens(vt.patches, vt.coverage), 4, 1.0)[1:]}
-    hard = hard_negative_keys(bb, store, entries, refs, 2, cache=True)
+    hard = hard_negative_keys(backbone, store, entries, refs, 2, cache=True)
     assert set(hard["bo"]) == {"_neg/0", "_neg/3"}
     assert len(store.cache) == 4  # the fast recipe reuses the tokens it computed
-    assert hard_negative_keys(bb, store, entries, refs, 0, cache=False) == {}
+    assert hard_negative_keys(backbone, store, entries, refs, 0, cache=False) == {}

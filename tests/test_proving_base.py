@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,26 +168,26 @@ def test_load_from_export(toy):
     proj = model.model.multi_modal_projector.linear_1.weight
     assert torch.equal(proj, saved["multi_modal_projector.linear_1.weight"].float())
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # SmolLM2 ties them
-    bb = Backbone(model, processor, "toy")
-    prompt = bb.format_prompt("<dax> is a red cat. Is <dax> in this photo?")
+    backbone = Backbone(model, processor, "toy")
+    prompt = backbone.format_prompt("<dax> is a red cat. Is <dax> in this photo?")
     assert prompt.index("Is <dax>") < prompt.index("<image>")  # text before the image
-    assert len(bb.encode(prompt).input_ids) > bb.num_image_tokens
+    assert len(backbone.encode(prompt).input_ids) > backbone.num_image_tokens
 
 
 def test_backbone_loads_an_exported_folder_by_path(toy, monkeypatch):
     """`Backbone.load(folder)` of a `base build` export goes through `proving_base.load(folder)` and keeps the path
     as the base's name (banks remember it); the real SmolLM2 is swapped for the toy text model."""
-    import mcllava.proving_base as pb
+    import mcllava.proving_base.loader as pb
     from mcllava.backbone import Backbone
     from mcllava.proving_base.build import tokenizer_for
 
     cfg, _ = toy
     text_model = tiny_text_model(tokenizer_for(cfg))
     monkeypatch.setattr(pb, "load", lambda weights=None: load(weights, text_model=text_model))
-    bb = Backbone.load(cfg.work / "export")
-    assert bb.name == str(cfg.work / "export")
+    backbone = Backbone.load(cfg.work / "export")
+    assert backbone.name == str(cfg.work / "export")
     saved = load_file(cfg.work / "export" / "vision.safetensors")
-    assert torch.equal(bb.model.model.multi_modal_projector.linear_1.weight, saved["multi_modal_projector.linear_1.weight"].float())
+    assert torch.equal(backbone.model.model.multi_modal_projector.linear_1.weight, saved["multi_modal_projector.linear_1.weight"].float())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -204,6 +204,7 @@ def test_missing_weights_error(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow  # loads SmolLM2 from its GGUF
 @pytest.mark.skipif(not (WEIGHTS / "vision.safetensors").exists(), reason="proving-ground weights not committed")
 def test_committed_weights_load_offline():
     from transformers import LlavaForConditionalGeneration
@@ -246,8 +247,8 @@ def test_build_cli_refuses_a_bad_mix_or_phase_steps(tmp_path):
 def test_patch_word_targets_give_each_patch_one_word(toy):
     """The align stage's targets: one trait word per owned patch (cycled over the grid when several traits are
     asked for, all of them in any 2x2 block), at a word's norm; the background word at half norm elsewhere."""
-    from mcllava.proving_base.build import (BACKGROUND_NORM, patch_word_targets, patch_word_trait, tokenizer_for,
-                                            trait_word_vectors, word_vectors)
+    from mcllava.proving_base.build import BACKGROUND_NORM, tokenizer_for
+    from mcllava.proving_base.build.align import patch_word_targets, patch_word_trait, trait_word_vectors, word_vectors
     from mcllava.proving_base.data import VALUES
     from mcllava.tokens import word_embedding_norm
 
@@ -313,9 +314,9 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
     and explicit options still win."""
     from typer.testing import CliRunner
 
-    import mcllava.train
+    import mcllava.cli
     from mcllava.cli import app
-    from mcllava.proving_base import train_config
+    from mcllava.presets import proving_ground
 
     seen = {}
 
@@ -323,7 +324,7 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
         seen["config"] = config
         raise McLlavaError("stop here")
 
-    monkeypatch.setattr(mcllava.train, "personalize", fake_run)
+    monkeypatch.setattr(mcllava.cli, "personalize_concepts", fake_run)
     monkeypatch.setattr("mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None)))
     monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
     for args, k, lr, captions in (([], 6, 1e-2, 1), (["--k", "3", "--lr", "0.5", "--captions", "0"], 3, 0.5, 0)):
@@ -331,4 +332,4 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
         assert res.exit_code != 0 and "stop here" in res.output, res.output
         cfg = seen["config"]
         assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers, cfg.data.captions) == (k, lr, ("Yes", "No"), True, captions)
-    assert train_config().data.text is False
+    assert proving_ground().data.text is False

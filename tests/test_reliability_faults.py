@@ -18,10 +18,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bank import assert_same, make_bank
 
 from mcllava.bank import ConceptBank
 from mcllava.errors import BankError, McLlavaError
-from test_bank import assert_same, make_bank
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

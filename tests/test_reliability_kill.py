@@ -25,9 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_bank import make_base
 from mcllava.bank import ConceptBank
+from mcllava.testing import make_base
 from mcllava.tiny import make_shape_concepts
+
+pytestmark = pytest.mark.slow  # kills training subprocesses at many points
 
 LONG = os.environ.get("MCLLAVA_LONG") == "1"
 EPOCHS = 3
@@ -54,10 +56,10 @@ def reference(setup, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        bb = Backbone.load(base)
+        backbone = Backbone.load(base)
         config = TrainConfig(k=2, epochs=EPOCHS, batch_size=2, holdout=0, seed=3)
         out = tmp_path_factory.mktemp("ref") / "bank"
-        return personalize(ConceptSet.load(concepts, tokenizer=bb.tokenizer), bb, out, config, progress=False, log=lambda *_: None).bank
+        return personalize(ConceptSet.load(concepts, tokenizer=backbone.tokenizer), backbone, out, config, progress=False, log=lambda *_: None).bank
     finally:
         torch.set_num_threads(threads)
 

@@ -9,7 +9,11 @@ import importlib.util
 import os
 from pathlib import Path
 
-from helpers_bank import serving
+import pytest
+
+from mcllava.testing import serving
+
+pytestmark = pytest.mark.slow  # eight clients against a live server
 
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "server_soak.py"
 REQUESTS = 400 if os.environ.get("MCLLAVA_LONG") == "1" else 50
@@ -24,8 +28,8 @@ def _soak_module():
 
 def test_eight_clients_get_the_single_client_answers_with_flat_memory(tmp_path, tokenizer_dir):
     soak = _soak_module()
-    from helpers_bank import make_bank, make_base
     from mcllava.server import create_app
+    from mcllava.testing import make_bank, make_base
 
     app = create_app(str(make_bank(make_base(tokenizer_dir, tmp_path / "base"), tmp_path / "bank")), api_key="k", base=str(tmp_path / "base"))
     with serving(app) as url:

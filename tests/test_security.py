@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
-from helpers_bank import data_url, make_bank, make_base, png_bytes, red_photo
 from mcllava.server import ServerLimits, create_app
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo
 
 KEY = "k3y-with-enough-entropy"
 LIMITS = ServerLimits(max_new_tokens=4)
@@ -126,15 +126,15 @@ def _control_ids(backbone) -> set[int]:
 
 @pytest.mark.parametrize("question", INJECTIONS)
 def test_control_tokens_in_a_question_are_plain_text(assistant, question):
-    bb = assistant.backbone
+    backbone = assistant.backbone
     system = assistant.tokens.system_text()
-    benign = bb.encode(bb.format_prompt("QUESTION", system)).input_ids
-    hostile = bb.encode(bb.format_prompt(question, system)).input_ids
-    control = _control_ids(bb)
+    benign = backbone.encode(backbone.format_prompt("QUESTION", system)).input_ids
+    hostile = backbone.encode(backbone.format_prompt(question, system)).input_ids
+    control = _control_ids(backbone)
     assert [i for i in hostile if i in control] == [i for i in benign if i in control]  # only the template's own
-    cut = benign.index(bb.tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)  # the system turn, unchanged
+    cut = benign.index(backbone.tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)  # the system turn, unchanged
     assert hostile[:cut] == benign[:cut]
-    assert bb.tokenizer.decode(hostile, skip_special_tokens=False).count("PWNED") == question.count("PWNED")
+    assert backbone.tokenizer.decode(hostile, skip_special_tokens=False).count("PWNED") == question.count("PWNED")
 
 
 def test_an_injected_question_is_answered_not_obeyed(app, assistant, monkeypatch):

@@ -17,9 +17,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers_bank import data_url, make_bank, make_base, png_bytes, red_photo, serving
 from mcllava.errors import McLlavaError
 from mcllava.server import ChatCompletion, ChatCompletionChunk, LocateResponse, ModelGate, ServerLimits, create_app
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
 
 KEY = "s3cret-key"
 LOCAL = "http://localhost"  # a server without a key answers only the hosts it was started for

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers_bank import data_url, make_bank, make_base, png_bytes, red_photo, serving
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
 from mcllava.backbone import MAX_ASPECT
 from mcllava.errors import McLlavaError
 from mcllava.server import ChatCompletionChunk, ServerLimits, create_app

@@ -10,11 +10,32 @@ import pytest
 import torch
 
 from mcllava.errors import McLlavaError
-from mcllava.proving_base.build import (BACKGROUND_NORM, SLOT_WORDS, AlignStage, BuildConfig, LMStage, Phase,
-                                        VisionStage, build, check_layout, sample_features, slot_word_readout,
-                                        slot_word_targets, tokenizer_for, trait_word_vectors, word_vectors)
-from mcllava.proving_base.data import (MIRROR_SLOTS, N_SLOTS, PATCH_TRAITS, VALUES, Curriculum, _identities, _slot,
-                                       lm_sample, rng_for, slot_labels)
+from mcllava.proving_base.build import (
+    BACKGROUND_NORM,
+    SLOT_WORDS,
+    AlignStage,
+    BuildConfig,
+    LMStage,
+    Phase,
+    VisionStage,
+    build,
+    check_layout,
+    tokenizer_for,
+)
+from mcllava.proving_base.build.align import slot_word_readout, slot_word_targets, trait_word_vectors, word_vectors
+from mcllava.proving_base.build.pool import sample_features
+from mcllava.proving_base.data import (
+    MIRROR_SLOTS,
+    N_SLOTS,
+    PATCH_TRAITS,
+    VALUES,
+    Curriculum,
+    _identities,
+    _slot,
+    lm_sample,
+    rng_for,
+    slot_labels,
+)
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
 from mcllava.world.scenes import render_scene, sample_scene
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers_bank import make_assistant, red_photo
 
 from mcllava.assistant import asked_together, together_answer
+from mcllava.testing import make_assistant, red_photo
 
 CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}}
 IDS = list(CONCEPTS)
@@ -74,11 +74,11 @@ def test_joint_mode_and_questions_without_a_photo_ask_as_is(assistant, scripted)
     question = "Are <bo> and <ana> both in this photo?"
     a = assistant.respond(None, question)
     assert a.text == "Maybe" and a.parts == {} and len(scripted) == 1
-    assistant.split_together = False
+    assistant.joint = True
     try:
         a = assistant.respond(red_photo(), question, visual_prompt=False)
     finally:
-        assistant.split_together = True
+        assistant.joint = False
     assert a.text == "Maybe" and a.parts == {} and question in scripted[-1][0]
 
 
@@ -98,4 +98,4 @@ def test_the_demo_reports_the_joint_figure_beside_the_split_one(assistant, scrip
     assert joint["together"]["n"] == 1 and joint["together"]["positive_recall"] == 0.0
     assert joint["together_split"]["positive_recall"] == 1.0
     assert (joint["positive_recall"], joint["negative_recall"]) == (0.0, 1.0)  # the single question kept its answer
-    assert assistant.split_together  # switched back
+    assert not assistant.joint  # switched back

@@ -7,7 +7,14 @@ import random
 import torch
 
 from mcllava.kmeans_init import kmeans_rows, masked_tokens, random_rows
-from mcllava.tokens import add_concept_tokens, head_is_tied, make_trainable, trained_rows, word_embedding_norm, write_rows
+from mcllava.tokens import (
+    add_concept_tokens,
+    head_is_tied,
+    make_trainable,
+    trained_rows,
+    word_embedding_norm,
+    write_rows,
+)
 from mcllava.training_data import (
     NO_ANSWERS,
     RECOGNITION_QUESTIONS,
@@ -69,11 +76,11 @@ def test_only_new_rows_train(tiny_backbone):
     params = make_trainable(model, tokens)
     assert len(params) == 2  # embedding rows and (untied) head rows
     opt = torch.optim.AdamW(params, lr=1e-2)
-    bb = tiny_backbone
-    enc = bb.encode(bb.format_prompt("Is <bo> here?", system=tokens.system_text(), image=False), "Yes.")
+    backbone = tiny_backbone
+    enc = backbone.encode(backbone.format_prompt("Is <bo> here?", system=tokens.system_text(), image=False), "Yes.")
     ids = torch.tensor([enc.input_ids])
     for _ in range(3):
-        loss = bb.answer_loss(ids, torch.ones_like(ids), torch.tensor([enc.labels]), None)
+        loss = backbone.answer_loss(ids, torch.ones_like(ids), torch.tensor([enc.labels]), None)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers_bank import make_bank, make_base, red_photo, serving
 from mcllava.server import ServerLimits, create_app
+from mcllava.testing import make_bank, make_base, red_photo, serving
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")) if p and Path(p).exists()), None)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUESTION = "Is <bo> in this photo?"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: apt-get install -y chromium")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: apt-get install -y chromium")]  # a real headless browser
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,6 @@
 """mcllava: personalise LLaVA-family vision-language models with several concepts at once (MC-LLaVA)."""
 
-__version__ = "0.1.0"
+from . import proving_base  # registers the `proving-ground` base with `Backbone.load`
+from .version import __version__
+
+__all__ = ["__version__", "proving_base"]

@@ -5,8 +5,8 @@ confidence map is computed from those visual tokens; concepts that pass the thre
 drawn on the photo, and the system text gains `Mark n is <c>.`; the marked photo is embedded and answered.
 A question whether several concepts are all in the photo ("Are <bo> and <ana> both in this photo?") is asked
 one concept at a time on the same visual tokens, and answered Yes only when every one is there
-(`split_together`): small models tend to answer such a question for "either" rather than "both".
-A request for a caption ("Describe this photo.") is answered the same way round (`recognise_first`): each concept
+(unless `joint`): small models tend to answer such a question for "either" rather than "both".
+A request for a caption ("Describe this photo.") is answered the same way round (unless `free_captions`): each concept
 is asked about on its own, the caption starts with the names of those found and the model writes the rest, with
 no name in it; small models name one concept of a group photo at most when left to choose the names themselves.
 """
@@ -14,19 +14,20 @@ no name in it; small models name one concept of a group photo at most when left 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from PIL import Image
 
 from .backbone import Backbone
-from .bank import ConceptBank
+from .bank import ConceptBank, config_hash
 from .datasets.records import recognition_question
 from .errors import McLlavaError
 from .evaluate import parse_yes_no
-from .locate import Location, LocateConfig, draw_marks, locate, mark_prompt
+from .locate import LocateConfig, Location, draw_marks, locate, mark_prompt
 from .tokens import ConceptTokens, add_concept_tokens, word_embedding_norm, write_rows
 from .training_data import GROUP_QUESTIONS, join_names
 
@@ -94,16 +95,14 @@ class PersonalAssistant:
         reference: Literal["tokens", "features"] = "features",
         locate_config: LocateConfig | None = None,
         introduce: Literal["all", "relevant"] | None = None,
-        split_together: bool = True,
-        recognise_first: bool = True,
+        joint: bool = False,
+        free_captions: bool = False,
         tokens: ConceptTokens | None = None,
         never_say: Iterable[int] = (),
     ):
         """`tokens` and `never_say` serve several banks on one base (`multibank.SharedBase`): the bank's tokens are
         already in the tokenizer, its rows are written before each use, and `never_say` (the other banks' token ids)
         is never generated. By default the bank's tokens are added and its rows written here."""
-        from .bank import config_hash
-
         self.backbone = backbone
         self.bank = bank
         n = bank.tokenizer_len_before
@@ -116,8 +115,8 @@ class PersonalAssistant:
         self.tokens: ConceptTokens = tokens
         self.never_say = [*tokens.soft_ids, *never_say]  # token ids no answer may contain
         self.reference = reference
-        self.split_together = split_together
-        self.recognise_first = recognise_first
+        self.joint = joint  # ask "are A and B both here?" as one question (`--joint`)
+        self.free_captions = free_captions  # let the model choose a caption's names (`--free-captions`)
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
@@ -125,7 +124,7 @@ class PersonalAssistant:
     @classmethod
     def load(
         cls, bank: str | Path | ConceptBank, base: str | Backbone | None = None, **kwargs
-    ) -> "PersonalAssistant":
+    ) -> PersonalAssistant:
         """Load a bank and the base model it remembers (or `base`, which must be the same model)."""
         bank = bank if isinstance(bank, ConceptBank) else ConceptBank.load(bank)
         backbone = base if isinstance(base, Backbone) else Backbone.load(bank.base_to_load(base))
@@ -163,7 +162,7 @@ class PersonalAssistant:
                 locate: bool = False) -> Answer:
         """Answer with details (system text, locations, marks); `locate` also locates the concepts (in the answer's
         `locations`, from the same visual tokens) when the visual prompt is off. A question about a photo that asks
-        whether several concepts are all there is asked once per concept (`parts`), unless `split_together` is off."""
+        whether several concepts are all there is asked once per concept (`parts`), unless `joint` is on."""
         question = (question or "").strip()
         if not question:
             raise McLlavaError("the question is empty")
@@ -211,7 +210,7 @@ class PersonalAssistant:
 
     def asks_caption(self, question: str) -> bool:
         """Whether `respond` answers this question about a photo as a caption built on per-concept recognition."""
-        return self.recognise_first and asks_caption(question)
+        return not self.free_captions and asks_caption(question)
 
     def asks_per_concept(self, question: str) -> bool:
         """Whether `respond` puts its answer to this question about a photo together from one question per concept
@@ -220,7 +219,7 @@ class PersonalAssistant:
 
     def asked_together(self, question: str) -> list[str] | None:
         """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""
-        return asked_together(question, self.bank.concept_ids) if self.split_together else None
+        return asked_together(question, self.bank.concept_ids) if not self.joint else None
 
     def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
         """The answer text to a question about a photo (or about the concepts alone, with no photo)."""

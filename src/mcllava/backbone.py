@@ -13,21 +13,36 @@ import inspect
 import pickle
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
 from .errors import McLlavaError
 from .layout import layout_for
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-PROVING_GROUND = "proving-ground"
 MAX_ASPECT = 4.0  # longer side / shorter side handed to the image processor (see `Backbone.pixel_values`)
+
+# Bases that are not Hugging Face checkpoints: (claims(name), load(name) -> (model, processor)) pairs that
+# `Backbone.load` asks first. The proving ground registers itself when `mcllava` is imported; the core never
+# imports it.
+CUSTOM_BASES: list[tuple[Callable[[str], bool], Callable[[str], tuple]]] = []
+
+
+def register_base(claims: Callable[[str], bool], load: Callable[[str], tuple]) -> None:
+    """Make `Backbone.load(name)` call `load(name)` for every name that `claims(name)` accepts."""
+    if (claims, load) not in CUSTOM_BASES:
+        CUSTOM_BASES.append((claims, load))
+
+
+def is_custom_base(name: str) -> bool:
+    """Whether a registered non-Hugging-Face base (e.g. `proving-ground`) loads `name`."""
+    return any(claims(str(name)) for claims, _ in CUSTOM_BASES)
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
@@ -132,7 +147,7 @@ class PromptCache:
         self.last: torch.Tensor | None = None  # the last prompt's embeddings, to find a new shared prefix
         self._lock = threading.Lock()
 
-    def lookup(self, backbone: "Backbone", embeds: torch.Tensor):
+    def lookup(self, backbone: Backbone, embeds: torch.Tensor):
         """A private copy of the cache if `embeds` ([L, D]) starts with the cached prefix, else None; learns a
         new prefix from the last prompt when this one shares enough of it."""
         if not self.enabled:
@@ -163,9 +178,7 @@ def _starts_with(embeds: torch.Tensor, prefix: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _prefill(backbone: "Backbone", prefix: torch.Tensor):
-    from transformers import DynamicCache
-
+def _prefill(backbone: Backbone, prefix: torch.Tensor):
     lm = backbone.model.model.language_model
     cache = DynamicCache(config=lm.config)
     lm(inputs_embeds=prefix[None], use_cache=True, **{_cache_kwarg(lm): cache})
@@ -222,22 +235,18 @@ class Backbone:
     @classmethod
     def load(
         cls, name_or_path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> "Backbone":
+    ) -> Backbone:
         """Load a base model and processor by Hugging Face id, local folder, or `proving-ground` (the committed
         weights; a folder that `mcllava base build` exported loads the same way, by its path).
 
         Weights go to the GPU when there is one (`accelerate` places them, spilling to CPU if they do not fit).
         """
         name = str(name_or_path)
-        if name == PROVING_GROUND or (Path(name) / "lm_delta.safetensors").is_file():
-            from .proving_base import load as load_proving_ground
-
-            model, processor = load_proving_ground(None if name == PROVING_GROUND else name)
-            return cls(model, processor, name)
-
-        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-
-        try:  # a folder that is not a model, or weights that are a pickle (refused by weights_only): words, not a traceback
+        for claims, load in CUSTOM_BASES:
+            if claims(name):
+                model, processor = load(name)
+                return cls(model, processor, name)
+        try:
             config = AutoConfig.from_pretrained(name)
             _check_architecture(config)
             device = torch.device(device) if device is not None else default_device()
@@ -287,7 +296,7 @@ class Backbone:
         ([B, gh*gw]; for the patch grid, the fraction of each patch inside the mask)."""
         gh, gw = self.grid
         out = torch.ones(len(images), gh * gw)
-        for i, (mask, image) in enumerate(zip(masks, images)):
+        for i, (mask, _image) in enumerate(zip(masks, images)):
             if mask is None:
                 continue
             as_image = bounded_aspect(Image.fromarray((mask.astype(np.uint8) * 255)).convert("RGB"))
@@ -399,6 +408,12 @@ class Backbone:
         """Id of the first token of an answer starting with `word` (e.g. 'Yes'), as `encode` tokenises answers."""
         return self.tokenizer(self.answer_prefix + word, add_special_tokens=False)["input_ids"][0]
 
+    def yes_no_margin(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """logit("Yes") - logit("No") of the first answer token from the last prompt position's hidden states
+        ([..., D] -> [...]): the model's recognition decision, read without generating."""
+        logits = self.model.get_output_embeddings()(last_hidden).float()
+        return logits[..., self.answer_token_id("Yes")] - logits[..., self.answer_token_id("No")]
+
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings with each image's visual tokens written over its placeholder positions.
@@ -423,8 +438,6 @@ class Backbone:
         rows = inputs_embeds.shape[0]
         if shared_prefix <= 0 or rows == 1:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=lm.config)
         head = lm(inputs_embeds=inputs_embeds[:1, :shared_prefix], use_cache=True, **{_cache_kwarg(lm): cache})
         cache.batch_repeat_interleave(rows)

@@ -10,7 +10,6 @@ shape against the manifest. Saving is atomic: the previous bank survives any fai
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
@@ -26,10 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .concepts import id_clashes, validate_concept_id
 from .errors import BankError, ConceptError
-from .manifest import FORMAT_VERSION, MANIFEST, PROVING_GROUND, is_hub_id, read_manifest, token_strings as _token_strings
+from .files import fsync_path, os_error_text
+from .manifest import FORMAT_VERSION, MANIFEST, PROVING_GROUND, is_hub_id, read_manifest
+from .manifest import token_strings as _token_strings
+from .version import __version__
 
 TENSORS = "concepts.safetensors"
 MAX_ROW_NORM_RATIO = 1000.0  # a concept row may be at most this many times the base's mean word-embedding norm
@@ -54,15 +55,6 @@ VOLATILE_CONFIG_KEYS = frozenset(
     }
 )
 
-_ERRNO_WORDS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied (read-only folder?)",
-    errno.EPERM: "permission denied (read-only folder?)",
-}
-
-
 def config_hash(config: Any) -> str:
     """Short sha256 of a model config (``PretrainedConfig`` or dict), ignoring volatile keys at every depth."""
 
@@ -79,31 +71,6 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def os_words(exc: BaseException) -> str:
-    """Plain words for an OS error (``the disk is full`` rather than ``[Errno 28]``), also inside safetensors' errors."""
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
-        return _ERRNO_WORDS[exc.errno]
-    if "os error 28" in str(exc):  # safetensors reports the errno only in its text
-        return _ERRNO_WORDS[errno.ENOSPC]
-    return str(exc) or type(exc).__name__
-
-
-def permissions_of_new_files(path: Path) -> None:
-    """Give a file, or a folder and all it holds, the permissions the umask gives any new one: mkstemp and
-    mkdtemp make them owner-only, which a web server or serving engine running as another user cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (folders: so that the renames inside survive a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -254,13 +221,13 @@ class ConceptBank:
                 f.write(manifest + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync(tmp / TENSORS)
-            _fsync(tmp)
+            fsync_path(tmp / TENSORS)
+            fsync_path(tmp)
             self._swap_in(tmp, target)
             tmp = None
-            _fsync(target.parent)
+            fsync_path(target.parent)
         except (OSError, SafetensorError) as exc:
-            raise BankError(f"could not save bank to {target}: {os_words(exc)}; any previous bank there is unchanged") from None
+            raise BankError(f"could not save bank to {target}: {os_error_text(exc)}; any previous bank there is unchanged") from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ name where it sees the concept (without such answers, a tied head emits the trai
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

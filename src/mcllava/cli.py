@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from sklearn.exceptions import ConvergenceWarning
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
+from . import presets, proving_base
+from .assistant import AssistantAnswerer, PersonalAssistant
+from .backbone import Backbone
+from .bank import ConceptBank
+from .concepts import ConceptSet, load_image
+from .datasets import read_any
 from .errors import McLlavaError
+from .evaluate import evaluate, print_table
+from .export import export
+from .multibank import SharedBase, bank_folders
+from .proving_base.cli import base_app
+from .report import write_html
+from .retrieval import RetrievalArm
+from .train import TrainConfig
+from .train import personalize as personalize_concepts
+from .world.cli import world_app
 
 app = typer.Typer(help="Personalise LLaVA-family vision-language models with several concepts at once.", no_args_is_help=True)
 console = Console()
@@ -27,24 +50,12 @@ def _setup() -> None:
 
 def quiet_libraries() -> None:
     """Keep output clean: library progress bars and notices go away, our own progress and errors stay."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    try:  # the GGUF loader draws its own tqdm bar, which the switch above does not reach
-        from functools import partial
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        from tqdm.auto import tqdm
-
-        gguf_utils.tqdm = partial(tqdm, disable=True)
-    except (ImportError, AttributeError):
-        pass
+    gguf_utils.tqdm = partial(tqdm, disable=True)  # the GGUF loader's own bar, which the switch above does not reach
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # k-means over fewer distinct visual tokens than k still gives k rows (kmeans_init); other warnings still show
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
 
 
 def _fail(exc: Exception) -> None:
@@ -93,11 +104,6 @@ def personalize(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one concept bank for every concept in CONCEPTS_DIR, jointly (or add them to a bank with --extend)."""
-    from .backbone import PROVING_GROUND, Backbone
-    from .bank import ConceptBank
-    from .concepts import ConceptSet
-    from .train import TrainConfig, personalize as run
-
     if init not in ("kmeans", "random"):
         _fail(ValueError(f"--init must be kmeans or random, not {init!r}"))
     if recipe not in ("fast", "paper"):
@@ -115,13 +121,11 @@ def personalize(
     introduce = _introduce(introduce) or "all"
     overrides = {k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     common = {"init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
-    if base == PROVING_GROUND:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
-        from .proving_base import train_config
-
+    if base == proving_base.NAME:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
         paper = {"recipe": "paper", "batch_size": 1, "epochs": 15} if recipe == "paper" else {}
-        config = train_config(**{**paper, **common})
+        config = presets.proving_ground(**{**paper, **common})
     else:
-        config = TrainConfig.paper(**common) if recipe == "paper" else TrainConfig(**common)
+        config = presets.paper(**common) if recipe == "paper" else TrainConfig(**common)
     if hard_negatives is not None:
         config.data = replace(config.data, hard_negatives=hard_negatives)
     if group_pairs is not None:
@@ -132,8 +136,8 @@ def personalize(
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
         old_set = ConceptSet.load(concepts_of_bank, tokenizer=backbone.tokenizer) if concepts_of_bank is not None else None
-        result = run(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print,
-                     extend=old, extend_concepts=old_set)
+        result = personalize_concepts(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print,
+                                      extend=old, extend_concepts=old_set)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     last = result.history[-1] if result.history else {}
@@ -155,13 +159,9 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
 ) -> None:
     """Answer a question about a photo (or about the concepts alone)."""
-    from .assistant import PersonalAssistant
-    from .concepts import load_image
-
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), split_together=not joint,
-                                            recognise_first=not free_captions)
+        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions)
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -191,21 +191,15 @@ PROMPTS_HELP = "ours: our wording; official: the MC-LLaVA code's wording ('Can y
 def _answerer(target: Path, method: str, base: str | None, negatives: Path | None, opts: dict):
     """The model that answers: the bank's assistant, or the retrieval arm fitted on the concept folder."""
     if method == "retrieval":
-        from .backbone import Backbone
-        from .concepts import ConceptSet
-        from .retrieval import RetrievalArm
-
         if base is None:
             raise McLlavaError("--method retrieval needs --base (the model whose visual tokens it compares)")
-        if not (target / "concept.yaml").exists() and (target / "bank.json").exists():
+        if not (target / "concept.yaml").exists() and (target / "manifest.json").exists():
             raise McLlavaError(f"{target} is a bank; --method retrieval takes the concept folder instead")
         return RetrievalArm.fit(Backbone.load(base), ConceptSet.load(target), negatives)
     if method != "bank":
         raise McLlavaError(f"--method must be bank or retrieval, not {method!r}")
-    from .assistant import AssistantAnswerer, PersonalAssistant
-
     assistant = PersonalAssistant.load(target, base, introduce=_introduce(opts["introduce"]),
-                                       split_together=not opts["joint"], recognise_first=not opts["free_captions"])
+                                       joint=opts["joint"], free_captions=opts["free_captions"])
     return AssistantAnswerer(assistant, visual_prompt=not opts["no_visual_prompt"], keep_marks=opts["html"])
 
 
@@ -229,9 +223,6 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate a bank (or the retrieval arm) on a test set: recognition, choice, VQA, caption and grounding, each
     scored the official way and our lenient way, per split and per scenario."""
-    from .datasets import read_any
-    from .evaluate import evaluate, print_table
-
     if prompts not in ("ours", "official"):
         _fail(ValueError(f"--prompts must be ours or official, not {prompts!r}"))
     try:
@@ -260,8 +251,6 @@ def evaluate_cmd(
         tmp.replace(out)
         console.print(f"report written to {out}")
     if html:
-        from .report import write_html
-
         path = write_html(report, html, marked_images=getattr(answerer, "marked", {}))
         console.print(f"HTML report: {path}")
 
@@ -269,10 +258,6 @@ def evaluate_cmd(
 @app.command()
 def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> None:
     """Show what a bank holds: base model, concepts, k, size, recipe and training metrics."""
-    from rich.table import Table
-
-    from .bank import ConceptBank
-
     try:
         b = ConceptBank.load(bank)
     except (McLlavaError, OSError) as exc:
@@ -311,13 +296,11 @@ def serve(
     if os.environ.get("MCLLAVA_API_KEY") == "" and not api_key:
         api_key = [""]  # an empty variable is a mistake, not "no key"
     try:
-        from .assistant import PersonalAssistant
-        from .multibank import SharedBase, bank_folders
         from .server import create_app, run
         from .server.keys import KeyRing
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
-    options = dict(split_together=not joint, recognise_first=not free_captions)
+    options = dict(joint=joint, free_captions=free_captions)
     try:
         keys = KeyRing.parse([*(api_key or []), *(KeyRing.read(api_keys) if api_keys else [])])
         folders = bank_folders(banks)
@@ -342,8 +325,6 @@ def export_cmd(
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
 ) -> None:
     """Write base model + concepts as a standard HF checkpoint (vLLM, SGLang, TGI, transformers serve it as is)."""
-    from .export import export
-
     try:
         path = export(bank, out_dir, base)
     except (McLlavaError, OSError) as exc:
@@ -351,15 +332,8 @@ def export_cmd(
     console.print(f"[green]exported[/] {path}: the concept introductions are the chat template's default system text")
 
 
-def _mount_subapps() -> None:
-    from .proving_base.cli import base_app
-    from .world.cli import world_app
-
-    app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
-    app.add_typer(base_app, name="base", help="The proving ground: build and check the small offline base model.")
-
-
-_mount_subapps()
+app.add_typer(world_app, name="world", help="The proving ground: a procedural multi-concept world.")
+app.add_typer(base_app, name="base", help="The proving ground: build and check the small offline base model.")
 
 if __name__ == "__main__":
     app()

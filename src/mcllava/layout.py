@@ -45,8 +45,7 @@ class SlotLayout:
     columns: int = 3
     near_below: float = 0.8
     # Each of a row's six tokens is a different word, so a token matches one of the concept's six references and
-    # their mean sinks to the background level: the locator takes the best one (grounding hit rate 0.00 -> 0.62
-    # on a proving-ground world, tenth session).
+    # their mean sinks to the background level: the locator takes the best one (docs/results.md, "Grounding").
     reference_reduce = "max"
 
     def slot(self, mask: torch.Tensor) -> int | None:

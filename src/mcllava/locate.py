@@ -225,8 +225,8 @@ def draw_marks(
         text = str(n)
         stroke = round(diameter / 28)  # stroke in the text colour = bold (none on tiny marks, it would blot)
         font = _font(max(6, round(diameter * (0.62 if len(text) == 1 else 0.48))))
-        l, t, r, b = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
-        draw.text((x - (l + r) / 2, y - (t + b) / 2), text, fill="black", font=font, stroke_width=stroke, stroke_fill="black")
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
+        draw.text((x - (left + right) / 2, y - (top + bottom) / 2), text, fill="black", font=font, stroke_width=stroke, stroke_fill="black")
     return out, marks
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from mcllava.bank import permissions_of_new_files
 from mcllava.evaluate import WHY_LENIENT, fmt, headline
+
+from .files import permissions_of_new_files
 
 THUMB = 320  # longest side of the copied images, in pixels
 

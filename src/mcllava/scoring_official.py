@@ -14,7 +14,9 @@ column beside our **lenient** one (`evaluate.py`, which parses "Yes.", "(B)" or 
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
+
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 PROMPTS = ("ours", "official")
 RECOGNITION_PROMPT = "Can you see {names} in this photo? Answer the question using a single word Yes or No."
@@ -51,8 +53,6 @@ def yes_no_exact(prediction: str) -> bool | None:
 
 def bleu(reference: str, prediction: str) -> float:
     """Character BLEU, weights (0.7, 0.3), smoothing method1, on the strings as they are (nothing stripped)."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
     if not prediction or not reference:
         return float(prediction == reference)
     with warnings.catch_warnings():

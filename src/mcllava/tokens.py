@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from peft import TrainableTokensConfig, inject_adapter_in_model
 from torch import nn
 
 from .errors import McLlavaError
@@ -142,8 +143,6 @@ def make_trainable(model, tokens: ConceptTokens) -> list[nn.Parameter]:
     PEFT ties the head's layer to the embedding's where the weights are tied; an untied head gets its own rows.
     Returns the trainable parameters (the delta rows), in the order of `tokens.all_ids`.
     """
-    from peft import TrainableTokensConfig, inject_adapter_in_model
-
     model.requires_grad_(False)
     targets = ["embed_tokens"] if head_is_tied(model) else ["embed_tokens", "lm_head"]
     config = TrainableTokensConfig(token_indices=tokens.all_ids, target_modules=targets)

@@ -15,9 +15,10 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from PIL import Image, ImageOps
@@ -26,19 +27,29 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .bank import ConceptBank, config_hash, os_words
+from .bank import ConceptBank, config_hash
 from .captions import distil_captions
 from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
 from .errors import McLlavaError
 from .extend import check_extension, extended_bank, old_catalog
+from .files import os_error_text
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
-from .tokens import ConceptTokens, add_concept_tokens, head_is_tied, make_trainable, trained_rows, word_embedding_norm, write_rows
+from .tokens import (
+    ConceptTokens,
+    add_concept_tokens,
+    head_is_tied,
+    make_trainable,
+    trained_rows,
+    word_embedding_norm,
+    write_rows,
+)
 from .training_data import (
     PROBE_QUESTION,
     CatalogEntry,
     ConceptFacts,
     DataOptions,
     ImageRef,
+    Sample,
     build_epoch,
     collate,
 )
@@ -59,11 +70,6 @@ class TrainConfig:
     data: DataOptions = field(default_factory=DataOptions)
     introduce: Literal["all", "relevant"] = "all"  # system text: every concept, or those a sample names or shows
     cpu_bf16: bool = False  # bf16 autocast for fp32 models on CPU: several times faster where the CPU has AMX/AVX512-BF16
-
-    @classmethod
-    def paper(cls, **overrides) -> "TrainConfig":
-        """The MC-LLaVA code's recipe: batch 1, 15 epochs, lr 1e-3."""
-        return cls(**{"batch_size": 1, "epochs": 15, "lr": 1e-3, "recipe": "paper", **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +193,7 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.opt
         (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
     except (OSError, SafetensorError) as exc:  # disk full, read-only folder: no partial checkpoint stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise McLlavaError(f"could not write the training checkpoint {path}: {os_words(exc)}; the previous checkpoint is unchanged") from None
+        raise McLlavaError(f"could not write the training checkpoint {path}: {os_error_text(exc)}; the previous checkpoint is unchanged") from None
     point = f"ckpt:{meta.get('epoch')}"
     _fault_point(f"{point}:written")
     old = path.with_name(path.name + ".old")
@@ -238,8 +244,7 @@ def yes_no_margin(backbone: Backbone, system: str, question: str, features: torc
     enc = backbone.encode(backbone.format_prompt(question, system=system))
     ids = torch.tensor([enc.input_ids], device=backbone.device)
     hidden = backbone.hidden_states(backbone.embed(ids, features[None]), torch.ones_like(ids))[:, -1]
-    logits = backbone.model.get_output_embeddings()(hidden)[0]
-    return (logits[backbone.answer_token_id("Yes")] - logits[backbone.answer_token_id("No")]).item()
+    return backbone.yes_no_margin(hidden)[0].item()
 
 
 def probe_accuracy(

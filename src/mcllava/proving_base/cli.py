@@ -8,6 +8,22 @@ from typing import Optional
 
 import typer
 
+from .build import (
+    DEFAULT_WORK,
+    LAYOUTS,
+    SLOT_WORDS,
+    AlignStage,
+    BuildConfig,
+    LMStage,
+    VisionStage,
+    build,
+    slots_phases,
+    visual_phases,
+    work_from_weights,
+)
+from .gate import GateConfig, gate
+from .model import VisionSpec
+
 base_app = typer.Typer(help="Build and check the small offline proving-ground base VLM.", no_args_is_help=True)
 
 
@@ -38,10 +54,6 @@ def build_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
-    from .build import (DEFAULT_WORK, LAYOUTS, SLOT_WORDS, AlignStage, BuildConfig, LMStage, VisionStage, build,
-                        slots_phases, visual_phases, work_from_weights)
-    from .model import VisionSpec
-
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
     if continue_from is not None:
@@ -94,8 +106,6 @@ def gate_cmd(
     both: int = typer.Option(100, help='"are <x> and <y> both here?" samples with visual definitions (reported)'),
 ) -> None:
     """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
-    from .gate import GateConfig, gate
-
     res = gate(weights, out, GateConfig(seed=seed, captions=captions, generic=generic, definitions=definitions, named=named,
                                            visual=visual, both=both))
     typer.echo(json.dumps(res["summary"], indent=1))

@@ -13,12 +13,14 @@ characters):
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..datasets.records import recognition_question
 from ..world.corpus import nonce_name
@@ -141,9 +143,6 @@ def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "b
 
     Scene i depends only on (seed, i), so the pool is the same however many processes render it.
     """
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm.auto import tqdm
 
     step = 500
     jobs = [(seed, a, min(a + step, n), size, grid, half) for a in range(0, n, step)]

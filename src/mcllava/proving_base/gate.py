@@ -23,8 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..backbone import Backbone
+from .build.common import tower_features
+from .build.pool import encode_pool
+from .build.scoring import yes_no_report, yes_no_scores
 from .data import GATE_DEFINITIONS, Curriculum, defined_recognition, lm_sample, named_recognition, visual_defined
 from .data import rng_for as data_rng
+from .loader import load
 
 GATE_SEED = 9001  # never used for training (the build uses seed 0 and the base half only)
 THRESHOLDS = {"caption_category_recall": 0.8, "generic_accuracy": 0.8, "definition_weighted_accuracy": 0.8}
@@ -47,10 +52,7 @@ class GateConfig:
 
 
 def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = True) -> dict:
-    from ..backbone import Backbone
-    from .build import encode_pool, tower_features, yes_no_report, yes_no_scores
-
-    bb = Backbone(model, processor, "proving-ground")
+    backbone = Backbone(model, processor, "proving-ground")
     t0 = time.time()
     res: dict = {"config": asdict(cfg)}
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast)
@@ -67,9 +69,9 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
                          ("visual_definition_recognition", visual), ("visual_both_recognition", both)):
         if not samples:
             continue
-        pool = encode_pool(bb, model, samples, cfg.size, rows=cfg.visual_rows)
+        pool = encode_pool(backbone, model, samples, cfg.size, rows=cfg.visual_rows)
         with ac:
-            scores = yes_no_scores(bb, pool)
+            scores = yes_no_scores(backbone, pool)
         res[key] = yes_no_report(scores, pool)[samples[0]["kind"]]  # with look-alike recall per changed trait
 
     # generic captions and questions (personal-half characters, generated answers)
@@ -84,9 +86,9 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
     recalls, by_kind = [], {}
     for s in caps + gens:
         feats = tower_features(model, torch.from_numpy(np.array(s["image"].convert("RGB")))[None])
-        feats = model.model.multi_modal_projector(feats.to(bb.device))[0]
+        feats = model.model.multi_modal_projector(feats.to(backbone.device))[0]
         with torch.no_grad():  # fp32: bf16 autocast makes one-token (GEMV) decoding steps much slower on CPU
-            out = bb.generate(bb.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)
+            out = backbone.generate(backbone.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)
         bar.update(1)
         low = out.lower()
         if s["kind"] == "caption":
@@ -130,8 +132,6 @@ def _generic_correct(s: dict, out: str) -> bool:
 
 
 def gate(weights: str | Path | None = None, out: str | Path | None = None, cfg: GateConfig = GateConfig()) -> dict:
-    from . import load
-
     model, processor = load(weights)
     res = run_gate(model, processor, cfg)
     if out is not None:

@@ -2,31 +2,29 @@
 
 `build_llava` assembles a real `LlavaForConditionalGeneration` (the llava-1.5 code path) around any Llama-style
 text model: the SmolLM2 GGUF for the real base, or a 2-layer model from a config for tests. The processor's
-chat template puts the user's text BEFORE the `<image>` placeholder: with causal attention, image tokens can
-then attend to the concept definitions and the question, which makes "compare a description with the image"
-much easier for a 135M language model (the system text with concept introductions precedes the image anyway).
+chat template puts the user's text BEFORE the `<image>` placeholder (`smollm2.chat_template(image_last=True)`),
+which makes "compare a description with the image" much easier for a 135M language model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from ..tiny import smollm2_gguf, smollm2_tokenizer
-
-# ChatML (SmolLM2's format); in a user turn the text parts come first, then the image placeholder right after
-# the question ("...in this photo?<image><|im_end|>").
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
-    "{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+import transformers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
 )
 
+from ..smollm2 import chat_template, load_smollm2, smollm2_tokenizer
+
+__all__ = ["VisionSpec", "build_llava", "load_smollm2", "proving_tokenizer", "tiny_text_model"]
 
 @dataclass
 class VisionSpec:
@@ -39,7 +37,7 @@ class VisionSpec:
     heads: int = 4
 
     @classmethod
-    def gpu(cls) -> "VisionSpec":
+    def gpu(cls) -> VisionSpec:
         """The wider, deeper tower that `VisionStage.gpu()` trains (5.5 M parameters against 1.8 M); same tokens."""
         return cls(hidden=256, layers=6, heads=4)
 
@@ -48,25 +46,12 @@ class VisionSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct as a plain `LlamaForCausalLM` (dequantised from the package's Q4_1 GGUF)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    gguf = smollm2_gguf()
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    lm = LlamaForCausalLM(src.config)
-    lm.load_state_dict(src.state_dict(), strict=False)
-    lm.tie_weights()
-    return lm.to(dtype)
-
-
 def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: int = 0):
     """A `LlavaForConditionalGeneration` with a fresh vision tower and projector around `text_model`.
 
     The text model's embeddings grow (to a multiple of 64 rows) to hold the `<image>` token; SmolLM2's head
     stays tied to them. Returns (model, processor).
     """
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
     tied = bool(getattr(text_model.config, "tie_word_embeddings", False))
@@ -91,20 +76,21 @@ def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: 
         model.tie_weights()
     else:
         model.lm_head.load_state_dict(text_model.lm_head.state_dict())
-    image_processor = CLIPImageProcessor(
+    # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
+    # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
+    image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+        vision_feature_select_strategy="default", chat_template=chat_template(image_last=True), num_additional_image_tokens=1,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template(image_last=True)
     return model, processor
 
 
 def tiny_text_model(tokenizer, hidden: int = 64, layers: int = 2, tied: bool = True):
     """A 2-layer Llama from a config (tests use it in place of SmolLM2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
@@ -115,10 +101,6 @@ def tiny_text_model(tokenizer, hidden: int = 64, layers: int = 2, tied: bool = T
 
 
 def proving_tokenizer(cache_dir: str | Path | None = None):
-    tok = smollm2_tokenizer(cache_dir)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    """SmolLM2's tokenizer with this base's chat template (the image placeholder after the turn's text)."""
+    return smollm2_tokenizer(cache_dir, image_last=True)
 
-
-def spec_dict(vision: VisionSpec) -> dict:
-    return asdict(vision)

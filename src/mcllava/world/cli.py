@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from .corpus import write_corpus
+from .make import make_world
+
 world_app = typer.Typer(
     help="The proving ground: render a procedural multi-concept world with exact ground truth.",
     no_args_is_help=True,
@@ -27,8 +30,6 @@ def make(
     negatives: Optional[int] = typer.Option(None, min=0, help="Generic images without concepts (default: max(10, 5 x concepts))."),
 ) -> None:
     """Write concept folders, negatives, multi-concept images, test scenes, tests.jsonl and world.json."""
-    from .make import make_world
-
     if layout not in (None, "mcllava"):
         raise typer.BadParameter(f"unknown layout {layout!r}; the only extra layout is 'mcllava'", param_hint="--layout")
     summary = make_world(out, seed=seed, concepts=concepts, train_images=train_images, test_scenes=test_scenes,
@@ -44,6 +45,4 @@ def corpus(
     size: int = typer.Option(192, min=64, max=1024, help="Image size in pixels (square)."),
 ) -> None:
     """Write corpus.jsonl + images for training the proving-ground base model (base half only)."""
-    from .corpus import write_corpus
-
     typer.echo(json.dumps(write_corpus(out, seed=seed, n=n, size=size), indent=1))

@@ -9,10 +9,12 @@ concepts' learned tokens later take the place of such definitions.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .make import rng_for
 from .questions import join_words, position_phrase, recognition_question
@@ -163,8 +165,6 @@ def corpus_samples(seed: int = 0, n: int | None = None, size: int = 192, start: 
 
 def write_corpus(out: str | Path, seed: int = 0, n: int = 1000, size: int = 192, progress: bool = True) -> dict[str, Any]:
     """Write `out/corpus.jsonl` and `out/images/<k>.png`; returns counts per kind."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
 from PIL import Image
+from tqdm.auto import tqdm
 
+from .mcllava_layout import scene_renderer, write_mcllava_layout
 from .questions import (
     SceneFacts,
     caption_and_grounding,
@@ -153,8 +155,6 @@ def make_world(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write a whole world to `out` (see docs/world.md) and return a summary (counts, paths)."""
-    from tqdm.auto import tqdm
-
     if concepts < 1:
         raise ValueError("a world needs at least one concept")
     if layout not in (None, "mcllava"):
@@ -247,8 +247,6 @@ def make_world(
     summary = {"out": str(out), "concepts": ids, "groups": groups, "train_images": concepts * train_images,
                "multi_images": 2 * len(pairs), "negatives": n_neg, "test_scenes": n_test, "records": len(records)}
     if layout == "mcllava":
-        from .mcllava_layout import scene_renderer, write_mcllava_layout
-
         render = scene_renderer(seed, size, {c.id: c.identity for c in cs}, lambda rng, k: _bystanders(rng, k, special),
                                 rng_for)
         summary["mcllava"] = write_mcllava_layout(out, records, world, render)

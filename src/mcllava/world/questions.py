@@ -170,7 +170,6 @@ HABITS = ["napping in the sun", "singing in the morning", "chasing leaves", "rea
           "dancing in the rain", "hiding under the bed", "building block towers", "watching birds", "baking bread"]
 HOMES = ["Lakeside", "Hillview", "Riverton", "Seaport", "Oakdale", "Pine Hollow", "Maplewood", "Sunnyvale"]
 AGES = [f"{k} years old" for k in range(2, 13)]
-FACT_KINDS = ("food", "age", "friend", "habit", "home")
 
 
 def make_facts(rng: np.random.Generator, cid: str, age: str | None = None) -> list[dict[str, str]]:

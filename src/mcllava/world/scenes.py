@@ -53,7 +53,7 @@ class Actor:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Actor":
+    def from_dict(cls, d: dict[str, Any]) -> Actor:
         return cls(identity=Identity.from_dict(d["identity"]), **{k: v for k, v in d.items() if k != "identity"})
 
 
@@ -78,7 +78,7 @@ class SceneSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SceneSpec":
+    def from_dict(cls, d: dict[str, Any]) -> SceneSpec:
         return cls(setting=d["setting"], size=d["size"], seed=d["seed"], variant=d["variant"],
                    light=tuple(d["light"]), actors=[Actor.from_dict(a) for a in d["actors"]],
                    occluders=d["occluders"], shadows=d.get("shadows", True))

@@ -101,7 +101,7 @@ class Identity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Identity":
+    def from_dict(cls, d: dict[str, Any]) -> Identity:
         return cls(**{t: d.get(t) for t in TRAITS})
 
 
@@ -189,7 +189,7 @@ def make_lookalike(
     of `avoid` (the other concepts). The returned names always equal ``trait_diff(identity, distractor)``.
     """
     best: tuple[Identity, list[str]] | None = None
-    for attempt in range(tries):
+    for _ in range(tries):
         k = n_changes or int(rng.integers(1, 3))
         candidates = [t for t in LOOKALIKE_TRAITS if not (t == "accessory_color" and identity.accessory == "none")]
         traits = [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]

@@ -1,4 +1,5 @@
-"""Cheap concept banks for server, web and export tests: an untrained tiny base plus random concept rows.
+"""Cheap concept banks for tests and benchmarks: an untrained tiny base plus random concept rows, and a loopback
+server to send them requests.
 
 Nothing is trained. The locator references of the first concept are the visual tokens of `red_photo()`, so
 the locator finds that concept in that photo and the assistant draws a mark; the others get random references.
@@ -17,6 +18,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from .assistant import PersonalAssistant
+from .backbone import Backbone
+from .bank import ConceptBank, config_hash
+from .smollm2 import smollm2_tokenizer
+from .tiny import build_tiny_llava
+from .tokens import head_is_tied, word_embedding_norm
 
 CONCEPTS = {"bo": {"name": "Bo", "category": "dog"}, "ana": {"name": "Ana", "category": "person"}}
 
@@ -40,8 +48,6 @@ def data_url(image: Image.Image) -> str:
 
 def make_base(tokenizer_dir: Path, out: Path, tied: bool = False) -> Path:
     """An untrained tiny LLaVA saved as a checkpoint folder (model + processor)."""
-    from mcllava.tiny import build_tiny_llava, smollm2_tokenizer
-
     model, processor = build_tiny_llava(smollm2_tokenizer(tokenizer_dir), tied=tied)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -50,21 +56,17 @@ def make_base(tokenizer_dir: Path, out: Path, tied: bool = False) -> Path:
 
 def make_bank(base_dir: Path, out: Path, k: int = 2, concepts: dict = CONCEPTS, seed: int = 0) -> Path:
     """A concept bank of random rows for the base at `base_dir`, saved at `out`."""
-    from mcllava.backbone import Backbone
-    from mcllava.bank import ConceptBank, config_hash
-    from mcllava.tokens import head_is_tied, word_embedding_norm
-
-    bb = Backbone.load(base_dir, dtype=torch.float32, device="cpu")
-    n, d, ids = len(bb.tokenizer), bb.hidden_size, list(concepts)
+    backbone = Backbone.load(base_dir, dtype=torch.float32, device="cpu")
+    n, d, ids = len(backbone.tokenizer), backbone.hidden_size, list(concepts)
     g = torch.Generator().manual_seed(seed)
-    scale = word_embedding_norm(bb.model, n) / d**0.5
+    scale = word_embedding_norm(backbone.model, n) / d**0.5
     rows = torch.randn(len(ids), k + 1, d, generator=g) * scale
-    tied = head_is_tied(bb.model)
+    tied = head_is_tied(backbone.model)
     head = None if tied else torch.randn(len(ids), k + 1, d, generator=g) * scale
     refs = {cid: torch.randn(3, d, generator=g) for cid in ids}
-    refs[ids[0]] = bb.visual_tokens([red_photo()]).patches[0].float()
+    refs[ids[0]] = backbone.visual_tokens([red_photo()]).patches[0].float()
     bank = ConceptBank(
-        base_model=str(base_dir), base_config_hash=config_hash(bb.model.config), tokenizer_len_before=n,
+        base_model=str(base_dir), base_config_hash=config_hash(backbone.model.config), tokenizer_len_before=n,
         concept_ids=ids, k=k, hidden_size=d, tied_head=tied, input_rows=rows, head_rows=head,
         locator_refs=refs, display={cid: dict(info) for cid, info in concepts.items()},
     )
@@ -73,8 +75,6 @@ def make_bank(base_dir: Path, out: Path, k: int = 2, concepts: dict = CONCEPTS, 
 
 def make_assistant(root: Path, tokenizer_dir: Path, concepts: dict = CONCEPTS):
     """A PersonalAssistant on an untrained tiny base with a bank of random rows (base and bank under `root`)."""
-    from mcllava.assistant import PersonalAssistant
-
     base = make_base(tokenizer_dir, root / "base")
     return PersonalAssistant.load(make_bank(base, root / "bank", concepts=concepts), base)
 
@@ -83,7 +83,7 @@ def make_assistant(root: Path, tokenizer_dir: Path, concepts: dict = CONCEPTS):
 def serving(app, timeout: float = 20.0, limits=None) -> Iterator[str]:
     """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL. With `limits`
     (`ServerLimits`), uvicorn runs with the timeouts and connection cap that `mcllava serve` sets."""
-    import uvicorn
+    import uvicorn  # optional: the `serve` extra
 
     from mcllava.server import uvicorn_config
 

@@ -1,0 +1,202 @@
+"""What decides a build: the configuration of each stage, the LM stage's curriculum phases, and `BuildConfig`.
+
+docs/proving_base.md gives the measurements behind each default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ...errors import McLlavaError
+from ..data import N_SLOTS, Curriculum
+from ..model import VisionSpec
+
+DEFAULT_WORK = Path("~/.cache/mcllava/proving-base-build").expanduser()
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class VisionStage:
+    """Stage 1: the CLIP tower trained from scratch on rendered scenes (docs/proving_base.md, "How it is built")."""
+
+    scenes: int = 40000  # fewer scenes are memorised rather than learned
+    steps: int = 5000  # every trait keeps improving up to here
+    batch_size: int = 64
+    lr: float = 2e-3
+    device: str = "cpu"  # "cuda": the tower trains there, in bf16 autocast (align stays on the CPU; see LMStage.device)
+
+    @classmethod
+    def gpu(cls) -> VisionStage:
+        """The recipe of the committed tower, about 2 minutes of one H100 after rendering (with `VisionSpec.gpu()`):
+        every trait of held-out characters reads better than with the CPU default (docs/proving_base.md)."""
+        return cls(scenes=48000, steps=3000, batch_size=256, device="cuda")
+
+
+# The "slots" layout: image-token row r shows the character at scene slot r (`data._slot`: left / centre / right
+# x near / far), one trait word per token in this order; an empty slot's row is the background word. A character
+# then reads as six adjacent words ("cat red striped slim hat round"), which a 135M language model compares as
+# quickly as text (docs/proving_base.md, "Token layout"). The traits left out change the fewest pixels.
+SLOT_WORDS = ("category", "color", "pattern", "build", "accessory", "eyes")
+LAYOUTS = ("grid", "slots")
+
+
+@dataclass
+class AlignStage:
+    """Stage 2: image tokens made to read as words (docs/proving_base.md, "How it is built")."""
+
+    steps: int = 2000  # the projector alone on cached tower features; fewer steps leave it underfitted
+    batch_size: int = 128
+    lr: float = 2e-3
+    # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words), or superposed
+    # ("category+color"): exact cycled words are read far sooner than superposed ones
+    words: tuple[str, ...] = ("category", "color")
+    background_word: str = "grass"  # every background patch: this word at BACKGROUND_NORM of a word's norm
+    # then tower and projector together from pixels (0: the tower stays as the vision stage left it): a projector
+    # on the frozen tower blends the words cycled over the grid, a tuned tower shows each position's own word
+    tower_steps: int = 1500
+    tower_lr: float = 1e-3
+    tower_batch_size: int = 64
+    heads_weight: float = 0.1  # the vision stage's trait-head loss, kept on while the tower is tuned
+
+
+@dataclass
+class Phase:
+    """One stretch of the LM stage: its name, its steps and what its samples look like."""
+
+    name: str
+    steps: int
+    curriculum: Curriculum
+    # "slots" layout only: the image rows are the exact align targets (word embeddings of who stands where)
+    # instead of the tower's projected tokens: the language model learns to read and compare on clean tokens
+    # (no tower needed yet), then later phases move it to the tower's own tokens
+    oracle: bool = False
+
+
+def default_phases() -> tuple[Phase, ...]:
+    """The "grid" layout's curriculum: read first, then describe, then compare (docs/proving_base.md).
+
+    read: "Is there a <category>?" only (mixed with other kinds from the start, the image tokens are read far
+    later); describe: captions and all question kinds, reading kept up; compare: one or two definitions,
+    look-alikes, reading kept up.
+    """
+    return (Phase("read", 100, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0))),
+            Phase("describe", 150, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.4, 0.2, 0.2, 0.2))),
+            Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
+
+
+def visual_phases(steps: int = 300, both: float = 0.0) -> tuple[Phase, ...]:
+    """Continue a slots build on recognition and captions with *visual* definitions ("<x> is" + the k rows of
+    another photo of x: the form personal concepts take), word definitions with look-alikes, captions and
+    generic questions kept up, all on the tower's tokens: `slots_phases()` never trains the visual kinds, which
+    the committed weights learned this way (docs/proving_base.md). `both`: the share of its recognition samples
+    that ask about two names at once (`Curriculum.both`)."""
+    mix = (0.1, 0.15, 0.05, 0.2, 0.35, 0.15)  # caption, vqa, text, defined, visual_defined, visual_caption
+    return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5), both=both)),)
+
+
+def slots_phases() -> tuple[Phase, ...]:
+    """The "slots" layout's curriculum: compare in text first, then read, describe, ground one definition against
+    easy negatives and compare 1-2 definitions against look-alikes, all on the exact slot words (oracle), then the
+    same comparisons on the tower's own tokens; a second look-alike stretch on the slot words, and two on the
+    tower's tokens with category and position questions weighed up (docs/proving_base.md, "How it is built")."""
+    look = Curriculum(2, 0.5, (0.1, 0.15, 0.1, 0.65, 0, 0))
+    generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
+    return (Phase("text", 100, Curriculum(1, 0.5, (0, 0, 1, 0, 0, 0))),
+            Phase("read", 50, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0)), oracle=True),
+            Phase("describe", 100, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.25, 0.25, 0.25, 0.25)), oracle=True),
+            Phase("ground", 150, Curriculum(1, 0.0, (0.1, 0.15, 0.15, 0.6, 0, 0)), oracle=True),
+            Phase("lookalike", 150, look, oracle=True),
+            Phase("tower", 100, look),
+            Phase("lookalike2", 200, look, oracle=True),
+            Phase("tower2", 150, Curriculum(2, 0.5, (0.1, 0.25, 0.05, 0.6, 0, 0), generic)),
+            Phase("tower3", 150, Curriculum(2, 0.5, (0.05, 0.2, 0.05, 0.7, 0, 0), generic)))
+
+
+@dataclass
+class LMStage:
+    """Stage 3: LoRA on SmolLM2 in curriculum phases, with a held-out Yes/No curve (docs/proving_base.md)."""
+
+    phases: tuple[Phase, ...] = field(default_factory=default_phases)
+    pool: int = 2400  # pre-encoded samples per phase at most (a phase of s steps needs at most s x batch_size)
+    val_pool: int = 240  # held-out recognition samples (word, text and visual definitions), scored every eval_every
+    val_read: int = 200  # held-out "Is there a ...?" questions (is the image read?), scored with the val pool
+    definition_rows: int = 4  # rows per visual definition slot (the demo's k)
+    batch_size: int = 16
+    lora_rank: int = 32
+    lora_alpha: int = 32
+    lr_lora: float = 1e-3
+    lr_projector: float = 0.0  # 0: the aligned projector stays frozen (trained with the LoRA it drifted unreadable)
+    warmup: int = 10
+    # the lr stays flat after warm-up and decays (cosine) over this last share of all steps: a cosine over the
+    # whole run decays too early, while the image tokens are still being learned to be read
+    decay: float = 0.3
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    # "cuda": the steps and held-out scoring run there in bf16 autocast; pools are still drawn and kept on the CPU
+    device: str = "cpu"
+    workers: int = 1  # processes that draw (render) pool samples; each sample is fixed by its index, so any count
+    # continue a build: a weights folder (an export, e.g. the committed one) whose LoRA delta starts the LoRA
+    init_from: str | None = None
+    time_budget: float | None = None  # seconds: end the stage early (at a checkpoint) once this much has passed
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that step `step` (0-based) belongs to."""
+        end = 0
+        for i, p in enumerate(self.phases):
+            end += p.steps
+            if step < end:
+                return i
+        return len(self.phases) - 1
+
+    def lr_factor(self, step: int) -> float:
+        total = self.steps
+        start = total * (1 - self.decay)
+        cos = 1.0 if step < start else 0.5 * (1 + math.cos(math.pi * (step - start) / max(1.0, total - start)))
+        return min(1.0, (step + 1) / self.warmup) * cos
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides a build (written to work/config.json and the model card's figures)."""
+
+    work: Path = DEFAULT_WORK
+    seed: int = 0
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    vision_stage: VisionStage = field(default_factory=VisionStage)
+    align: AlignStage = field(default_factory=AlignStage)
+    lm: LMStage = field(default_factory=LMStage)
+    # what the image tokens show: "grid" (each patch its owner's trait word, `AlignStage.words` cycled over the
+    # grid) or "slots" (token row r the character at scene slot r, one word of `AlignStage.words` per column)
+    layout: str = "grid"
+    autocast: bool = True  # bf16 autocast on CPU: several times faster steps through SmolLM2
+    progress: bool = True
+    text_model: Callable | None = None  # tests: a factory (tokenizer -> small Llama) instead of SmolLM2
+
+
+def _jsonable(cfg: BuildConfig) -> dict:
+    d = asdict(cfg)
+    d["work"] = str(cfg.work)
+    d.pop("text_model")
+    return d
+
+
+def check_layout(cfg: BuildConfig) -> None:
+    """A "slots" build needs a 6 x 6 token grid with one single word per column."""
+    if cfg.layout not in LAYOUTS:
+        raise McLlavaError(f"layout must be 'grid' or 'slots', got {cfg.layout!r}")
+    if cfg.layout == "slots":
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        if grid != N_SLOTS or len(cfg.align.words) != grid or any("+" in w for w in cfg.align.words):
+            raise McLlavaError(f"the slots layout needs a {N_SLOTS} x {N_SLOTS} token grid and {N_SLOTS} single align "
+                               f"words (one per token column); got a {grid} x {grid} grid and {cfg.align.words}")
+    elif any(p.oracle for p in cfg.lm.phases):
+        raise McLlavaError("oracle LM phases need layout='slots'")
+
+
