@@ -53,15 +53,25 @@ def parser(doc: str, epochs: int, test_images: int | None = 24) -> argparse.Argu
     if test_images is not None:
         ap.add_argument("--concepts", type=int, default=4)
         ap.add_argument("--test-images", type=int, default=test_images, help="test scenes")
-    ap.add_argument("--base", default=TINY, help="tiny (make demo's shapes base, default) | proving-ground | a folder | a hub id")
-    ap.add_argument("--world", choices=("auto", "shapes", "characters"), default="auto", help="auto: shapes for a tiny base")
+    ap.add_argument(
+        "--base", default=TINY, help="tiny (make demo's shapes base, default) | proving-ground | a folder | a hub id"
+    )
+    ap.add_argument(
+        "--world", choices=("auto", "shapes", "characters"), default="auto", help="auto: shapes for a tiny base"
+    )
     ap.add_argument("--epochs", type=int, default=epochs)
     ap.add_argument("--train-images", type=int, default=8, help="training images per concept")
-    ap.add_argument("--multi", type=float, default=0.5, help="shapes world: share of test scenes that show two concepts")
+    ap.add_argument(
+        "--multi", type=float, default=0.5, help="shapes world: share of test scenes that show two concepts"
+    )
     ap.add_argument("--seed", type=int, default=0, help="world seed")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny base on a busy CPU)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny base on a busy CPU)"
+    )
     ap.add_argument("--out", type=Path, default=OUT, help="where <name>.json and <name>.png go")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder for worlds and banks (default: OUT/cache/<name>)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="scratch folder for worlds and banks (default: OUT/cache/<name>)"
+    )
     return ap
 
 
@@ -92,7 +102,6 @@ def train_config(s: Setup, epochs: int, seed: int, **overrides) -> TrainConfig:
     if s.world == "shapes":
         return presets.tiny(epochs=epochs, seed=seed, **overrides)
     if s.base == proving_base.NAME:
-
         return presets.proving_ground(epochs=epochs, seed=seed, **overrides)
     return TrainConfig(epochs=epochs, seed=seed, **overrides)
 
@@ -107,7 +116,9 @@ class World:
     distinct_looks: int  # fewer than len(ids) when a shapes world repeats looks
 
 
-def build_world(kind: str, root: Path, n: int, seed: int, train_images: int, test_images: int, multi: float = 0.5) -> World:
+def build_world(
+    kind: str, root: Path, n: int, seed: int, train_images: int, test_images: int, multi: float = 0.5
+) -> World:
     """A fresh world with `n` concepts: concept folder, generic negatives and a test set of `test_images` scenes."""
     shutil.rmtree(root, ignore_errors=True)
     if kind == "characters":
@@ -134,7 +145,9 @@ def shapes_world(root: Path, n: int, seed: int, train_images: int, test_images: 
     spec = {cid: looks[i % len(looks)] for i, cid in enumerate(ids)}
     concepts, _ = make_shape_concepts(root, spec, n_train=train_images, n_test=0, seed=seed)
     groups = {c: g for g in groups_of(ids) for c in g}
-    for a, b in {tuple(sorted(p)) for g in groups.values() for p in itertools.combinations(g, 2) if spec[p[0]] != spec[p[1]]}:
+    for a, b in {
+        tuple(sorted(p)) for g in groups.values() for p in itertools.combinations(g, 2) if spec[p[0]] != spec[p[1]]
+    }:
         (concepts / "_multi" / f"{a}+{b}").mkdir(parents=True)
         for k in range(2):
             draw_shapes([spec[a], spec[b]], 32, rng)[0].save(concepts / "_multi" / f"{a}+{b}" / f"{k}.png")
@@ -161,8 +174,20 @@ def shapes_world(root: Path, n: int, seed: int, train_images: int, test_images: 
         absent = [c for c in ids if spec[c] not in {spec[s] for s in shown}]
         asked = [(c, "Yes") for c in shown] + [(c, "No") for c in rng.sample(absent, min(2, len(absent)))]
         records += [record(path, "recognition", PROBE_QUESTION.format(c=f"<{c}>"), a, [c], shown) for c, a in asked]
-        records.append(record(path, "caption", CAPTION_QUESTION, f"I see {join_names([f'<{c}>' for c in shown])}.", shown, shown, boxes))
-        records += [record(path, "grounding", f"Where is <{c}>?", f"<{c}> is here.", [c], shown, {c: boxes[c]}) for c in shown]
+        records.append(
+            record(
+                path,
+                "caption",
+                CAPTION_QUESTION,
+                f"I see {join_names([f'<{c}>' for c in shown])}.",
+                shown,
+                shown,
+                boxes,
+            )
+        )
+        records += [
+            record(path, "grounding", f"Where is <{c}>?", f"<{c}> is here.", [c], shown, {c: boxes[c]}) for c in shown
+        ]
     (root / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return World(concepts, root / "tests.jsonl", negatives, sorted(ids), len(set(spec.values())))
 
@@ -178,15 +203,28 @@ def test_records(world: World, tasks: tuple[str, ...] = ("recognition",)) -> lis
 
 
 # ------------------------------------------------------------------------------------------- train / evaluate
-def train(world: World, base: str, out: Path, config: TrainConfig, only: list[str] | None = None, on_epoch=None) -> tuple[TrainResult, float]:
+def train(
+    world: World, base: str, out: Path, config: TrainConfig, only: list[str] | None = None, on_epoch=None
+) -> tuple[TrainResult, float]:
     """Personalise a fresh copy of the base on the world's concepts (or `only` these); returns (result, seconds)."""
     backbone = Backbone.load(base)
     concepts = ConceptSet.load(world.concepts, tokenizer=backbone.tokenizer)
     if only is not None:
         keep = set(only)
-        concepts = ConceptSet(concepts.root, [c for c in concepts if c.id in keep], [m for m in concepts.multi if set(m.present) <= keep])
+        concepts = ConceptSet(
+            concepts.root, [c for c in concepts if c.id in keep], [m for m in concepts.multi if set(m.present) <= keep]
+        )
     t0 = time.perf_counter()
-    result = personalize(concepts, backbone, out, config, negatives=world.negatives, progress=False, log=lambda *_: None, on_epoch=on_epoch)
+    result = personalize(
+        concepts,
+        backbone,
+        out,
+        config,
+        negatives=world.negatives,
+        progress=False,
+        log=lambda *_: None,
+        on_epoch=on_epoch,
+    )
     return result, time.perf_counter() - t0
 
 
@@ -199,7 +237,9 @@ class RecordingAnswerer(AssistantAnswerer):
 
     def answer(self, image, question: str) -> str:
         a = self.assistant.respond(image, question, self.visual_prompt, self.max_new_tokens)
-        self.system_tokens.append(len(self.assistant.backbone.tokenizer(a.system, add_special_tokens=False)["input_ids"]))
+        self.system_tokens.append(
+            len(self.assistant.backbone.tokenizer(a.system, add_special_tokens=False)["input_ids"])
+        )
         return a.text
 
 
@@ -209,8 +249,14 @@ class BankEvaluator:
     def __init__(self, base: str, records: list[dict]):
         self.base, self.records, self.assistant = base, records, None
 
-    def __call__(self, bank: ConceptBank, visual_prompt: bool = False, reference: str = "features", introduce: str | None = None,
-                 prompt_cache: bool = True) -> dict:
+    def __call__(
+        self,
+        bank: ConceptBank,
+        visual_prompt: bool = False,
+        reference: str = "features",
+        introduce: str | None = None,
+        prompt_cache: bool = True,
+    ) -> dict:
         """The evaluation report (with rows), `latency_s` (mean seconds per question, by task) and
         `system_tokens_mean` (mean length of the system text the answers were given). `prompt_cache=False`
         answers without reusing the key-value cache of the prefix the prompts share (`Backbone.prompt_cache`)."""
@@ -286,8 +332,13 @@ def _plot_panel(ax, p: dict) -> None:
             xs = [g + i * width for g, values in enumerate(groups.values()) if values.get(name) is not None]
             ax.bar(xs, [v[name] for v in groups.values() if v.get(name) is not None], width, label=name)
         long = max((len(str(g)) for g in groups), default=0) > 12
-        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups),
-                      rotation=25 if long else 0, ha="right" if long else "center", fontsize=8 if long else None)
+        ax.set_xticks(
+            [g + 0.4 - width / 2 for g in range(len(groups))],
+            list(groups),
+            rotation=25 if long else 0,
+            ha="right" if long else "center",
+            fontsize=8 if long else None,
+        )
     if p.get("log"):
         ax.set_yscale("log")
     if p.get("ymax"):
@@ -318,7 +369,12 @@ def write_results(out_dir: Path, name: str, results: dict, panels: list[dict]) -
 
 def header(name: str, s: Setup, args: argparse.Namespace, world: World | None = None) -> dict:
     """What every result file starts with: the benchmark, base, world (and its concepts) and the command's settings."""
-    out = {"benchmark": name, "base": s.base, "world": s.world, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    out = {
+        "benchmark": name,
+        "base": s.base,
+        "world": s.world,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     if world is not None:
         out.update(concepts=world.ids, distinct_looks=world.distinct_looks)
     return out
@@ -327,4 +383,3 @@ def header(name: str, s: Setup, args: argparse.Namespace, world: World | None = 
 def strip_rows(report: dict) -> dict:
     """A report without its per-question rows (they stay out of the benchmark JSON)."""
     return {k: v for k, v in report.items() if k != "rows"}
-

@@ -32,10 +32,18 @@ def main() -> None:
         for kind, v in r.get("val", {}).items():
             acc.setdefault(kind, []).append((r["step"], v["weighted_accuracy"]))
     panels = [
-        {"title": "projector + LoRA: training loss", "x": "step", "series": {"LM loss": [(r["step"], r["loss"]) for r in curves["lm"]]}},
+        {
+            "title": "projector + LoRA: training loss",
+            "x": "step",
+            "series": {"LM loss": [(r["step"], r["loss"]) for r in curves["lm"]]},
+        },
         {"title": "held-out Yes/No weighted accuracy", "x": "step", "series": acc, "ymax": 1.0},
-        {"title": "vision tower: held-out trait accuracy", "x": "step", "ymax": 1.0,
-         "series": {"vision val mean": [(r["step"], r["val_mean"]) for r in curves["vision"]]}},
+        {
+            "title": "vision tower: held-out trait accuracy",
+            "x": "step",
+            "ymax": 1.0,
+            "series": {"vision val mean": [(r["step"], r["val_mean"]) for r in curves["vision"]]},
+        },
     ]
     write_results(out.parent, out.name, curves, panels)
 

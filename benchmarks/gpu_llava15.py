@@ -64,21 +64,62 @@ from mcllava.train import TrainConfig
 from mcllava.training_data import NO_ANSWERS, RECOGNITION_QUESTIONS, YES_ANSWERS, collate
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llava-1.5-configs.json"
-_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
-           "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
+_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+}
 _TEXT = {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05}
 # Published values of llava-hf/llava-1.5-{7b,13b}-hf (used when shared/reference is not in this checkout).
 PUBLISHED = {
-    "7b": {"text_config": {**_TEXT, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                           "num_attention_heads": 32, "num_key_value_heads": 32}, "vision_config": _VISION},
-    "13b": {"text_config": {**_TEXT, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                            "num_attention_heads": 40, "num_key_value_heads": 40}, "vision_config": _VISION},
+    "7b": {
+        "text_config": {
+            **_TEXT,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+        "vision_config": _VISION,
+    },
+    "13b": {
+        "text_config": {
+            **_TEXT,
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 40,
+        },
+        "vision_config": _VISION,
+    },
 }
-TOP = {"image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-       "vision_feature_select_strategy": "default"}
+TOP = {
+    "image_token_index": 32000,
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+}
 # Dense bf16 peak (no sparsity), FLOP/s, first matching substring of torch.cuda.get_device_name().
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-             ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+PEAK_BF16 = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+]
 CONCEPTS = ["bo", "ana"]
 
 
@@ -87,7 +128,10 @@ def published_config(model: str) -> dict:
     if REFERENCE.exists():
         ref = json.loads(REFERENCE.read_text())
         base, own = ref["llava-1.5-7b"], ref[f"llava-1.5-{model}"]
-        cfg = {"text_config": dict(own.get("text_config", base["text_config"])), "vision_config": dict(base["vision_config"])}
+        cfg = {
+            "text_config": dict(own.get("text_config", base["text_config"])),
+            "vision_config": dict(base["vision_config"]),
+        }
     else:
         cfg = json.loads(json.dumps(PUBLISHED[model]))
     for part in cfg.values():
@@ -96,7 +140,11 @@ def published_config(model: str) -> dict:
 
 
 def build_llava15(
-    model: str, device: torch.device, text_layers: int | None = None, vision_layers: int | None = None, image_size: int | None = None
+    model: str,
+    device: torch.device,
+    text_layers: int | None = None,
+    vision_layers: int | None = None,
+    image_size: int | None = None,
 ) -> tuple[Backbone, dict]:
     """A LLaVA-1.5 `model` ('7b'/'13b') with random bf16 weights built on `device`, and the configuration used."""
     from transformers import (
@@ -117,8 +165,10 @@ def build_llava15(
     if image_size is not None:
         vision["image_size"] = image_size
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text, tie_word_embeddings=False),
-        tie_word_embeddings=False, **TOP,
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text, tie_word_embeddings=False),
+        tie_word_embeddings=False,
+        **TOP,
     )
     from transformers.initialization import no_init_weights
 
@@ -143,7 +193,9 @@ def build_llava15(
     side = vision["image_size"]
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
-        tokenizer=llama_like_tokenizer(), patch_size=vision["patch_size"], vision_feature_select_strategy="default",
+        tokenizer=llama_like_tokenizer(),
+        patch_size=vision["patch_size"],
+        vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
     return Backbone(net, processor, f"llava-1.5-{model}-random"), cfg
@@ -190,7 +242,9 @@ def step_flops(backbone: Backbone, mask: torch.Tensor, n_answer: int, recipe: st
     if recipe == "paper":
         v = cfg.vision_config
         tv = (v.image_size // v.patch_size) ** 2 + 1
-        per_image = 2 * _params(backbone.model.model.vision_tower) * tv + 4 * v.num_hidden_layers * v.hidden_size * tv**2
+        per_image = (
+            2 * _params(backbone.model.model.vision_tower) * tv + 4 * v.num_hidden_layers * v.hidden_size * tv**2
+        )
         per_image += 2 * _params(backbone.model.model.multi_modal_projector) * (tv - 1)
         flops += per_image * mask.shape[0]
     return flops
@@ -207,13 +261,17 @@ def _batch(backbone: Backbone, tokens: ConceptTokens, n: int):
     for i in range(n):
         c = tokens.token(CONCEPTS[i % len(CONCEPTS)])
         answer = (YES_ANSWERS if i % 2 == 0 else NO_ANSWERS)[i % 7].format(c=c)
-        encoded.append(backbone.encode(backbone.format_prompt(RECOGNITION_QUESTIONS[i].format(c=c), system=system), answer))
+        encoded.append(
+            backbone.encode(backbone.format_prompt(RECOGNITION_QUESTIONS[i].format(c=c), system=system), answer)
+        )
     batch = collate(encoded, [None] * n, backbone.tokenizer.pad_token_id)
     dev = backbone.device
     return batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.labels.to(dev)
 
 
-def train_steps(backbone: Backbone, tokens: ConceptTokens, config: TrainConfig, steps: int, warmup: int, peak: float | None) -> dict:
+def train_steps(
+    backbone: Backbone, tokens: ConceptTokens, config: TrainConfig, steps: int, warmup: int, peak: float | None
+) -> dict:
     """Time `steps` personalisation steps of `config.recipe`, as `mcllava.train.personalize` takes them."""
     model, dev = backbone.model, backbone.device
     ids, mask, labels = _batch(backbone, tokens, config.batch_size)
@@ -234,6 +292,7 @@ def train_steps(backbone: Backbone, tokens: ConceptTokens, config: TrainConfig, 
 
         def features() -> torch.Tensor:  # the vision tower at every step
             return backbone.visual_tokens(images).features
+
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     times, losses = [], []
     for step in range(warmup + steps):
@@ -256,14 +315,26 @@ def train_steps(backbone: Backbone, tokens: ConceptTokens, config: TrainConfig, 
     n_tokens = int(mask.sum())
     n_answer = int((labels[:, 1:] != -100).sum())
     flops = step_flops(backbone, mask, n_answer, config.recipe)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     out = {
-        "batch_size": config.batch_size, "steps": steps, "warmup": warmup, "step_s": step_s, "step_s_all": times,
-        "seconds_per_sample": step_s / config.batch_size, "tokens_per_step": n_tokens, "answer_tokens_per_step": n_answer,
-        "tokens_per_s": n_tokens / step_s, "loss": losses[-1],
-        "trainable_parameters": sum(p.numel() for p in params), "optimizer_state_bytes": state,
-        "flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12,
-        "fraction_of_peak": flops / step_s / peak if peak else None, **peak_memory(dev),
+        "batch_size": config.batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "step_s": step_s,
+        "step_s_all": times,
+        "seconds_per_sample": step_s / config.batch_size,
+        "tokens_per_step": n_tokens,
+        "answer_tokens_per_step": n_answer,
+        "tokens_per_s": n_tokens / step_s,
+        "loss": losses[-1],
+        "trainable_parameters": sum(p.numel() for p in params),
+        "optimizer_state_bytes": state,
+        "flops_per_step": flops,
+        "achieved_tflops": flops / step_s / 1e12,
+        "fraction_of_peak": flops / step_s / peak if peak else None,
+        **peak_memory(dev),
     }
     for p in params:
         p.grad = None
@@ -292,13 +363,21 @@ def _generate(backbone: Backbone, prompt: str, features: torch.Tensor, n: int, c
     """`Backbone.generate`'s path with exactly `n` new tokens (EOS suppressed); returns the prompt length."""
     ids = torch.tensor([backbone.encode(prompt).input_ids], device=backbone.device)
     backbone.model.generate(
-        inputs_embeds=backbone.embed(ids, features[None]), attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-        do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id, eos_token_id=backbone.tokenizer.eos_token_id, streamer=clock,
+        inputs_embeds=backbone.embed(ids, features[None]),
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=backbone.tokenizer.pad_token_id,
+        eos_token_id=backbone.tokenizer.eos_token_id,
+        streamer=clock,
     )
     return ids.shape[1]
 
 
-def answer_latency(backbone: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int, many: int = 0) -> dict:
+def answer_latency(
+    backbone: Backbone, tokens: ConceptTokens, new_tokens: int, repeats: int, warmup: int, many: int = 0
+) -> dict:
     """Latency of plain, personalised and visual-prompt answers, following `PersonalAssistant.respond`.
 
     With `many` > 0 also a personalised answer whose system text introduces `many` concepts (benchmark 4's plain
@@ -315,14 +394,24 @@ def answer_latency(backbone: Backbone, tokens: ConceptTokens, new_tokens: int, r
 
     def plain(clock: _Clock) -> dict:
         feats = backbone.visual_tokens([image]).features[0]
-        return {"prompt_tokens": _generate(backbone, backbone.format_prompt("What is the person doing in this photo?"), feats, new_tokens, clock)}
+        return {
+            "prompt_tokens": _generate(
+                backbone, backbone.format_prompt("What is the person doing in this photo?"), feats, new_tokens, clock
+            )
+        }
 
     def introducing(cids: list[str]) -> Callable[[_Clock], dict]:
         """A personalised answer whose system text introduces `cids`."""
+
         def answer(clock: _Clock) -> dict:
             feats = backbone.visual_tokens([image]).features[0]
-            return {"prompt_tokens": _generate(backbone, backbone.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock),
-                    "concepts_introduced": len(cids)}
+            return {
+                "prompt_tokens": _generate(
+                    backbone, backbone.format_prompt(question, tokens.system_text(cids)), feats, new_tokens, clock
+                ),
+                "concepts_introduced": len(cids),
+            }
+
         return answer
 
     def visual_prompt(clock: _Clock) -> dict:
@@ -334,13 +423,19 @@ def answer_latency(backbone: Backbone, tokens: ConceptTokens, new_tokens: int, r
         marked, marks = draw_marks(image, found)
         feats = backbone.visual_tokens([marked]).features[0]
         prompt = backbone.format_prompt(question, tokens.system_text(extra=mark_prompt(marks, tokens.token)))
-        return {"prompt_tokens": _generate(backbone, prompt, feats, new_tokens, clock), "marks": len(marks), "marks_forced": forced}
+        return {
+            "prompt_tokens": _generate(backbone, prompt, feats, new_tokens, clock),
+            "marks": len(marks),
+            "marks_forced": forced,
+        }
 
     kinds = [("plain", plain), ("personalised", introducing(tokens.concept_ids)), ("visual_prompt", visual_prompt)]
     if many:
         ids = tokens.concept_ids
-        kinds += [(f"personalised_{many}", introducing([ids[i % len(ids)] for i in range(many)])),
-                  ("personalised_relevant", introducing(tokens.relevant(question)))]
+        kinds += [
+            (f"personalised_{many}", introducing([ids[i % len(ids)] for i in range(many)])),
+            ("personalised_relevant", introducing(tokens.relevant(question))),
+        ]
     for _ in range(warmup):  # kernels, caches
         for _, fn in kinds:
             fn(_Clock())
@@ -356,14 +451,24 @@ def answer_latency(backbone: Backbone, tokens: ConceptTokens, new_tokens: int, r
             _sync(backbone.device)
             end = time.perf_counter()
             assert len(clock.times) == new_tokens, "generate stopped early"
-            runs[name].append({"answer_s": end - t0, "first_token_s": clock.times[0] - t0,
-                               "per_token_s": (clock.times[-1] - clock.times[0]) / (new_tokens - 1),
-                               "peak_bytes": peak_memory(backbone.device)["peak_bytes"]})
+            runs[name].append(
+                {
+                    "answer_s": end - t0,
+                    "first_token_s": clock.times[0] - t0,
+                    "per_token_s": (clock.times[-1] - clock.times[0]) / (new_tokens - 1),
+                    "peak_bytes": peak_memory(backbone.device)["peak_bytes"],
+                }
+            )
     out = {}
     for name, rs in runs.items():
         medians = {key: statistics.median(r[key] for r in rs) for key in ("answer_s", "first_token_s", "per_token_s")}
-        out[name] = {**info[name], "new_tokens": new_tokens, **medians, "peak_bytes": max(r["peak_bytes"] for r in rs),
-                     "kind": peak_memory(backbone.device)["kind"]}
+        out[name] = {
+            **info[name],
+            "new_tokens": new_tokens,
+            **medians,
+            "peak_bytes": max(r["peak_bytes"] for r in rs),
+            "kind": peak_memory(backbone.device)["kind"],
+        }
     return out
 
 
@@ -377,7 +482,9 @@ def measure_model(model: str, args: argparse.Namespace, device: torch.device, pe
     tokens = add_concept_tokens(backbone.model, backbone.tokenizer, CONCEPTS, fast.k)
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(len(CONCEPTS), fast.k + 1, backbone.hidden_size, generator=g)
-    write_rows(backbone.model, tokens, rows / rows.norm(dim=-1, keepdim=True) * word_embedding_norm(backbone.model, n_ordinary))
+    write_rows(
+        backbone.model, tokens, rows / rows.norm(dim=-1, keepdim=True) * word_embedding_norm(backbone.model, n_ordinary)
+    )
     result = {
         "config": cfg,
         "parameters": _params(backbone.model),
@@ -413,15 +520,28 @@ def plot(results: dict, path: Path) -> bool:
     fig, (a, *latency) = plt.subplots(1, 3, figsize=(14, 4.5))
     x = np.arange(len(models))
     for i, recipe in enumerate(("fast", "paper")):
-        a.bar(x + (i - 0.5) * 0.35, [results["models"][m]["train"][recipe]["seconds_per_sample"] for m in models], 0.35, label=recipe)
+        a.bar(
+            x + (i - 0.5) * 0.35,
+            [results["models"][m]["train"][recipe]["seconds_per_sample"] for m in models],
+            0.35,
+            label=recipe,
+        )
     a.set(xticks=x, xticklabels=models, ylabel="seconds per training sample", title="personalisation step")
     a.legend(fontsize=8)
     kinds = list(results["models"][models[0]]["answer"])
     w = 0.8 / len(kinds)
-    titles = {"first_token_s": "to the first answer token", "answer_s": f"whole answer ({results['config']['new_tokens']} new tokens)"}
+    titles = {
+        "first_token_s": "to the first answer token",
+        "answer_s": f"whole answer ({results['config']['new_tokens']} new tokens)",
+    }
     for ax, (key, title) in zip(latency, titles.items()):
         for i, kind in enumerate(kinds):
-            ax.bar(x + (i - (len(kinds) - 1) / 2) * w, [results["models"][m]["answer"][kind][key] for m in models], w, label=kind)
+            ax.bar(
+                x + (i - (len(kinds) - 1) / 2) * w,
+                [results["models"][m]["answer"][kind][key] for m in models],
+                w,
+                label=kind,
+            )
         ax.set(xticks=x, xticklabels=models, ylabel="seconds", title=title)
     latency[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"LLaVA-1.5, random bf16 weights, {results['device']['name']}")
@@ -436,14 +556,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="7b,13b", help="comma-separated: 7b, 13b")
     ap.add_argument("--text-layers", type=int, default=None, help="truncate the language model (default: full depth)")
     ap.add_argument("--vision-layers", type=int, default=None, help="truncate the vision tower (default: full depth)")
-    ap.add_argument("--image-size", type=int, default=None, help="vision input side, a multiple of 14 (default: 336, 576 tokens)")
+    ap.add_argument(
+        "--image-size", type=int, default=None, help="vision input side, a multiple of 14 (default: 336, 576 tokens)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps (and answers) first")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="answers per kind (median reported)")
-    ap.add_argument("--many", type=int, default=50, help="also time answers with this many concepts introduced (0: skip)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the device (default: from a table for known GPUs)")
+    ap.add_argument(
+        "--many", type=int, default=50, help="also time answers with this many concepts introduced (0: skip)"
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="bf16 peak of the device (default: from a table for known GPUs)"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu_llava15.json")
     args = ap.parse_args(argv)
     bad = [m for m in args.model.split(",") if m not in PUBLISHED]
@@ -477,8 +603,10 @@ def main(argv: list[str] | None = None) -> dict:
         m = results["models"][model]
         for recipe, r in m["train"].items():
             frac = f", {r['fraction_of_peak']:.1%} of peak" if r["fraction_of_peak"] else ""
-            print(f"  {recipe:5s} batch {r['batch_size']}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
-                  f"peak {r['peak_bytes'] / 2**30:.1f} GiB{frac}")
+            print(
+                f"  {recipe:5s} batch {r['batch_size']}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+                f"peak {r['peak_bytes'] / 2**30:.1f} GiB{frac}"
+            )
         for kind, r in m["answer"].items():
             print(f"  {kind:13s}: {r['answer_s']:.3f} s ({r['prompt_tokens']} prompt + {r['new_tokens']} new tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.set_defaults(multi=0.0)  # one concept per test scene, as in make demo's test set
     args = ap.parse_args(argv)
     s = setup(args, "init_compare")
-    world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
+    world = build_world(
+        s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi
+    )
     records = test_records(world)
     evaluator = BankEvaluator(s.base, records)
     results = {**header("init_compare", s, args, world), "target": args.target, "test_questions": len(records)}
@@ -57,8 +59,17 @@ def main(argv: list[str] | None = None) -> dict:
 
             config = train_config(s, args.epochs, seed, init=init)
             _, seconds = train(world, s.base, s.work / f"bank-{init}-{seed}", config, on_epoch=on_epoch)
-            runs.append({"seed": seed, "curve": curve, "steps_to_target": first_reaching(curve, args.target), "train_s": seconds - eval_s[0]})
-            print(f"{init} seed {seed}: final {curve[-1][1]:.3f}, steps to {args.target}: {runs[-1]['steps_to_target']}")
+            runs.append(
+                {
+                    "seed": seed,
+                    "curve": curve,
+                    "steps_to_target": first_reaching(curve, args.target),
+                    "train_s": seconds - eval_s[0],
+                }
+            )
+            print(
+                f"{init} seed {seed}: final {curve[-1][1]:.3f}, steps to {args.target}: {runs[-1]['steps_to_target']}"
+            )
         mean_curve = [(pts[0][0], statistics.mean(y for _, y in pts)) for pts in zip(*(r["curve"] for r in runs))]
         results[init] = {
             "steps_to_target": [r["steps_to_target"] for r in runs],
@@ -71,9 +82,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     series = {f"{init} seed {r['seed']}": r["curve"] for init in ("kmeans", "random") for r in results[init]["runs"]}
     panels = [
-        {"title": f"recognition, every run (target {args.target})", "x": "step", "series": series, "ymax": 1.0, "target": args.target},
-        {"title": "recognition, mean over seeds", "x": "step", "ymax": 1.0, "target": args.target,
-         "series": {init: results[init]["mean_curve"] for init in ("kmeans", "random")}},
+        {
+            "title": f"recognition, every run (target {args.target})",
+            "x": "step",
+            "series": series,
+            "ymax": 1.0,
+            "target": args.target,
+        },
+        {
+            "title": "recognition, mean over seeds",
+            "x": "step",
+            "ymax": 1.0,
+            "target": args.target,
+            "series": {init: results[init]["mean_curve"] for init in ("kmeans", "random")},
+        },
     ]
     write_results(args.out, "init_compare", results, panels)
     return results

@@ -27,7 +27,9 @@ def yes_rate(rows: list[dict]) -> float | None:
 
 def confusion(rows: list[dict]) -> dict:
     """Yes-rate on 'Is <A> here?' where the image shows some other concept but not A."""
-    cases = [r for r in rows if r["kind"] == "recognition" and r["present"] and not set(r["concepts"]) & set(r["present"])]
+    cases = [
+        r for r in rows if r["kind"] == "recognition" and r["present"] and not set(r["concepts"]) & set(r["present"])
+    ]
     asked = sorted({r["concepts"][0] for r in cases})
     shown = sorted({c for r in cases for c in r["present"]})
     return {
@@ -35,7 +37,10 @@ def confusion(rows: list[dict]) -> dict:
         "n": len(cases),
         "multi_concept_images": yes_rate([r for r in cases if len(r["present"]) >= 2]),
         "by_asked": {a: yes_rate([r for r in cases if r["concepts"][0] == a]) for a in asked},
-        "pairs": {a: {b: yes_rate([r for r in cases if r["concepts"][0] == a and b in r["present"]]) for b in shown if b != a} for a in asked},
+        "pairs": {
+            a: {b: yes_rate([r for r in cases if r["concepts"][0] == a and b in r["present"]]) for b in shown if b != a}
+            for a in asked
+        },
     }
 
 
@@ -45,7 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.set_defaults(multi=0.75)
     args = ap.parse_args(argv)
     s = setup(args, "joint_vs_separate")
-    world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
+    world = build_world(
+        s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi
+    )
     records = test_records(world)
     config = train_config(s, args.epochs, args.train_seed)
 
@@ -73,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         "confusion rate": lambda r: r["confusion"]["rate"],
     }
     bars = {label: {arm: get(results[arm]) for arm in ("joint", "separate")} for label, get in metrics.items()}
-    write_results(args.out, "joint_vs_separate", results, [{"title": "joint vs separate + merged", "bars": bars, "ymax": 1.0}])
+    write_results(
+        args.out, "joint_vs_separate", results, [{"title": "joint vs separate + merged", "bars": bars, "ymax": 1.0}]
+    )
     return results
 
 

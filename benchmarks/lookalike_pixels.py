@@ -49,8 +49,9 @@ def main() -> None:
                 changed[t].append(int((diff > args.threshold).sum()))
         out["sizes"][size] = {
             "character_pixels_median": float(np.median(own)),
-            "changed_pixels": {t: {"median": float(np.median(v)), "p10": float(np.percentile(v, 10))}
-                               for t, v in changed.items()},
+            "changed_pixels": {
+                t: {"median": float(np.median(v)), "p10": float(np.percentile(v, 10))} for t, v in changed.items()
+            },
         }
         print(size, json.dumps(out["sizes"][size]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

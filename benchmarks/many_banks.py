@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from fastapi.testclient import TestClient
-
 from _common import OUT, rss_mb, write_results
+from fastapi.testclient import TestClient
 from server_load import photo_url, tiny_bank
 
 from mcllava.assistant import PersonalAssistant
@@ -56,12 +55,22 @@ def make_banks(template: Path, folder: Path, n: int) -> list[Path]:
         scale = bank.input_rows.float().std().item() * 0.01
         moved = lambda t: None if t is None else t + torch.randn(t.shape, generator=g) * scale  # noqa: E731
         copy = ConceptBank(
-            base_model=bank.base_model, base_config_hash=bank.base_config_hash, tokenizer_len_before=bank.tokenizer_len_before,
-            concept_ids=ids, k=bank.k, hidden_size=bank.hidden_size, tied_head=bank.tied_head,
-            input_rows=moved(bank.input_rows), head_rows=moved(bank.head_rows),
-            locator_refs={new: bank.locator_refs[old] for old, new in zip(bank.concept_ids, ids) if old in bank.locator_refs},
-            display={new: {**(bank.display.get(old) or {}), "name": f"{(bank.display.get(old) or {}).get('name', old)} {i}"}
-                     for old, new in zip(bank.concept_ids, ids)},
+            base_model=bank.base_model,
+            base_config_hash=bank.base_config_hash,
+            tokenizer_len_before=bank.tokenizer_len_before,
+            concept_ids=ids,
+            k=bank.k,
+            hidden_size=bank.hidden_size,
+            tied_head=bank.tied_head,
+            input_rows=moved(bank.input_rows),
+            head_rows=moved(bank.head_rows),
+            locator_refs={
+                new: bank.locator_refs[old] for old, new in zip(bank.concept_ids, ids) if old in bank.locator_refs
+            },
+            display={
+                new: {**(bank.display.get(old) or {}), "name": f"{(bank.display.get(old) or {}).get('name', old)} {i}"}
+                for old, new in zip(bank.concept_ids, ids)
+            },
             recipe=dict(bank.recipe),
         )
         paths.append(copy.save(folder / f"bank{i:03d}"))
@@ -104,12 +113,30 @@ def memory_child(folder: Path, banks: int, warm: int, max_tokens: int, prompt_ca
     for j in range(warm):
         path = paths[j % len(paths)]
         answer(client, request(ConceptBank.load(path), path.name if banks > 1 else None, max_tokens))
-    return {"banks": banks, "rss_start_mb": before, "rss_loaded_mb": loaded, "rss_after_answers_mb": rss_mb(), "answers": warm}
+    return {
+        "banks": banks,
+        "rss_start_mb": before,
+        "rss_loaded_mb": loaded,
+        "rss_after_answers_mb": rss_mb(),
+        "answers": warm,
+    }
 
 
 def memory(folder: Path, banks: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child-memory", str(banks), "--child-folder", str(folder), "--warm", str(args.warm),
-           "--max-tokens", str(args.max_tokens), "--prompt-caches", str(args.prompt_caches)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-memory",
+        str(banks),
+        "--child-folder",
+        str(folder),
+        "--warm",
+        str(args.warm),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompt-caches",
+        str(args.prompt_caches),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -118,11 +145,22 @@ def latency(folder: Path, args) -> dict:
     """Both servers in this process, requests alternating between them (the same CPU weather for each)."""
     paths = sorted(folder.iterdir())
     banks = [ConceptBank.load(p) for p in paths]
-    one, many = TestClient(load(folder, 1, args.prompt_caches)), TestClient(load(folder, len(paths), args.prompt_caches))
-    first_one, first_many = answer(one, request(banks[0], None, args.max_tokens)), answer(many, request(banks[0], paths[0].name, args.max_tokens))
+    one, many = (
+        TestClient(load(folder, 1, args.prompt_caches)),
+        TestClient(load(folder, len(paths), args.prompt_caches)),
+    )
+    first_one, first_many = (
+        answer(one, request(banks[0], None, args.max_tokens)),
+        answer(many, request(banks[0], paths[0].name, args.max_tokens)),
+    )
     assert first_one[1] == first_many[1], ("bank 0 answers differently on the two servers", first_one[1], first_many[1])
     answer(one, request(banks[0], None, args.max_tokens))  # the prompt caches learn their prefix on the second answer
-    times: dict[str, list[float]] = {"one bank": [], "one bank, no prompt cache": [], "many: same bank": [], "many: round the banks": []}
+    times: dict[str, list[float]] = {
+        "one bank": [],
+        "one bank, no prompt cache": [],
+        "many: same bank": [],
+        "many: round the banks": [],
+    }
     cache = one.app.state.server.bank.assistant.backbone.prompt_cache
     for r in range(args.answers):
         ms, text = answer(one, request(banks[0], None, args.max_tokens))
@@ -137,8 +175,18 @@ def latency(folder: Path, args) -> dict:
         i = 1 + r % (len(paths) - 1)
         ms, _ = answer(many, request(banks[i], paths[i].name, args.max_tokens))
         times["many: round the banks"].append(ms)
-    return {"answer_ms": {k: {"median": statistics.median(v), "mean": statistics.fmean(v), "min": min(v), "all": [round(x, 1) for x in v]}
-                          for k, v in times.items()}, "answer_bank0": first_one[1]}
+    return {
+        "answer_ms": {
+            k: {
+                "median": statistics.median(v),
+                "mean": statistics.fmean(v),
+                "min": min(v),
+                "all": [round(x, 1) for x in v],
+            }
+            for k, v in times.items()
+        },
+        "answer_bank0": first_one[1],
+    }
 
 
 def main() -> None:
@@ -155,7 +203,11 @@ def main() -> None:
     ap.add_argument("--child-folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
-        print(json.dumps(memory_child(args.child_folder, args.child_memory, args.warm, args.max_tokens, args.prompt_caches)))
+        print(
+            json.dumps(
+                memory_child(args.child_folder, args.child_memory, args.warm, args.max_tokens, args.prompt_caches)
+            )
+        )
         return
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="many-banks-") as tmp:
@@ -172,15 +224,33 @@ def main() -> None:
     per_bank = {k: v / (args.banks - 1) for k, v in extra.items()}
     med = {k: v["median"] for k, v in lat["answer_ms"].items()}
     results = {
-        "benchmark": NAME, "template": "tiny (untrained)" if args.tiny else str(args.bank), "settings": {k: str(v) for k, v in vars(args).items()},
-        "machine": platform.platform(), "torch_threads": torch.get_num_threads(), "bank_file_bytes": bank_bytes,
-        "memory": {"one bank": mem_one, "many banks": mem_many, "above one bank_mb": extra, "per extra bank_mb": per_bank},
-        **lat, "latency_ratio": {k: med[k] / med["one bank"] for k in med}, "seconds": time.perf_counter() - started,
+        "benchmark": NAME,
+        "template": "tiny (untrained)" if args.tiny else str(args.bank),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "machine": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "bank_file_bytes": bank_bytes,
+        "memory": {
+            "one bank": mem_one,
+            "many banks": mem_many,
+            "above one bank_mb": extra,
+            "per extra bank_mb": per_bank,
+        },
+        **lat,
+        "latency_ratio": {k: med[k] / med["one bank"] for k in med},
+        "seconds": time.perf_counter() - started,
     }
     panels = [
-        {"title": f"resident memory (MB), bank files {bank_bytes / 1024:.0f} KiB each",
-         "bars": {"loaded": {"1 bank": mem_one["rss_loaded_mb"], f"{args.banks} banks": mem_many["rss_loaded_mb"]},
-                  f"after {args.warm} answers": {"1 bank": mem_one["rss_after_answers_mb"], f"{args.banks} banks": mem_many["rss_after_answers_mb"]}}},
+        {
+            "title": f"resident memory (MB), bank files {bank_bytes / 1024:.0f} KiB each",
+            "bars": {
+                "loaded": {"1 bank": mem_one["rss_loaded_mb"], f"{args.banks} banks": mem_many["rss_loaded_mb"]},
+                f"after {args.warm} answers": {
+                    "1 bank": mem_one["rss_after_answers_mb"],
+                    f"{args.banks} banks": mem_many["rss_after_answers_mb"],
+                },
+            },
+        },
         {"title": f"answer latency, median ms ({args.answers} answers each)", "bars": {"": med}},
     ]
     write_results(args.out, NAME, results, panels)

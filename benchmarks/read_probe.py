@@ -83,9 +83,14 @@ def main() -> None:
         pos = bool(present) and pos
         pick = present if pos else [c for c in range(len(cats)) if c not in present]
         c = cats[pick[rng.integers(len(pick))]]
-        samples.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No", "exists"))
-    batch = collate([backbone.encode(backbone.format_prompt(q, None, image=True), a) for q, a, _ in samples], [None] * len(samples),
-                    tok.pad_token_id)
+        samples.append(
+            (f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} in this photo?", "Yes" if pos else "No", "exists")
+        )
+    batch = collate(
+        [backbone.encode(backbone.format_prompt(q, None, image=True), a) for q, a, _ in samples],
+        [None] * len(samples),
+        tok.pad_token_id,
+    )
 
     proj = model.model.multi_modal_projector
     fit = {}
@@ -104,8 +109,15 @@ def main() -> None:
     opt = torch.optim.AdamW(lora, lr=1e-3, weight_decay=0.0)
     tokens = (lambda idx: targets[idx]) if args.tokens == "oracle" else (lambda idx: proj(feats[idx]))
 
-    held_out = EncodedPool(batch.input_ids[:n_va], batch.attention_mask[:n_va], batch.labels[:n_va], feats[:n_va],
-                           torch.ones(n_va, dtype=torch.bool), [k for *_, k in samples[:n_va]], [a for _, a, _ in samples[:n_va]])
+    held_out = EncodedPool(
+        batch.input_ids[:n_va],
+        batch.attention_mask[:n_va],
+        batch.labels[:n_va],
+        feats[:n_va],
+        torch.ones(n_va, dtype=torch.bool),
+        [k for *_, k in samples[:n_va]],
+        [a for _, a, _ in samples[:n_va]],
+    )
 
     def held_out_auc() -> dict[str, float]:
         model.eval()
@@ -120,17 +132,38 @@ def main() -> None:
         idx = torch.randint(n_va, len(sel), (16,), generator=gen)
         w = int(batch.attention_mask[idx].sum(1).max())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = backbone.answer_loss(batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.labels[idx, :w], tokens(idx))
+            loss = backbone.answer_loss(
+                batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.labels[idx, :w], tokens(idx)
+            )
         opt.zero_grad(), loss.backward()
         torch.nn.utils.clip_grad_norm_(lora, 1.0)
         opt.step()
         if step % 25 == 0 or step == args.steps:
-            curve.append({"step": step, "loss": loss.item(), "auc": held_out_auc(), "seconds_per_step": (time.time() - t0) / step})
+            curve.append(
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "auc": held_out_auc(),
+                    "seconds_per_step": (time.time() - t0) / step,
+                }
+            )
             print(curve[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"read_probe_{args.tokens}_{'-'.join(words)}_{'-'.join(kinds)}.json"
-    out.write_text(json.dumps({"work": str(args.work), "tokens": args.tokens, "words": words, "questions": kinds, "fitted_word_accuracy": fit,
-                               "held_out": n_va, "curve": curve}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "work": str(args.work),
+                "tokens": args.tokens,
+                "words": words,
+                "questions": kinds,
+                "fitted_word_accuracy": fit,
+                "held_out": n_va,
+                "curve": curve,
+            },
+            indent=1,
+        )
+    )
     print("wrote", out)
 
 

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.set_defaults(multi=0.0)
     args = ap.parse_args(argv)
     s = setup(args, "recipe_speed")
-    world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
+    world = build_world(
+        s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi
+    )
     evaluator = BankEvaluator(s.base, test_records(world))
     results = {**header("recipe_speed", s, args, world)}
 
@@ -67,9 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
         banks[recipe] = result.bank
         curve = [(t, evaluator(bank)["recognition"]["weighted_accuracy"]) for t, bank in snapshots]
         model = evaluator.assistant.backbone.model
-        matrices = {id(p): p for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values()
-        trainable = (sum(t.numel() for t in (result.bank.input_rows, result.bank.head_rows) if t is not None)
-                     if recipe == "fast" else sum(p.numel() for p in matrices))
+        matrices = {
+            id(p): p for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        }.values()
+        trainable = (
+            sum(t.numel() for t in (result.bank.input_rows, result.bank.head_rows) if t is not None)
+            if recipe == "fast"
+            else sum(p.numel() for p in matrices)
+        )
         results[recipe] = {
             "config": {k: v for k, v in config.to_dict().items() if k in ("recipe", "batch_size", "lr", "epochs", "k")},
             "epoch_s": [h["seconds"] for h in result.history],
@@ -83,8 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
             "adamw_state_bytes": 2 * 4 * trainable,  # two fp32 moments per trainable parameter
             "bank_bytes": sum(p.stat().st_size for p in (s.work / f"bank-{recipe}").iterdir() if p.is_file()),
         }
-        print(f"{recipe}: {results[recipe]['median_epoch_s']:.2f} s/epoch, best recognition {results[recipe]['best_accuracy']:.3f}, "
-              f"{trainable} trainable parameters, peak RSS {peak:.0f} MB")
+        print(
+            f"{recipe}: {results[recipe]['median_epoch_s']:.2f} s/epoch, best recognition {results[recipe]['best_accuracy']:.3f}, "
+            f"{trainable} trainable parameters, peak RSS {peak:.0f} MB"
+        )
 
     same = min(results[r]["best_accuracy"] for r in ("fast", "paper"))
     for recipe in ("fast", "paper"):
@@ -94,15 +103,20 @@ def main(argv: list[str] | None = None) -> dict:
     results["ratios_paper_over_fast"] = {
         "epoch_time": paper["median_epoch_s"] / fast["median_epoch_s"],
         "time_to_common_accuracy": paper["seconds_to_common_accuracy"] / fast["seconds_to_common_accuracy"],
-        "training_rss_increase": (paper["training_rss_increase_mb"] / fast["training_rss_increase_mb"]
-                                  if fast["training_rss_increase_mb"] else None),
+        "training_rss_increase": (
+            paper["training_rss_increase_mb"] / fast["training_rss_increase_mb"]
+            if fast["training_rss_increase_mb"]
+            else None
+        ),
         "trainable_parameters": paper["trainable_parameters"] / fast["trainable_parameters"],
     }
 
     # inference on the fast bank: plain base answer, personalised, personalised + visual prompt
     evaluator(banks["fast"])
     torch.manual_seed(0)
-    results["answer_latency"] = answer_latency(evaluator.assistant.backbone, evaluator.assistant.tokens, args.new_tokens, args.repeats, warmup=2)
+    results["answer_latency"] = answer_latency(
+        evaluator.assistant.backbone, evaluator.assistant.tokens, args.new_tokens, args.repeats, warmup=2
+    )
     lat = results["answer_latency"]
     results["visual_prompt_overhead_s"] = lat["visual_prompt"]["answer_s"] - lat["personalised"]["answer_s"]
     for kind, r in lat.items():
@@ -117,11 +131,23 @@ def panels(results: dict) -> list[dict]:
     lat = results["answer_latency"]
     new_tokens = next(iter(lat.values()))["new_tokens"]
     return [
-        {"title": "held-out recognition vs training time", "x": "seconds", "ymax": 1.0,
-         "series": {r: results[r]["curve"] for r in ("fast", "paper")}},
-        {"title": "paper / fast (log scale)", "log": True,
-         "bars": {k.replace("_", " "): {"ratio": v} for k, v in results["ratios_paper_over_fast"].items() if v is not None}},
-        {"title": f"answer latency (ms, {new_tokens} new tokens)", "bars": {k: {"ms": v["answer_s"] * 1000} for k, v in lat.items()}},
+        {
+            "title": "held-out recognition vs training time",
+            "x": "seconds",
+            "ymax": 1.0,
+            "series": {r: results[r]["curve"] for r in ("fast", "paper")},
+        },
+        {
+            "title": "paper / fast (log scale)",
+            "log": True,
+            "bars": {
+                k.replace("_", " "): {"ratio": v} for k, v in results["ratios_paper_over_fast"].items() if v is not None
+            },
+        },
+        {
+            "title": f"answer latency (ms, {new_tokens} new tokens)",
+            "bars": {k: {"ms": v["answer_s"] * 1000} for k, v in lat.items()},
+        },
     ]
 
 

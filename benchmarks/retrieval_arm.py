@@ -35,8 +35,9 @@ def recognition(path: Path) -> dict:
     rec = report["recognition"]
     keep = ("weighted_accuracy", "positive_recall", "negative_recall", "n")
     out = {col: {k: rec[col][k] for k in keep} for col in ("official", "lenient")}
-    out["splits"] = {s: {col: v[col]["weighted_accuracy"] for col in ("official", "lenient")}
-                     for s, v in rec["splits"].items()}
+    out["splits"] = {
+        s: {col: v[col]["weighted_accuracy"] for col in ("official", "lenient")} for s, v in rec["splits"].items()
+    }
     out["seconds_per_question"] = report["timing"]["mean_answer_s"]
     if "retrieval" in report:
         out["seconds_per_photo"] = report["retrieval"]["seconds_per_photo"]
@@ -51,15 +52,38 @@ def run_seed(seed: int, work: Path, prompts: list[str]) -> dict:
     train_s = None
     if not (bank / "manifest.json").exists():
         t0 = time.perf_counter()
-        cli("personalize", str(world / "concepts"), "--base", "proving-ground", "--negatives", str(world / "negatives"),
-            "--out", str(bank), "--quiet")
+        cli(
+            "personalize",
+            str(world / "concepts"),
+            "--base",
+            "proving-ground",
+            "--negatives",
+            str(world / "negatives"),
+            "--out",
+            str(bank),
+            "--quiet",
+        )
         train_s = time.perf_counter() - t0
     out: dict = {"seed": seed, "train_s": train_s}
     for p in prompts:
         bank_json, arm_json = work / f"bank{seed}-{p}.json", work / f"arm{seed}-{p}.json"
         cli("eval", str(bank), str(world / "tests.jsonl"), "--prompts", p, "--out", str(bank_json), "--quiet")
-        cli("eval", str(world / "concepts"), str(world / "tests.jsonl"), "--method", "retrieval", "--base",
-            "proving-ground", "--negatives", str(world / "negatives"), "--prompts", p, "--out", str(arm_json), "--quiet")
+        cli(
+            "eval",
+            str(world / "concepts"),
+            str(world / "tests.jsonl"),
+            "--method",
+            "retrieval",
+            "--base",
+            "proving-ground",
+            "--negatives",
+            str(world / "negatives"),
+            "--prompts",
+            p,
+            "--out",
+            str(arm_json),
+            "--quiet",
+        )
         out[p] = {"bank": recognition(bank_json), "arm": recognition(arm_json)}
     return out
 
@@ -77,14 +101,26 @@ def main(argv: list[str] | None = None) -> dict:
         results["seeds"][str(seed)] = r = run_seed(seed, args.work, args.prompts)
         for p in args.prompts:
             b, a = r[p]["bank"], r[p]["arm"]
-            print(f"seed {seed}, prompts {p}: recognition official bank {b['official']['weighted_accuracy']:.3f} "
-                  f"arm {a['official']['weighted_accuracy']:.3f}; lenient bank {b['lenient']['weighted_accuracy']:.3f} "
-                  f"arm {a['lenient']['weighted_accuracy']:.3f}; arm {a['seconds_per_photo']:.3f} s/photo")
-    panels = [{"title": f"recognition weighted accuracy ({col}, prompts {p})", "ymax": 1.0,
-               "bars": {f"seed {s}": {"bank": r[p]["bank"][col]["weighted_accuracy"],
-                                      "retrieval arm": r[p]["arm"][col]["weighted_accuracy"]}
-                        for s, r in results["seeds"].items()}}
-              for p in args.prompts for col in ("official", "lenient")]
+            print(
+                f"seed {seed}, prompts {p}: recognition official bank {b['official']['weighted_accuracy']:.3f} "
+                f"arm {a['official']['weighted_accuracy']:.3f}; lenient bank {b['lenient']['weighted_accuracy']:.3f} "
+                f"arm {a['lenient']['weighted_accuracy']:.3f}; arm {a['seconds_per_photo']:.3f} s/photo"
+            )
+    panels = [
+        {
+            "title": f"recognition weighted accuracy ({col}, prompts {p})",
+            "ymax": 1.0,
+            "bars": {
+                f"seed {s}": {
+                    "bank": r[p]["bank"][col]["weighted_accuracy"],
+                    "retrieval arm": r[p]["arm"][col]["weighted_accuracy"],
+                }
+                for s, r in results["seeds"].items()
+            },
+        }
+        for p in args.prompts
+        for col in ("official", "lenient")
+    ]
     write_results(args.out, "retrieval_arm", results, panels)
     return results
 

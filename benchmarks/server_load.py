@@ -111,10 +111,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mcllava-load-") as tmp:
         bank = tiny_bank(Path(tmp)) if args.tiny else args.bank
-        base = args.base or (str(Path(tmp) / "base") if args.tiny else None)  # a local base is not followed from the bank
+        base = args.base or (
+            str(Path(tmp) / "base") if args.tiny else None
+        )  # a local base is not followed from the bank
         first = json.loads((Path(bank) / "manifest.json").read_text())["concept_ids"][0]
         port = free_port()
-        cmd = [sys.executable, "-m", "mcllava.cli", "serve", str(bank), "--port", str(port)] + (["--base", base] if base else [])
+        cmd = [sys.executable, "-m", "mcllava.cli", "serve", str(bank), "--port", str(port)] + (
+            ["--base", base] if base else []
+        )
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -131,7 +135,18 @@ def main() -> None:
                     raise SystemExit("the server did not start in 10 minutes")
                 time.sleep(0.5)
             question = args.question.format(c=first)
-            payload = {"messages": [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": photo_url()}}]}], "max_tokens": args.max_tokens}
+            payload = {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": question},
+                            {"type": "image_url", "image_url": {"url": photo_url()}},
+                        ],
+                    }
+                ],
+                "max_tokens": args.max_tokens,
+            }
             run(url, payload, 2, 4)  # warm-up
             warm = rss_mb(server.pid)
             runs = []
@@ -139,7 +154,10 @@ def main() -> None:
                 result = run(url, payload, clients, args.requests)
                 result["server_rss_mb"] = rss_mb(server.pid)
                 runs.append(result)
-                print(f"{clients} client(s): {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, {result['errors']} errors", flush=True)
+                print(
+                    f"{clients} client(s): {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, {result['errors']} errors",
+                    flush=True,
+                )
         finally:
             server.terminate()
             server.wait(30)
@@ -149,7 +167,11 @@ def main() -> None:
         "question": question,
         "max_tokens": args.max_tokens,
         "image": "256x256 PNG",
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+        },
         "server_rss_mb_after_warmup": warm,
         "identical_answers": len(answers) == 1,
         "runs": runs,

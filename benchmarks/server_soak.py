@@ -44,7 +44,9 @@ def requests_cycle() -> list[tuple[str, str, dict]]:
     photo = red_photo(96)
 
     def chat(text, image=True, **extra):
-        content = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": data_url(photo)}}] if image else [])
+        content = [{"type": "text", "text": text}] + (
+            [{"type": "image_url", "image_url": {"url": data_url(photo)}}] if image else []
+        )
         return {"json": {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}}
 
     return [
@@ -62,10 +64,14 @@ def answer_of(r: httpx.Response) -> str:
         events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
     body = r.json()
-    return body["choices"][0]["message"]["content"] if "choices" in body else json.dumps(body["locations"], sort_keys=True)
+    return (
+        body["choices"][0]["message"]["content"] if "choices" in body else json.dumps(body["locations"], sort_keys=True)
+    )
 
 
-def drive(url: str, cycle: list, requests: int, clients: int, headers: dict | None, on_request=None, timeout: float = 300) -> float:
+def drive(
+    url: str, cycle: list, requests: int, clients: int, headers: dict | None, on_request=None, timeout: float = 300
+) -> float:
     """Send `requests` requests of `cycle` (in turn) from `clients` threads; call on_request(n, name, response, seconds).
 
     Returns the wall time. `on_request` runs under a lock, so it may append to shared lists."""
@@ -121,18 +127,27 @@ def soak(url: str, requests: int, clients: int = 8, headers: dict | None = None)
     memory.append(round(rss_mb(), 1))
     ordered = sorted(latencies)
     return {
-        "requests": requests, "clients": clients, "kinds": [c[0] for c in cycle],
-        "errors": len(errors), "error_samples": errors[:3], "mismatches": len(mismatches),
-        "seconds": round(wall, 2), "requests_per_s": round(requests / wall, 2),
-        "p50_ms": round(1000 * statistics.median(ordered), 1), "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 1),
-        "rss_mb": memory, "rss_growth_mb": round(memory[-1] - memory[0], 1),
+        "requests": requests,
+        "clients": clients,
+        "kinds": [c[0] for c in cycle],
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "mismatches": len(mismatches),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(requests / wall, 2),
+        "p50_ms": round(1000 * statistics.median(ordered), 1),
+        "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 1),
+        "rss_mb": memory,
+        "rss_growth_mb": round(memory[-1] - memory[0], 1),
     }
 
 
 def tiny_app(root: Path):
     """The app on an untrained tiny base with a random bank (`mcllava.testing`): for the plumbing, not for quality."""
     smollm2_tokenizer(root / "tokenizer")
-    return create_app(str(make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")), base=str(root / "base"))
+    return create_app(
+        str(make_bank(make_base(root / "tokenizer", root / "base"), root / "bank")), base=str(root / "base")
+    )
 
 
 def main() -> None:

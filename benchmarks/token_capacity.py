@@ -28,8 +28,15 @@ from mcllava.proving_base.data import PATCH_TRAITS as ALL
 
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")
 DESIGNS = [  # (grid at 192 px, words): 6 = patches of 32 px (the base's 36 tokens), 12 = 16 px (144 tokens)
-    (6, ("category", "color")), (6, ("category", "color", "pattern")), (6, ALL), (6, GROUPS), (6, ("+".join(ALL),)),
-    (12, ("category", "color", "pattern")), (12, ALL), (12, GROUPS), ("slots", SLOT_WORDS),
+    (6, ("category", "color")),
+    (6, ("category", "color", "pattern")),
+    (6, ALL),
+    (6, GROUPS),
+    (6, ("+".join(ALL),)),
+    (12, ("category", "color", "pattern")),
+    (12, ALL),
+    (12, GROUPS),
+    ("slots", SLOT_WORDS),
 ]
 
 
@@ -61,11 +68,19 @@ def main() -> None:
     for grid, words in DESIGNS:
         if grid == "slots":  # every visible character has its slot's row, whatever patches it covers
             owned = [set(words)] * len(changes)
-            res = {"grid": "slots", "tokens": 36, "words": list(words), "characters": None,
-                   "median_patches": None, **ceiling(owned, changes)}
+            res = {
+                "grid": "slots",
+                "tokens": 36,
+                "words": list(words),
+                "characters": None,
+                "median_patches": None,
+                **ceiling(owned, changes),
+            }
             results.append(res)
-            print(f"  36 tokens, slots: {'/'.join(words):52s} every character a row, look-alikes shown "
-                  f"{res['lookalikes_shown']:.2f}, ceiling {res['weighted_ceiling']:.3f}")
+            print(
+                f"  36 tokens, slots: {'/'.join(words):52s} every character a row, look-alikes shown "
+                f"{res['lookalikes_shown']:.2f}, ceiling {res['weighted_ceiling']:.3f}"
+            )
             continue
         if grid not in pools:
             pools[grid] = scene_pool(1, args.scenes, 192, grid, workers=1)
@@ -78,14 +93,24 @@ def main() -> None:
                 patches = np.nonzero(own == a)[0]
                 n_patches.append(len(patches))
                 owned.append({t for p in patches for t in words[which[p]].split("+")})
-        res = {"grid": grid, "tokens": grid * grid, "words": list(words), "characters": len(owned),
-               "median_patches": float(np.median(n_patches)), **ceiling(owned, changes)}
+        res = {
+            "grid": grid,
+            "tokens": grid * grid,
+            "words": list(words),
+            "characters": len(owned),
+            "median_patches": float(np.median(n_patches)),
+            **ceiling(owned, changes),
+        }
         results.append(res)
-        print(f"{grid * grid:4d} tokens, {'/'.join(words)[:60]:60s} median {res['median_patches']:.0f} patches, "
-              f"owns one {res['owns_a_patch']:.2f}, look-alikes shown {res['lookalikes_shown']:.2f}, "
-              f"ceiling {res['weighted_ceiling']:.3f}")
+        print(
+            f"{grid * grid:4d} tokens, {'/'.join(words)[:60]:60s} median {res['median_patches']:.0f} patches, "
+            f"owns one {res['owns_a_patch']:.2f}, look-alikes shown {res['lookalikes_shown']:.2f}, "
+            f"ceiling {res['weighted_ceiling']:.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"scenes": args.scenes, "lookalikes": args.lookalikes, "designs": results}, indent=1))
+    args.out.write_text(
+        json.dumps({"scenes": args.scenes, "lookalikes": args.lookalikes, "designs": results}, indent=1)
+    )
     print(f"wrote {args.out}")
 
 

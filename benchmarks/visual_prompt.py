@@ -36,11 +36,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-seed", type=int, default=0)
     args = ap.parse_args(argv)
     s = setup(args, "visual_prompt")
-    world = build_world(s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi)
+    world = build_world(
+        s.world, s.work / "world", args.concepts, args.seed, args.train_images, args.test_images, args.multi
+    )
     records = test_records(world, ("recognition", "caption", "grounding"))
     result, train_s = train(world, s.base, s.work / "bank", train_config(s, args.epochs, args.train_seed))
-    results = {**header("visual_prompt", s, args, world), "train_s": train_s, "missing_variants": [],
-               "test_questions": {t: sum(r["task"] == t for r in records) for t in ("recognition", "caption", "grounding")}}
+    results = {
+        **header("visual_prompt", s, args, world),
+        "train_s": train_s,
+        "missing_variants": [],
+        "test_questions": {t: sum(r["task"] == t for r in records) for t in ("recognition", "caption", "grounding")},
+    }
 
     evaluator = BankEvaluator(s.base, [])
     for mode, (visual_prompt, reference) in MODES.items():
@@ -55,17 +61,29 @@ def main(argv: list[str] | None = None) -> dict:
             "latency_s": report["latency_s"],
             "report": strip_rows(report),
         }
-        print(f"{mode}: recognition {results[mode]['recognition']:.3f}, grounding {results[mode]['grounding']}, "
-              f"caption recall {results[mode]['caption_recall']}, {report['latency_s'].get('recognition', 0) * 1000:.1f} ms/recognition answer")
+        print(
+            f"{mode}: recognition {results[mode]['recognition']:.3f}, grounding {results[mode]['grounding']}, "
+            f"caption recall {results[mode]['caption_recall']}, {report['latency_s'].get('recognition', 0) * 1000:.1f} ms/recognition answer"
+        )
     off = results["off"]["latency_s"]
     for mode in ("on_tokens", "on_features"):
         results[mode]["latency_overhead_s"] = {t: v - off[t] for t, v in results[mode]["latency_s"].items() if t in off}
 
-    quality = {label: {m: results[m][key] for m in MODES} for label, key in
-               (("recognition", "recognition"), ("grounding", "grounding"), ("caption recall", "caption_recall"))}
-    latency = {task: {m: results[m]["latency_s"].get(task, 0) * 1000 for m in MODES} for task in ("recognition", "caption")}
-    panels = [{"title": "quality by visual prompt mode", "bars": quality, "ymax": 1.0},
-              {"title": "mean answer latency (ms)", "bars": latency}]
+    quality = {
+        label: {m: results[m][key] for m in MODES}
+        for label, key in (
+            ("recognition", "recognition"),
+            ("grounding", "grounding"),
+            ("caption recall", "caption_recall"),
+        )
+    }
+    latency = {
+        task: {m: results[m]["latency_s"].get(task, 0) * 1000 for m in MODES} for task in ("recognition", "caption")
+    }
+    panels = [
+        {"title": "quality by visual prompt mode", "bars": quality, "ymax": 1.0},
+        {"title": "mean answer latency (ms)", "bars": latency},
+    ]
     write_results(args.out, "visual_prompt", results, panels)
     return results
 

@@ -53,13 +53,24 @@ def main() -> None:
     recurring = rate(lambda: cast[rng.integers(len(cast))])
     with_png = rate(lambda: cast[rng.integers(len(cast))], encode=True)
     t = time.perf_counter()
-    _ = [sample_scene(rng, [random_identity(rng) for _ in range(int(rng.integers(1, 5)))], args.size) for _ in range(args.n)]
+    _ = [
+        sample_scene(rng, [random_identity(rng) for _ in range(int(rng.integers(1, 5)))], args.size)
+        for _ in range(args.n)
+    ]
     sampling = args.n / (time.perf_counter() - t)
     result = {
-        "benchmark": "world_render", "size": args.size, "n": args.n, "processes": 1,
-        "scenes_per_s": {"cold_sprites": round(cold, 1), "recurring_cast": round(recurring, 1),
-                         "recurring_cast_with_png": round(with_png, 1), "layout_sampling_only": round(sampling, 1)},
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "benchmark": "world_render",
+        "size": args.size,
+        "n": args.n,
+        "processes": 1,
+        "scenes_per_s": {
+            "cold_sprites": round(cold, 1),
+            "recurring_cast": round(recurring, 1),
+            "recurring_cast_with_png": round(with_png, 1),
+            "layout_sampling_only": round(sampling, 1),
+        },
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "note": "render_scene only (layout sampled beforehand); characters per scene uniform in 1..4",
     }
     out = Path(__file__).parent / "out"

@@ -47,7 +47,9 @@ def main() -> None:
     backbone = assistant.backbone
 
     def margin(question: str, features: torch.Tensor) -> float:
-        return yes_no_margin(backbone, assistant.tokens.system_text(assistant.introduced(question, [])), question, features)
+        return yes_no_margin(
+            backbone, assistant.tokens.system_text(assistant.introduced(question, [])), question, features
+        )
 
     rows = []
     for r in (r for r in read_tests_jsonl(args.tests) if r["task"] == "recognition"):
@@ -55,16 +57,35 @@ def main() -> None:
         image = Image.open(r["image"]).convert("RGB")
         features = backbone.visual_tokens([image]).features[0]
         together = assistant.asked_together(question)  # Yes only if every concept's own answer is Yes
-        m = min(margin(recognition_question([c]), features) for c in together) if together else margin(question, features)
-        rows.append({"question": question, "image": r["image"], "split": recognition_split(r),
-                     "truth": r["answer"].strip().lower().startswith("yes"), "margin": m})
+        m = (
+            min(margin(recognition_question([c]), features) for c in together)
+            if together
+            else margin(question, features)
+        )
+        rows.append(
+            {
+                "question": question,
+                "image": r["image"],
+                "split": recognition_split(r),
+                "truth": r["answer"].strip().lower().startswith("yes"),
+                "margin": m,
+            }
+        )
     truth, margin = [x["truth"] for x in rows], [x["margin"] for x in rows]
     if all(truth) or not any(truth):
         raise SystemExit(f"{args.tests}: the recognition questions need both Yes and No answers")
     best = max((weighted(truth, margin, t), t) for t in [min(margin) - 1] + margin)
-    res = {"bank": str(args.bank), "tests": str(args.tests), "joint": args.joint, "n": len(rows), "auc": roc_auc_score(truth, margin),
-           "weighted_accuracy_at_0": weighted(truth, margin, 0.0),
-           "best_threshold": best[1], "weighted_accuracy_at_best_threshold": best[0], "rows": rows}
+    res = {
+        "bank": str(args.bank),
+        "tests": str(args.tests),
+        "joint": args.joint,
+        "n": len(rows),
+        "auc": roc_auc_score(truth, margin),
+        "weighted_accuracy_at_0": weighted(truth, margin, 0.0),
+        "best_threshold": best[1],
+        "weighted_accuracy_at_best_threshold": best[0],
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))

@@ -41,8 +41,18 @@ def make_bank(ids=("bo", "ana"), tied=False, seed=0, **kw) -> ConceptBank:
 
 
 def assert_same(a: ConceptBank, b: ConceptBank) -> None:
-    for f in ("base_model", "base_config_hash", "tokenizer_len_before", "concept_ids", "k", "hidden_size",
-              "tied_head", "display", "recipe", "metrics"):
+    for f in (
+        "base_model",
+        "base_config_hash",
+        "tokenizer_len_before",
+        "concept_ids",
+        "k",
+        "hidden_size",
+        "tied_head",
+        "display",
+        "recipe",
+        "metrics",
+    ):
         assert getattr(a, f) == getattr(b, f), f
     assert torch.equal(a.input_rows, b.input_rows)
     assert (a.head_rows is None and b.head_rows is None) or torch.equal(a.head_rows, b.head_rows)
@@ -224,7 +234,9 @@ def test_load_refuses_tampered_tensors(tmp_path):
 def test_check_base(tmp_path):
     bank = ConceptBank.load(make_bank().save(tmp_path / "bank"))
     bank.check_base("0123456789abcdef", tokenizer_len=100)
-    with pytest.raises(BankError, match=r"was trained on base tiny/base \(config 0123456789abcdef\), not on this model \(config ffff\)") as info:
+    with pytest.raises(
+        BankError, match=r"was trained on base tiny/base \(config 0123456789abcdef\), not on this model \(config ffff\)"
+    ) as info:
         bank.check_base("ffff")
     assert str(tmp_path / "bank") in str(info.value)
     with pytest.raises(BankError, match="tokenizer of 100 tokens"):
@@ -273,10 +285,14 @@ def test_constructor_checks():
 
 def test_config_hash_ignores_volatile_keys():
     base = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
-    grown = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=140)
+    grown = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=140
+    )
     grown._name_or_path = "/somewhere/else"
     assert config_hash(base) == config_hash(grown) and len(config_hash(base)) == 16
-    other = LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    other = LlamaConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+    )
     assert config_hash(other) != config_hash(base)
     nested = {"text_config": {"vocab_size": 1, "hidden_size": 4}, "architectures": ["X"]}
     assert config_hash(nested) == config_hash({"text_config": {"vocab_size": 2, "hidden_size": 4}})

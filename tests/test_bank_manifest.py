@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mcllava.testing import make_bank, make_base
 from mcllava.assistant import PersonalAssistant
 from mcllava.bank import ConceptBank
 from mcllava.cli import app
 from mcllava.errors import BankError
+from mcllava.testing import make_bank, make_base
 
 runner = CliRunner()
 
@@ -24,8 +24,16 @@ runner = CliRunner()
 @pytest.fixture()
 def bank_dir(tmp_path):
     bank = ConceptBank(
-        base_model="proving-ground", base_config_hash="0123456789abcdef", tokenizer_len_before=10, concept_ids=["bo", "ana"], k=2,
-        hidden_size=4, tied_head=True, input_rows=torch.randn(2, 3, 4), head_rows=None, display={"bo": {"name": "Bo", "category": "dog"}},
+        base_model="proving-ground",
+        base_config_hash="0123456789abcdef",
+        tokenizer_len_before=10,
+        concept_ids=["bo", "ana"],
+        k=2,
+        hidden_size=4,
+        tied_head=True,
+        input_rows=torch.randn(2, 3, 4),
+        head_rows=None,
+        display={"bo": {"name": "Bo", "category": "dog"}},
         metrics={"history": [{"epoch": 1, "loss": 0.5, "probe": {"weighted_accuracy": 0.9}}]},
     )
     return bank.save(tmp_path / "bank")
@@ -47,7 +55,11 @@ ODD = [
     ("metrics.history", "abc", "metrics.history must be a list of epochs"),
     ("metrics.history", [{"epoch": 1, "loss": "x"}], "metrics.history[0].loss must be a number"),
     ("metrics.history", [{"epoch": 1, "loss": 1.0}, 7], "metrics.history[1] must be an object"),
-    ("metrics.history", [{"epoch": 1, "loss": 1.0, "probe": {"weighted_accuracy": "high"}}], "metrics.history[0].probe"),
+    (
+        "metrics.history",
+        [{"epoch": 1, "loss": 1.0, "probe": {"weighted_accuracy": "high"}}],
+        "metrics.history[0].probe",
+    ),
     ("display.bo.name", 5, "display.bo.name must be a string, not int"),
     ("display.bo.name", ["a", "b"], "display.bo.name must be a string, not list"),
     ("display.ana", "Ana", "display.ana must be an object"),
@@ -113,5 +125,7 @@ def test_rows_of_absurd_size_are_refused_on_a_model(tmp_path, tokenizer_dir, row
     bank = ConceptBank.load(make_bank(base, tmp_path / "bank"))
     assert PersonalAssistant.load(bank, str(base)).bank is bank  # as trained: accepted
     getattr(bank, rows)[1, 2] *= 1e30
-    with pytest.raises(BankError, match=f"{rows} of <ana_2> has norm [0-9.]+e\\+(29|30|31), more than 1000 times this base's mean"):
+    with pytest.raises(
+        BankError, match=f"{rows} of <ana_2> has norm [0-9.]+e\\+(29|30|31), more than 1000 times this base's mean"
+    ):
         PersonalAssistant.load(bank, str(base))

@@ -44,8 +44,20 @@ def run(base_dir, tmp_path):
     threads = torch.get_num_threads()
 
     def go(name: str, *extra: str) -> tuple[dict, dict]:
-        common = ["--base", str(base_dir), "--world", "shapes", "--train-images", "3", "--threads", "1",
-                  "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+        common = [
+            "--base",
+            str(base_dir),
+            "--world",
+            "shapes",
+            "--train-images",
+            "3",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+        ]
         returned = bench(name).main([*common, *extra])
         assert (tmp_path / "out" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
         return returned, json.loads((tmp_path / "out" / f"{name}.json").read_text())
@@ -60,7 +72,9 @@ def unit(x) -> bool:
 
 @pytest.mark.slow  # runs the benchmark end to end
 def test_init_compare_curves_per_init_and_seed(run):
-    returned, saved = run("init_compare", "--concepts", "2", "--seeds", "1", "--epochs", "2", "--eval-every", "1", "--test-images", "4")
+    returned, saved = run(
+        "init_compare", "--concepts", "2", "--seeds", "1", "--epochs", "2", "--eval-every", "1", "--test-images", "4"
+    )
     assert saved["benchmark"] == "init_compare" and saved["world"] == "shapes" and len(saved["concepts"]) == 2
     assert saved["target"] == 0.9 and saved["test_questions"] > 0
     for init in ("kmeans", "random"):
@@ -71,7 +85,9 @@ def test_init_compare_curves_per_init_and_seed(run):
         assert all(unit(acc) for _, acc in one["curve"]) and one["train_s"] > 0
         assert r["steps_to_target"] == [one["steps_to_target"]] and one["steps_to_target"] in (None, *steps)
         assert [s for s, _ in r["mean_curve"]] == steps and unit(r["final_accuracy_mean"])
-        assert set(r["mean_curve_steps_to"]) == {"0.6", "0.7", "0.8"} and all(v in (None, *steps) for v in r["mean_curve_steps_to"].values())
+        assert set(r["mean_curve_steps_to"]) == {"0.6", "0.7", "0.8"} and all(
+            v in (None, *steps) for v in r["mean_curve_steps_to"].values()
+        )
     assert returned["kmeans"]["steps_to_target"] == saved["kmeans"]["steps_to_target"]
 
 
@@ -128,14 +144,21 @@ def test_scaling_grows_prompt_with_concepts(run):
     assert again["rows"][0] == json.loads(json.dumps(rows[1], default=str))
     assert [r["concepts"] for r in again["rows"]] == [3, 4]
     _, other = run("scaling", "--concepts", "3", "--epochs", "2", "--test-per-concept", "1")  # other settings: redone
-    assert other["rows"][0]["steps_per_epoch"] == rows[1]["steps_per_epoch"] and other["rows"][0]["train_s"] != rows[1]["train_s"]
+    assert (
+        other["rows"][0]["steps_per_epoch"] == rows[1]["steps_per_epoch"]
+        and other["rows"][0]["train_s"] != rows[1]["train_s"]
+    )
 
 
 @pytest.mark.slow  # runs the benchmark end to end
 def test_recipe_speed_fast_against_paper(run, tmp_path):
-    _, saved = run("recipe_speed", "--concepts", "2", "--epochs", "2", "--test-images", "3", "--new-tokens", "2", "--repeats", "1")
+    _, saved = run(
+        "recipe_speed", "--concepts", "2", "--epochs", "2", "--test-images", "3", "--new-tokens", "2", "--repeats", "1"
+    )
     fast, paper = saved["fast"], saved["paper"]
-    assert (fast["config"]["recipe"], paper["config"]["recipe"]) == ("fast", "paper") and paper["config"]["batch_size"] == 1
+    assert (fast["config"]["recipe"], paper["config"]["recipe"]) == ("fast", "paper") and paper["config"][
+        "batch_size"
+    ] == 1
     for r in (fast, paper):
         assert len(r["epoch_s"]) == 2 and len(r["curve"]) == 2 and all(unit(a) for _, a in r["curve"])
         assert r["curve"][0][0] < r["curve"][1][0] and r["seconds_to_common_accuracy"] in [t for t, _ in r["curve"]]
@@ -146,7 +169,9 @@ def test_recipe_speed_fast_against_paper(run, tmp_path):
     assert saved["common_accuracy"] == min(fast["best_accuracy"], paper["best_accuracy"])
     lat = saved["answer_latency"]
     assert set(lat) == {"plain", "personalised", "visual_prompt"} and all(v["answer_s"] > 0 for v in lat.values())
-    assert lat["plain"]["prompt_tokens"] < lat["personalised"]["prompt_tokens"]  # the system text introduces the concepts
+    assert (
+        lat["plain"]["prompt_tokens"] < lat["personalised"]["prompt_tokens"]
+    )  # the system text introduces the concepts
 
 
 def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
@@ -164,7 +189,9 @@ def test_each_base_is_benchmarked_with_the_recipe_personalize_gives_it():
 
 def test_extend_against_joint(run):
     _, saved = run("extend", "--concepts", "3", "--new", "1", "--epochs", "1", "--test-images", "12")
-    assert saved["old_rows_bit_identical"] is True and len(saved["old_concepts"]) == 2 and len(saved["new_concepts"]) == 1
+    assert (
+        saved["old_rows_bit_identical"] is True and len(saved["old_concepts"]) == 2 and len(saved["new_concepts"]) == 1
+    )
     for arm in ("joint", "extended", "old"):
         r = saved[arm]
         assert unit(r["old"]["weighted_accuracy"]) and r["train_s"] > 0 and r["steps_per_epoch"] > 0

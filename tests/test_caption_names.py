@@ -18,18 +18,21 @@ from mcllava.testing import make_assistant, red_photo
 CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}}
 
 
-@pytest.mark.parametrize("question, expected", [
-    ("Describe this photo.", True),  # the test sets' and training's form
-    (CAPTION_QUESTION, True),
-    ("describe the image", True),
-    ("Please describe this picture!", True),
-    ("Write a caption for this photo.", True),
-    ("  Describe   this photo.  ", True),
-    ("Describe <bo>.", False),  # a question about a concept, asked as is
-    ("Describe this photo in French.", False),
-    ("What is <bo> doing in this photo?", False),
-    ("Is <bo> in this photo?", False),
-])
+@pytest.mark.parametrize(
+    "question, expected",
+    [
+        ("Describe this photo.", True),  # the test sets' and training's form
+        (CAPTION_QUESTION, True),
+        ("describe the image", True),
+        ("Please describe this picture!", True),
+        ("Write a caption for this photo.", True),
+        ("  Describe   this photo.  ", True),
+        ("Describe <bo>.", False),  # a question about a concept, asked as is
+        ("Describe this photo in French.", False),
+        ("What is <bo> doing in this photo?", False),
+        ("Is <bo> in this photo?", False),
+    ],
+)
 def test_which_questions_ask_for_a_caption(question, expected):
     assert asks_caption(question) is expected
 
@@ -130,8 +133,16 @@ def test_the_demo_reports_the_free_caption_figure_beside_the_recognised_one(assi
 
     photo = tmp_path / "photo.png"
     red_photo().save(photo)
-    records = [{"task": "caption", "image": str(photo), "question": "Describe this photo.", "answer": "<bo> and <ana>.",
-                "concepts": ["bo", "ana"], "present": ["bo", "ana"]}]
+    records = [
+        {
+            "task": "caption",
+            "image": str(photo),
+            "question": "Describe this photo.",
+            "answer": "<bo> and <ana>.",
+            "concepts": ["bo", "ana"],
+            "present": ["bo", "ana"],
+        }
+    ]
     report = evaluate(records, AssistantAnswerer(assistant, visual_prompt=False), progress=False)
     assert (report["caption"]["recall"], report["caption"]["precision"]) == (1.0, 1.0)
     free = free_captions(assistant, records, 8)  # left to itself, the script names no one

@@ -59,27 +59,44 @@ def test_a_caption_cut_off_by_the_token_limit_keeps_its_whole_sentences():
 
 def test_distil_keeps_captions_that_name_exactly_the_concepts_shown():
     entries = _catalog()[:2] + _catalog()[4:]  # bo/0, bo/1, ana/0..2, _multi/0, _neg/0
-    base = ScriptedBase({
-        "<ana> is a blue square. <bo> is": "<bo> and <ana> in a park.",  # the group photo: both named
-        "<bo> is": "<bo> in a kitchen. <bo> is sitting",  # cut off by the token limit: the whole sentence is kept
-        "<ana> is": "<bo> in a kitchen.",  # names the wrong concept: dropped
-    })
-    got = distil_captions(base, entries, {"bo": "a red circle", "ana": "a blue square"}, lambda chosen: torch.zeros(1, 2, 3), progress=False)
+    base = ScriptedBase(
+        {
+            "<ana> is a blue square. <bo> is": "<bo> and <ana> in a park.",  # the group photo: both named
+            "<bo> is": "<bo> in a kitchen. <bo> is sitting",  # cut off by the token limit: the whole sentence is kept
+            "<ana> is": "<bo> in a kitchen.",  # names the wrong concept: dropped
+        }
+    )
+    got = distil_captions(
+        base,
+        entries,
+        {"bo": "a red circle", "ana": "a blue square"},
+        lambda chosen: torch.zeros(1, 2, 3),
+        progress=False,
+    )
     assert got == {"bo/0": "<bo> in a kitchen.", "bo/1": "<bo> in a kitchen.", "_multi/0": "<bo> and <ana> in a park."}
     # every concept shown is defined in words before the question; generic negatives are never captioned
     assert base.prompts[0] == f"<bo> is a red circle. {CAPTION_QUESTION}"
     assert len(base.prompts) == 6
     # a concept without a description cannot be defined in words: its photos get no caption
-    none = distil_captions(base, entries, {"bo": "a red circle", "ana": None}, lambda chosen: torch.zeros(1, 2, 3), progress=False)
+    none = distil_captions(
+        base, entries, {"bo": "a red circle", "ana": None}, lambda chosen: torch.zeros(1, 2, 3), progress=False
+    )
     assert set(none) == {"bo/0", "bo/1"}
 
 
 def test_caption_samples_per_concept_and_epoch():
     concepts = [ConceptFacts("bo"), ConceptFacts("ana")]
-    captions = {"bo/0": "<bo> in a park.", "bo/1": "<bo> on a beach.", "ana/2": "<ana> in a kitchen.", "_multi/0": "<bo> and <ana>."}
+    captions = {
+        "bo/0": "<bo> in a park.",
+        "bo/1": "<bo> on a beach.",
+        "ana/2": "<ana> in a kitchen.",
+        "_multi/0": "<bo> and <ana>.",
+    }
     plain = build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False), captions)
     assert not [s for s in plain if s.kind == "caption"]  # off by default, and the rest of the epoch unchanged:
-    assert [(s.question, s.answer) for s in plain] == [(s.question, s.answer) for s in build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False))]
+    assert [(s.question, s.answer) for s in plain] == [
+        (s.question, s.answer) for s in build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False))
+    ]
     samples = build_epoch(_catalog(), concepts, random.Random(3), DataOptions(text=False, captions=2), captions)
     cap = [s for s in samples if s.kind == "caption"]
     assert len(cap) == 4
@@ -101,7 +118,9 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
     checkpoint instead of asking the base again."""
     import mcllava.train as train_mod
 
-    concepts_dir, _ = make_shape_concepts(tmp_path / "w", {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=4, n_test=1, seed=2)
+    concepts_dir, _ = make_shape_concepts(
+        tmp_path / "w", {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=4, n_test=1, seed=2
+    )
     calls, seen = [], []
 
     def fake_distil(backbone, entries, descriptions, features, progress=True):
@@ -117,12 +136,16 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
 
     monkeypatch.setattr(train_mod, "distil_captions", fake_distil)
     monkeypatch.setattr(train_mod, "build_epoch", spy)
-    cfg = TrainConfig(k=2, epochs=2, lr=1e-2, batch_size=8, data=DataOptions(short_answers=True, text=False, captions=1))
+    cfg = TrainConfig(
+        k=2, epochs=2, lr=1e-2, batch_size=8, data=DataOptions(short_answers=True, text=False, captions=1)
+    )
 
     def run(resume=False):
         backbone = Backbone.load(tiny_base_dir)
         cs = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-        return personalize(cs, backbone, tmp_path / "bank", cfg, resume=resume, progress=False, log=lambda *_: None), len(backbone.tokenizer)
+        return personalize(
+            cs, backbone, tmp_path / "bank", cfg, resume=resume, progress=False, log=lambda *_: None
+        ), len(backbone.tokenizer)
 
     if interrupt:
         original = train_mod.probe_accuracy

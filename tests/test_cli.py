@@ -16,13 +16,30 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_shape_concepts(tmp_path_factory.mktemp("w"), {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=3, n_test=2)
+    return make_shape_concepts(
+        tmp_path_factory.mktemp("w"), {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=3, n_test=2
+    )
 
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory, base_dir, world):
     out = tmp_path_factory.mktemp("banks") / "bank"
-    res = runner.invoke(app, ["personalize", str(world[0]), "--base", str(base_dir), "--out", str(out), "--k", "2", "--epochs", "1", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "personalize",
+            str(world[0]),
+            "--base",
+            str(base_dir),
+            "--out",
+            str(out),
+            "--k",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -38,12 +55,23 @@ def test_info_and_ask(bank, world, base_dir):
     res = runner.invoke(app, ["info", str(bank)])
     assert res.exit_code == 0 and "2 concepts" in res.output and "ana" in res.output
     image = next((world[1].parent / "scenes").iterdir())
-    res = runner.invoke(app, ["ask", str(bank), "--image", str(image), "Is <bo> in this photo?", "--json", "--base", str(base_dir)])
+    res = runner.invoke(
+        app, ["ask", str(bank), "--image", str(image), "Is <bo> in this photo?", "--json", "--base", str(base_dir)]
+    )
     assert res.exit_code == 0, res.output
     payload = json.loads(res.output.strip().splitlines()[-1])
     assert set(payload) == {"answer", "marks", "locations", "parts"} and len(payload["locations"]) == 2
     assert payload["parts"] == {}  # one concept: asked as is
-    both = ["ask", str(bank), "--image", str(image), "Are <bo> and <ana> both in this photo?", "--json", "--base", str(base_dir)]
+    both = [
+        "ask",
+        str(bank),
+        "--image",
+        str(image),
+        "Are <bo> and <ana> both in this photo?",
+        "--json",
+        "--base",
+        str(base_dir),
+    ]
     payload = json.loads(runner.invoke(app, both).output.strip().splitlines()[-1])
     assert set(payload["parts"]) == {"bo", "ana"} and payload["answer"].startswith(("Yes", "No"))
     assert json.loads(runner.invoke(app, both + ["--joint"]).output.strip().splitlines()[-1])["parts"] == {}
@@ -56,7 +84,21 @@ def test_info_and_ask(bank, world, base_dir):
 
 def test_eval_writes_report(bank, world, tmp_path, base_dir):
     out = tmp_path / "report.json"
-    res = runner.invoke(app, ["eval", str(bank), str(world[1]), "--base", str(base_dir), "--out", str(out), "--html", str(tmp_path / "html"), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(bank),
+            str(world[1]),
+            "--base",
+            str(base_dir),
+            "--out",
+            str(out),
+            "--html",
+            str(tmp_path / "html"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     for key in ("weighted_accuracy", "positive_recall", "negative_recall"):
@@ -81,5 +123,7 @@ def test_bad_concepts_give_clear_error_and_write_nothing(tmp_path, base_dir):
 
 
 def test_unknown_base_is_a_clear_error(tmp_path, world):
-    res = runner.invoke(app, ["personalize", str(world[0]), "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
+    res = runner.invoke(
+        app, ["personalize", str(world[0]), "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]
+    )
     assert res.exit_code == 2 and "cannot load base model" in " ".join(res.output.split())

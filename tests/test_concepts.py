@@ -58,7 +58,9 @@ class FakeTokenizer:
 
 
 def test_good_folder_loads(tmp_path):
-    make_concept(tmp_path, "bo", n=0, yaml_text="name: Bo\ncategory: dog\nfacts:\n  - {question: 'Age?', answer: '3'}\n")
+    make_concept(
+        tmp_path, "bo", n=0, yaml_text="name: Bo\ncategory: dog\nfacts:\n  - {question: 'Age?', answer: '3'}\n"
+    )
     for name in ("10.png", "2.jpg", "1.webp"):
         img(tmp_path / "bo" / "train" / name)
     mask(tmp_path / "bo" / "train" / "2_mask.png")
@@ -278,7 +280,12 @@ def _png_bytes(size=(16, 16)) -> bytes:
     data=st.one_of(
         st.binary(max_size=300),
         st.builds(lambda b, n: b[:n], st.just(_png_bytes()), st.integers(0, 120)),
-        st.builds(lambda b, i, x: b[:i] + bytes([x]) + b[i + 1 :], st.just(_png_bytes()), st.integers(0, 120), st.integers(0, 255)),
+        st.builds(
+            lambda b, i, x: b[:i] + bytes([x]) + b[i + 1 :],
+            st.just(_png_bytes()),
+            st.integers(0, 120),
+            st.integers(0, 255),
+        ),
     ),
     suffix=st.sampled_from([".png", ".jpg", ".webp", ".bmp"]),
 )
@@ -298,7 +305,9 @@ def test_fuzz_image_loader(tmp_path, data, suffix):
     text=st.one_of(
         st.text(max_size=200),
         st.lists(
-            st.sampled_from(["name:", "facts:", "- ", "question:", "answer:", " x", "\n", "  ", "{", "[", "&a", "*a", "!!int", "'"]),
+            st.sampled_from(
+                ["name:", "facts:", "- ", "question:", "answer:", " x", "\n", "  ", "{", "[", "&a", "*a", "!!int", "'"]
+            ),
             max_size=30,
         ).map("".join),
     )

@@ -10,8 +10,15 @@ from PIL import Image
 
 from mcllava.datasets import read_any, read_mcllava, read_tests_jsonl, read_yollava, split_options, validate_record
 
-GOOD = {"image": "a.png", "task": "recognition", "question": "Is <bo> in this photo?", "answer": "Yes",
-        "concepts": ["bo"], "present": ["bo"], "boxes": {"bo": [1, 2, 30, 40]}}
+GOOD = {
+    "image": "a.png",
+    "task": "recognition",
+    "question": "Is <bo> in this photo?",
+    "answer": "Yes",
+    "concepts": ["bo"],
+    "present": ["bo"],
+    "boxes": {"bo": [1, 2, 30, 40]},
+}
 
 
 def _png(path: Path) -> None:
@@ -35,20 +42,23 @@ def test_reads_and_resolves_images(tmp_path):
     assert read_any(tmp_path) == recs == read_any(tmp_path / "tests.jsonl")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"task": "quiz"}, "unknown task 'quiz'"),
-    ({"answer": "Maybe"}, "'Yes' or 'No'"),
-    ({"question": ""}, "'question' must be non-empty"),
-    ({"image": None}, "needs an 'image'"),
-    ({"concepts": "bo"}, "'concepts' must be a list"),
-    ({"boxes": {"bo": [5, 5, 1, 1]}}, "box of 'bo'"),
-    ({"boxes": {"bo": [1, 2, 3]}}, "box of 'bo'"),
-    ({"task": "choice", "answer": "A"}, "needs 'options'"),
-    ({"task": "choice", "answer": "C", "options": {"A": "x", "B": "y"}}, "not one of the options"),
-    ({"task": "grounding", "answer": "left", "boxes": {}}, "needs a box"),
-    ({"task": "text", "answer": "x"}, "text question has no image"),
-    ({"image": "missing.png"}, "not found"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": "quiz"}, "unknown task 'quiz'"),
+        ({"answer": "Maybe"}, "'Yes' or 'No'"),
+        ({"question": ""}, "'question' must be non-empty"),
+        ({"image": None}, "needs an 'image'"),
+        ({"concepts": "bo"}, "'concepts' must be a list"),
+        ({"boxes": {"bo": [5, 5, 1, 1]}}, "box of 'bo'"),
+        ({"boxes": {"bo": [1, 2, 3]}}, "box of 'bo'"),
+        ({"task": "choice", "answer": "A"}, "needs 'options'"),
+        ({"task": "choice", "answer": "C", "options": {"A": "x", "B": "y"}}, "not one of the options"),
+        ({"task": "grounding", "answer": "left", "boxes": {}}, "needs a box"),
+        ({"task": "text", "answer": "x"}, "text question has no image"),
+        ({"image": "missing.png"}, "not found"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, change, message):
     path = _write(tmp_path, GOOD, {**GOOD, **change})
     with pytest.raises(ValueError, match=message) as err:
@@ -65,7 +75,10 @@ def test_bad_json_line(tmp_path):
 
 
 def test_split_options():
-    assert split_options("What is <bo> holding?\nA. a ball\nB. a cup") == ("What is <bo> holding?", {"A": "a ball", "B": "a cup"})
+    assert split_options("What is <bo> holding?\nA. a ball\nB. a cup") == (
+        "What is <bo> holding?",
+        {"A": "a ball", "B": "a cup"},
+    )
     assert split_options("Plain question?") == ("Plain question?", {})
 
 
@@ -77,14 +90,25 @@ def test_mcllava_release_shapes(tmp_path):
         _png(case / "concept" / "test" / "Gloria" / f"{k}.png")
         _png(case / "multi" / "Alex_Gloria" / f"{k}.png")
     _png(case / "concept" / "test" / "Alex" / "0_mask.png")
-    (case / "concept" / "test" / "Alex" / "choice.json").write_text(json.dumps(
-        {"0.png": {"Human": "What is <Alex> wearing?\nA. a hat\nB. a scarf\nC. nothing", "AI": "B"}}))
-    (case / "concept" / "test" / "Alex" / "vqa.json").write_text(json.dumps(
-        {str(case / "concept" / "test" / "Alex" / "1.png"): {"Human": "What is <Alex> doing?", "AI": "He is running."}}))
-    (case / "concept" / "test" / "Alex" / "qa.json").write_text(json.dumps(
-        [{"question": "What does <Alex> eat?\nA. fish\nB. hay", "answer": "B"}]))
-    (case / "multi" / "Alex_Gloria" / "choice.json").write_text(json.dumps(
-        {"1.png": [{"Human": "Who is on the left? A. <Alex> B. <Gloria>", "AI": "A"}]}))
+    (case / "concept" / "test" / "Alex" / "choice.json").write_text(
+        json.dumps({"0.png": {"Human": "What is <Alex> wearing?\nA. a hat\nB. a scarf\nC. nothing", "AI": "B"}})
+    )
+    (case / "concept" / "test" / "Alex" / "vqa.json").write_text(
+        json.dumps(
+            {
+                str(case / "concept" / "test" / "Alex" / "1.png"): {
+                    "Human": "What is <Alex> doing?",
+                    "AI": "He is running.",
+                }
+            }
+        )
+    )
+    (case / "concept" / "test" / "Alex" / "qa.json").write_text(
+        json.dumps([{"question": "What does <Alex> eat?\nA. fish\nB. hay", "answer": "B"}])
+    )
+    (case / "multi" / "Alex_Gloria" / "choice.json").write_text(
+        json.dumps({"1.png": [{"Human": "Who is on the left? A. <Alex> B. <Gloria>", "AI": "A"}]})
+    )
     recs = read_mcllava(tmp_path)
     rec = [r for r in recs if r["task"] == "recognition"]
     assert len(rec) == 4 * 2 + 2 * 3  # single: yes + no per image; multi: each + all
@@ -118,8 +142,19 @@ def test_yollava(tmp_path):
     for name in ("bo", "mam"):
         for k in range(2):
             _png(data / "test" / name / f"{k}.png")
-    (data / "yollava-visual-qa.json").write_text(json.dumps({"bo": {"./yollava-data/test/bo/1.png": {
-        "question": "What color is <sks>?", "options": {"A": "Brown", "B": "Pink"}, "correct_answer": "A"}}}))
+    (data / "yollava-visual-qa.json").write_text(
+        json.dumps(
+            {
+                "bo": {
+                    "./yollava-data/test/bo/1.png": {
+                        "question": "What color is <sks>?",
+                        "options": {"A": "Brown", "B": "Pink"},
+                        "correct_answer": "A",
+                    }
+                }
+            }
+        )
+    )
     recs = read_yollava(tmp_path)
     rec = [r for r in recs if r["task"] == "recognition"]
     assert len(rec) == 2 * 4 and sum(r["answer"] == "Yes" for r in rec) == 4

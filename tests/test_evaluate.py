@@ -38,8 +38,17 @@ class Scripted:
 
 
 def rec(task, question, answer="", image=None, concepts=(), present=(), **kw):
-    return dict(task=task, question=question, answer=answer, image=image, options=kw.pop("options", {}),
-                concepts=list(concepts), present=list(present), boxes=kw.pop("boxes", {}), **kw)
+    return dict(
+        task=task,
+        question=question,
+        answer=answer,
+        image=image,
+        options=kw.pop("options", {}),
+        concepts=list(concepts),
+        present=list(present),
+        boxes=kw.pop("boxes", {}),
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -69,22 +78,58 @@ def truth_answerer(records):
 # ----------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Yes", True), ("yes.", True), ("YES!", True), ("Yes, <bo> is in the photo.", True), ("(yes)", True),
-    ("No", False), ("no.", False), ("NO", False), ("No, I don't see <bo>.", False), ("Nope", False),
-    ("I think yes", True), ("Well... no!", False), ("Yes/No", True), ("<bo> is not here", None),
-    ("", None), ("nobody knows", None), ("eyes closed", None), ("yesterday", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Yes", True),
+        ("yes.", True),
+        ("YES!", True),
+        ("Yes, <bo> is in the photo.", True),
+        ("(yes)", True),
+        ("No", False),
+        ("no.", False),
+        ("NO", False),
+        ("No, I don't see <bo>.", False),
+        ("Nope", False),
+        ("I think yes", True),
+        ("Well... no!", False),
+        ("Yes/No", True),
+        ("<bo> is not here", None),
+        ("", None),
+        ("nobody knows", None),
+        ("eyes closed", None),
+        ("yesterday", None),
+    ],
+)
 def test_parse_yes_no(text, want):
     assert parse_yes_no(text) is want
 
 
-@pytest.mark.parametrize("text,want", [
-    ("A", "A"), ("b", "B"), ("(C)", "C"), ("D.", "D"), ("B)", "B"), ("(B) a dog", "B"), ("B. a dog", "B"),
-    ("The answer is B.", "B"), ("Answer: C", "C"), ("answer is (D)", "D"), ("I pick (A) here", "A"),
-    ("a dog", "B"), ("A dog.", "B"), ("It is a red bike", "A"), ("bike", "C"), ("ana", "D"),
-    ("It's B.", "B"), ("E", None), ("something else", None), ("a dog or Ana", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("A", "A"),
+        ("b", "B"),
+        ("(C)", "C"),
+        ("D.", "D"),
+        ("B)", "B"),
+        ("(B) a dog", "B"),
+        ("B. a dog", "B"),
+        ("The answer is B.", "B"),
+        ("Answer: C", "C"),
+        ("answer is (D)", "D"),
+        ("I pick (A) here", "A"),
+        ("a dog", "B"),
+        ("A dog.", "B"),
+        ("It is a red bike", "A"),
+        ("bike", "C"),
+        ("ana", "D"),
+        ("It's B.", "B"),
+        ("E", None),
+        ("something else", None),
+        ("a dog or Ana", None),
+    ],
+)
 def test_parse_choice(text, want):
     assert parse_choice(text, OPTS) == want
 
@@ -119,8 +164,10 @@ def test_perfect_and_unparseable(recognition_set):
 
 
 def test_recognition_uneven(img):
-    records = [rec("recognition", f"q{i}", a, img, ["bo"], ["bo"] if a == "Yes" else [])
-               for i, a in enumerate(["Yes", "Yes", "Yes", "No"])]
+    records = [
+        rec("recognition", f"q{i}", a, img, ["bo"], ["bo"] if a == "Yes" else [])
+        for i, a in enumerate(["Yes", "Yes", "Yes", "No"])
+    ]
     ans = Scripted(by_question={"q0": "yes", "q1": "Yes.", "q2": "No", "q3": "no"})
     r = evaluate(records, ans, progress=False)["recognition"]
     assert r["positive_recall"] == pytest.approx(2 / 3)
@@ -139,8 +186,14 @@ def test_choice_visual_and_text(img):
         rec("choice", "What is <bo>'s name?", "D", None, ["bo"], options=OPTS),
         rec("text", "Who owns <bo>?", "D", None, ["bo"], options=OPTS),
     ]
-    ans = Scripted(by_question={"What is <bo>?": "(B)", "What does <ana> ride?": "bike",
-                                "What is <bo>'s name?": "The answer is D", "Who owns <bo>?": "Ana"})
+    ans = Scripted(
+        by_question={
+            "What is <bo>?": "(B)",
+            "What does <ana> ride?": "bike",
+            "What is <bo>'s name?": "The answer is D",
+            "Who owns <bo>?": "Ana",
+        }
+    )
     rep = evaluate(records, ans, progress=False)
     c = rep["choice"]
     assert (c["accuracy"], c["n"]) == (0.75, 4)

@@ -39,7 +39,11 @@ def _hf_answer(model, processor, image, question: str) -> tuple[list[int], str]:
     """Prompt ids and greedy answer from transformers alone, with no system message."""
     content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": question}]
     inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     new = generated[0, inputs["input_ids"].shape[1] :]
@@ -74,11 +78,18 @@ def test_export_holds_tokens_rows_and_default_system(exported):
     index = torch.tensor(assistant.tokens.all_ids)
     emb = model.get_input_embeddings().weight
     assert torch.equal(emb[index], assistant.backbone.model.get_input_embeddings().weight[index])
-    assert torch.equal(model.get_output_embeddings().weight[index], assistant.backbone.model.get_output_embeddings().weight[index])
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], tokenize=False)
+    assert torch.equal(
+        model.get_output_embeddings().weight[index], assistant.backbone.model.get_output_embeddings().weight[index]
+    )
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], tokenize=False
+    )
     assert assistant.tokens.system_text() in text
     own = processor.apply_chat_template(
-        [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
         tokenize=False,
     )
     assert "Be brief." in own and "<bo_1>" not in own  # a caller's own system message replaces the default
@@ -110,12 +121,22 @@ def test_cli_export_and_serve(exported, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out"), "--base", str(bank.parent / "base")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / EXPORT_INFO).exists()
-    assert CliRunner().invoke(app, ["export", str(bank), str(tmp_path / "out"), "--base", str(bank.parent / "base")]).exit_code == 2  # not empty now
+    assert (
+        CliRunner()
+        .invoke(app, ["export", str(bank), str(tmp_path / "out"), "--base", str(bank.parent / "base")])
+        .exit_code
+        == 2
+    )  # not empty now
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: served.update(app=server_app, **kw))
-    result = CliRunner().invoke(app, ["serve", str(bank), "--port", "8123", "--api-key", "k", "--base", str(bank.parent / "base")])
+    result = CliRunner().invoke(
+        app, ["serve", str(bank), "--port", "8123", "--api-key", "k", "--base", str(bank.parent / "base")]
+    )
     assert result.exit_code == 0, result.output
     assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     client = TestClient(served["app"])
-    assert client.get("/v1/concepts").status_code == 401 and client.get("/v1/concepts", headers={"X-API-Key": "k"}).status_code == 200
+    assert (
+        client.get("/v1/concepts").status_code == 401
+        and client.get("/v1/concepts", headers={"X-API-Key": "k"}).status_code == 200
+    )

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mcllava.testing import make_base
 from mcllava.backbone import Backbone
 from mcllava.bank import ConceptBank
 from mcllava.cli import app
 from mcllava.concepts import ConceptSet
 from mcllava.errors import BankError, McLlavaError
 from mcllava.extend import OLD_PREFIX, old_catalog
+from mcllava.testing import make_base
 from mcllava.tiny import make_shape_concepts, tiny_train_config
 from mcllava.train import build_catalog, personalize
 from mcllava.training_data import ConceptFacts, DataOptions, build_epoch
@@ -41,8 +41,15 @@ def extend(world, out_name="extended", new=None, old=None, bank=None, config=QUI
     bb = Backbone.load(world["base"])
     new_set = ConceptSet.load(new or world["new"], tokenizer=bb.tokenizer)
     old_set = ConceptSet.load(old or world["old"], tokenizer=bb.tokenizer)
-    result = personalize(new_set, bb, world["root"] / out_name, config, extend=ConceptBank.load(bank or world["bank"]),
-                         extend_concepts=old_set, **QUIET)
+    result = personalize(
+        new_set,
+        bb,
+        world["root"] / out_name,
+        config,
+        extend=ConceptBank.load(bank or world["bank"]),
+        extend_concepts=old_set,
+        **QUIET,
+    )
     return result, bb
 
 
@@ -99,24 +106,61 @@ def test_extension_refuses_bad_input(world, tokenizer_dir):
     other = make_base(tokenizer_dir, root / "other-base", tied=True)
     bb = Backbone.load(other)
     with pytest.raises(BankError, match="trained on base"):
-        personalize(ConceptSet.load(world["new"], tokenizer=bb.tokenizer), bb, root / "x4", QUICK,
-                    extend=ConceptBank.load(world["bank"]), extend_concepts=ConceptSet.load(world["old"]), **QUIET)
+        personalize(
+            ConceptSet.load(world["new"], tokenizer=bb.tokenizer),
+            bb,
+            root / "x4",
+            QUICK,
+            extend=ConceptBank.load(world["bank"]),
+            extend_concepts=ConceptSet.load(world["old"]),
+            **QUIET,
+        )
     # without the bank's concept folder
     with pytest.raises(McLlavaError, match="--concepts-of-bank"):
-        personalize(ConceptSet.load(world["new"]), Backbone.load(world["base"]), root / "x5", QUICK,
-                    extend=ConceptBank.load(world["bank"]), **QUIET)
+        personalize(
+            ConceptSet.load(world["new"]),
+            Backbone.load(world["base"]),
+            root / "x5",
+            QUICK,
+            extend=ConceptBank.load(world["bank"]),
+            **QUIET,
+        )
     assert not any((root / f"x{i}").exists() for i in range(1, 6))  # nothing half-written
 
 
 def test_cli_extend(world):
     runner = CliRunner()
     out = world["root"] / "cli-ext"
-    args = ["personalize", str(world["new"]), "--extend", str(world["bank"]), "--out", str(out), "--epochs", "1",
-            "--holdout", "0", "--quiet", "--concepts-of-bank", str(world["old"])]
+    args = [
+        "personalize",
+        str(world["new"]),
+        "--extend",
+        str(world["bank"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--holdout",
+        "0",
+        "--quiet",
+        "--concepts-of-bank",
+        str(world["old"]),
+    ]
     clash = runner.invoke(app, ["personalize", str(world["old"]), *args[2:]])
     assert clash.exit_code == 2 and "already in bank" in clash.output
-    stray = runner.invoke(app, ["personalize", str(world["new"]), "--base", str(world["base"]), "--out", str(out),
-                                "--concepts-of-bank", str(world["old"])])
+    stray = runner.invoke(
+        app,
+        [
+            "personalize",
+            str(world["new"]),
+            "--base",
+            str(world["base"]),
+            "--out",
+            str(out),
+            "--concepts-of-bank",
+            str(world["old"]),
+        ],
+    )
     assert stray.exit_code == 2 and "--extend" in stray.output
     done = runner.invoke(app, args)
     assert done.exit_code == 0, done.output

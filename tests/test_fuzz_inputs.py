@@ -27,13 +27,26 @@ from mcllava.errors import ConceptError
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 LIMITS = ImageLimits(max_pixels=200_000, max_bytes=200_000)
-MODES = {"RGB": (200, 30, 30), "RGBA": (255, 0, 0, 128), "LA": (90, 200), "L": 128, "1": 1, "P": 3, "I;16": 40000, "CMYK": (0, 255, 255, 0)}
+MODES = {
+    "RGB": (200, 30, 30),
+    "RGBA": (255, 0, 0, 128),
+    "LA": (90, 200),
+    "L": 128,
+    "1": 1,
+    "P": 3,
+    "I;16": 40000,
+    "CMYK": (0, 255, 255, 0),
+}
 
 
 def _png_claiming(width: int, height: int) -> bytes:
     """Signature and IHDR only: a decompression bomb's header."""
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _bmp_claiming(width: int, height: int) -> bytes:
@@ -56,7 +69,11 @@ def image_bytes(draw) -> tuple[bytes, tuple[int, int] | None]:
         return draw(st.binary(max_size=64)), None
     mode = draw(st.sampled_from(sorted(MODES)))
     size = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
-    fmt = "JPEG" if mode == "CMYK" else draw(st.sampled_from(["PNG", "BMP", "WEBP"] if mode in ("RGB", "RGBA", "L", "P", "1") else ["PNG"]))
+    fmt = (
+        "JPEG"
+        if mode == "CMYK"
+        else draw(st.sampled_from(["PNG", "BMP", "WEBP"] if mode in ("RGB", "RGBA", "L", "P", "1") else ["PNG"]))
+    )
     if kind == "gif":
         fmt, mode = "GIF", "P"
     im = Image.new(mode, size, MODES[mode])
@@ -83,7 +100,14 @@ def _complete_size(data: bytes) -> tuple[int, int] | None:
 @st.composite
 def concept_folder(draw) -> dict:
     """A description of a concept folder: {id: {"yaml": text|None, "files": {name: bytes}}}, plus _multi."""
-    ids = draw(st.lists(st.sampled_from(["bo", "ana", "Bo", "bo_1", "9x", "a b", "...", "über", "x" * 40, "_hidden"]), min_size=1, max_size=3, unique=True))
+    ids = draw(
+        st.lists(
+            st.sampled_from(["bo", "ana", "Bo", "bo_1", "9x", "a b", "...", "über", "x" * 40, "_hidden"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
     folder = {}
     for cid in ids:
         files = {}
@@ -98,8 +122,22 @@ def concept_folder(draw) -> dict:
                 buf = io.BytesIO()
                 m.save(buf, format="JPEG" if which == "jpeg" else "PNG")
                 stem = Path(name).stem
-                files[f"{stem}_mask.{'jpg' if which == 'jpeg' else 'png'}"] = b"\0\1" if which == "garbage" else buf.getvalue()
-        yaml_text = draw(st.none() | st.sampled_from(["name: Bo\n", "facts: [1, 2]\n", "name: [\n", "{a: 1}\n", "!!python/object/apply:os.system ['true']\n", "x: &a [*a]\n"]))
+                files[f"{stem}_mask.{'jpg' if which == 'jpeg' else 'png'}"] = (
+                    b"\0\1" if which == "garbage" else buf.getvalue()
+                )
+        yaml_text = draw(
+            st.none()
+            | st.sampled_from(
+                [
+                    "name: Bo\n",
+                    "facts: [1, 2]\n",
+                    "name: [\n",
+                    "{a: 1}\n",
+                    "!!python/object/apply:os.system ['true']\n",
+                    "x: &a [*a]\n",
+                ]
+            )
+        )
         folder[cid] = {"yaml": yaml_text, "files": files}
     return folder
 
@@ -142,7 +180,9 @@ def test_every_odd_mode_loads_as_rgb_with_its_mask(tmp_path, mode):
     assert image.mode == "RGB" and image.size == (12, 10) and loaded.sum() == 12
 
 
-@pytest.mark.parametrize("header", [_png_claiming(100_000, 100_000), _png_claiming(2**31 - 1, 1), _bmp_claiming(60_000, -60_000)])
+@pytest.mark.parametrize(
+    "header", [_png_claiming(100_000, 100_000), _png_claiming(2**31 - 1, 1), _bmp_claiming(60_000, -60_000)]
+)
 def test_decompression_bombs_are_refused_before_decoding(tmp_path, header):
     path = tmp_path / "bomb.png"
     path.write_bytes(header)
@@ -160,7 +200,9 @@ def test_special_files_and_links_out_of_the_folder(tmp_path):
     (train / "1.png").symlink_to(secret)
     (train / "2.png").symlink_to("/dev/zero")
     result: list = []
-    worker = threading.Thread(target=lambda: result.append(pytest.raises(ConceptError, ConceptSet.load, tmp_path / "c")), daemon=True)
+    worker = threading.Thread(
+        target=lambda: result.append(pytest.raises(ConceptError, ConceptSet.load, tmp_path / "c")), daemon=True
+    )
     worker.start()
     worker.join(20)
     assert not worker.is_alive(), "loading a concept folder with a FIFO hung"
@@ -175,11 +217,25 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
-GOOD = {"image": "a.png", "task": "recognition", "question": "Is <bo> in this photo?", "answer": "Yes",
-        "concepts": ["bo"], "present": ["bo"], "boxes": {"bo": [1, 2, 30, 40]}}
+GOOD = {
+    "image": "a.png",
+    "task": "recognition",
+    "question": "Is <bo> in this photo?",
+    "answer": "Yes",
+    "concepts": ["bo"],
+    "present": ["bo"],
+    "boxes": {"bo": [1, 2, 30, 40]},
+}
 KEYS = ["image", "task", "question", "answer", "options", "concepts", "present", "boxes"]
-HOSTILE_LINES = ["[" * 50_000, "{" * 50_000, '{"a": ' + "9" * 5000 + "}", '{"image": "../../../etc/hostname", "task": "vqa", "question": "q", "answer": "a"}',
-                 '{"image": "a\\u0000.png", "task": "vqa", "question": "q", "answer": "a"}', "NaN", '{"task": "grounding", "image": "a.png", "question": "q", "answer": "a", "boxes": {"bo": [NaN, 0, 1, Infinity]}}']
+HOSTILE_LINES = [
+    "[" * 50_000,
+    "{" * 50_000,
+    '{"a": ' + "9" * 5000 + "}",
+    '{"image": "../../../etc/hostname", "task": "vqa", "question": "q", "answer": "a"}',
+    '{"image": "a\\u0000.png", "task": "vqa", "question": "q", "answer": "a"}',
+    "NaN",
+    '{"task": "grounding", "image": "a.png", "question": "q", "answer": "a", "boxes": {"bo": [NaN, 0, 1, Infinity]}}',
+]
 
 
 def _png(path: Path) -> None:
@@ -195,7 +251,10 @@ def _check_records(records: list[dict]) -> None:
 
 
 @settings(max_examples=150, **FUZZ)
-@given(changes=st.lists(st.dictionaries(st.sampled_from(KEYS), JSON, max_size=3), min_size=1, max_size=3), extra=st.sampled_from([None, *HOSTILE_LINES]))
+@given(
+    changes=st.lists(st.dictionaries(st.sampled_from(KEYS), JSON, max_size=3), min_size=1, max_size=3),
+    extra=st.sampled_from([None, *HOSTILE_LINES]),
+)
 def test_fuzz_tests_jsonl(tmp_path_factory, changes, extra):
     root = tmp_path_factory.mktemp("t")
     _png(root / "a.png")
@@ -208,9 +267,17 @@ def test_fuzz_tests_jsonl(tmp_path_factory, changes, extra):
 
 
 @settings(max_examples=120, **FUZZ)
-@given(which=st.sampled_from(["choice.json", "vqa.json", "qa.json", "position.json"]), where=st.sampled_from(["concept/test/Alex", "multi/Alex_Gloria"]),
-       content=JSON | st.dictionaries(st.sampled_from(["0.png", "1.png", "../0.png", "/etc/passwd"]), JSON | st.fixed_dictionaries({"Human": JSON, "AI": JSON}), max_size=3)
-       | st.sampled_from(HOSTILE_LINES))
+@given(
+    which=st.sampled_from(["choice.json", "vqa.json", "qa.json", "position.json"]),
+    where=st.sampled_from(["concept/test/Alex", "multi/Alex_Gloria"]),
+    content=JSON
+    | st.dictionaries(
+        st.sampled_from(["0.png", "1.png", "../0.png", "/etc/passwd"]),
+        JSON | st.fixed_dictionaries({"Human": JSON, "AI": JSON}),
+        max_size=3,
+    )
+    | st.sampled_from(HOSTILE_LINES),
+)
 def test_fuzz_mcllava_layout(tmp_path_factory, which, where, content):
     root = tmp_path_factory.mktemp("m")
     for folder in ("concept/test/Alex", "concept/test/Gloria", "multi/Alex_Gloria"):
@@ -224,8 +291,19 @@ def test_fuzz_mcllava_layout(tmp_path_factory, which, where, content):
 
 
 @settings(max_examples=80, **FUZZ)
-@given(content=JSON | st.dictionaries(st.sampled_from(["bo", "zz"]), st.dictionaries(st.sampled_from(["0.png", "../../x.png"]), JSON | st.fixed_dictionaries(
-    {"question": JSON, "options": JSON, "correct_answer": JSON}), max_size=2), max_size=2) | st.sampled_from(HOSTILE_LINES))
+@given(
+    content=JSON
+    | st.dictionaries(
+        st.sampled_from(["bo", "zz"]),
+        st.dictionaries(
+            st.sampled_from(["0.png", "../../x.png"]),
+            JSON | st.fixed_dictionaries({"question": JSON, "options": JSON, "correct_answer": JSON}),
+            max_size=2,
+        ),
+        max_size=2,
+    )
+    | st.sampled_from(HOSTILE_LINES)
+)
 def test_fuzz_yollava_layout(tmp_path_factory, content):
     root = tmp_path_factory.mktemp("y")
     for name in ("bo", "mam"):

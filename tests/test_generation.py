@@ -10,7 +10,9 @@ from mcllava.testing import make_bank, make_base, red_photo
 def test_soft_tokens_are_never_generated(tmp_path, tokenizer_dir):
     base = make_base(tokenizer_dir, tmp_path / "base", tied=True)
     bank = ConceptBank.load(make_bank(base, tmp_path / "bank"))
-    bank.input_rows[:, 1:] *= 100  # soft rows far longer than any word (yet within what a bank may hold): with a tied head they top the logits
+    bank.input_rows[:, 1:] *= (
+        100  # soft rows far longer than any word (yet within what a bank may hold): with a tied head they top the logits
+    )
     assistant = PersonalAssistant.load(bank, base)
     soft = [s for cid in bank.concept_ids for s in assistant.tokens.strings(cid)[1:]]
     backbone, photo = assistant.backbone, red_photo()
@@ -20,4 +22,6 @@ def test_soft_tokens_are_never_generated(tmp_path, tokenizer_dir):
     for image in (photo, None):
         answer = assistant.answer(image, "Describe this photo.", visual_prompt=False, max_new_tokens=8)
         assert not any(s in answer for s in soft), answer
-    assert set(assistant.tokens.soft_ids).isdisjoint(i for cid in bank.concept_ids for i in assistant.tokens.ids[cid][:1])
+    assert set(assistant.tokens.soft_ids).isdisjoint(
+        i for cid in bank.concept_ids for i in assistant.tokens.ids[cid][:1]
+    )

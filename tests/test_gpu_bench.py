@@ -28,17 +28,39 @@ def _bench_module():
 def test_gpu_benchmark_measures_both_models_recipes_and_answers(tmp_path):
     bench = _bench_module()
     out = tmp_path / "bench.json"
-    returned = bench.main([
-        "--model", "7b,13b", "--text-layers", "1", "--vision-layers", "1", "--image-size", "56", "--device", "cpu",
-        "--steps", "1", "--warmup", "0", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
-    ])
+    returned = bench.main(
+        [
+            "--model",
+            "7b,13b",
+            "--text-layers",
+            "1",
+            "--vision-layers",
+            "1",
+            "--image-size",
+            "56",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["models"].keys() == {"7b", "13b"} and saved["device"]["type"] == "cpu"
     assert returned["plot"] is None or Path(returned["plot"]).stat().st_size > 0
     k, concepts = 16, 2  # TrainConfig().k, the benchmark's two concepts
     for name, width in (("7b", 4096), ("13b", 5120)):
         m = saved["models"][name]
-        assert m["config"]["text_config"]["hidden_size"] == width and m["config"]["text_config"]["num_hidden_layers"] == 1
+        assert (
+            m["config"]["text_config"]["hidden_size"] == width and m["config"]["text_config"]["num_hidden_layers"] == 1
+        )
         assert m["config"]["text_config"]["vocab_size"] == 32064
         fast, paper = m["train"]["fast"], m["train"]["paper"]
         assert (fast["batch_size"], paper["batch_size"]) == (8, 1)
@@ -56,9 +78,16 @@ def test_gpu_benchmark_measures_both_models_recipes_and_answers(tmp_path):
         for a in answers.values():
             assert a["answer_s"] > 0 and a["first_token_s"] > 0 and a["new_tokens"] == 3
         # concept introductions, then the marks' sentences, lengthen the prompt
-        assert answers["plain"]["prompt_tokens"] < answers["personalised"]["prompt_tokens"] < answers["visual_prompt"]["prompt_tokens"]
+        assert (
+            answers["plain"]["prompt_tokens"]
+            < answers["personalised"]["prompt_tokens"]
+            < answers["visual_prompt"]["prompt_tokens"]
+        )
         assert answers["visual_prompt"]["marks"] == concepts
         # 50 introductions of 1 + 1 + 16 + 1 tokens each; the remedy introduces only the concept the question names
-        intro = (answers["personalised"]["prompt_tokens"] - answers["personalised_relevant"]["prompt_tokens"])
+        intro = answers["personalised"]["prompt_tokens"] - answers["personalised_relevant"]["prompt_tokens"]
         assert answers["personalised_relevant"]["concepts_introduced"] == 1 and intro >= k + 2
-        assert answers["personalised_50"]["prompt_tokens"] == answers["personalised_relevant"]["prompt_tokens"] + 49 * intro
+        assert (
+            answers["personalised_50"]["prompt_tokens"]
+            == answers["personalised_relevant"]["prompt_tokens"] + 49 * intro
+        )

@@ -12,10 +12,36 @@ import mcllava
 SRC = Path(mcllava.__file__).parent
 # imported inside functions on purpose: optional extras (`serve`, `bench`, `test`), so that the rest works without them
 OPTIONAL = {"fastapi", "uvicorn", "matplotlib", "playwright", "mcllava.server"}
-CORE = ("assistant", "backbone", "bank", "captions", "concepts", "datasets", "errors", "evaluate", "export", "kmeans_init",
-        "layout", "locate", "presets", "report", "retrieval", "tokens", "train", "training_data", "version")
-UPPER = ("mcllava.proving_base", "mcllava.world", "mcllava.tiny", "mcllava.smollm2", "mcllava.cli", "mcllava.server",
-         "mcllava.demo")
+CORE = (
+    "assistant",
+    "backbone",
+    "bank",
+    "captions",
+    "concepts",
+    "datasets",
+    "errors",
+    "evaluate",
+    "export",
+    "kmeans_init",
+    "layout",
+    "locate",
+    "presets",
+    "report",
+    "retrieval",
+    "tokens",
+    "train",
+    "training_data",
+    "version",
+)
+UPPER = (
+    "mcllava.proving_base",
+    "mcllava.world",
+    "mcllava.tiny",
+    "mcllava.smollm2",
+    "mcllava.cli",
+    "mcllava.server",
+    "mcllava.demo",
+)
 
 
 def module_name(path: Path) -> str:
@@ -42,8 +68,13 @@ def imported(name: str, node: ast.Import | ast.ImportFrom) -> list[str]:
 def imports(name: str) -> tuple[set[str], list[tuple[int, str]]]:
     """(mcllava modules imported at module level, (line, module) of every import inside a function)."""
     tree = ast.parse(MODULES[name].read_text())
-    inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    inner = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     top, deferred = set(), []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -89,13 +120,20 @@ def test_core_never_imports_the_layers_above():
 
 
 def test_no_import_inside_a_function_but_optional_dependencies():
-    found = [f"{MODULES[name].relative_to(SRC)}:{line} imports {mod}" for name in sorted(MODULES)
-             for line, mod in imports(name)[1] if not mod.startswith(tuple(OPTIONAL))]
+    found = [
+        f"{MODULES[name].relative_to(SRC)}:{line} imports {mod}"
+        for name in sorted(MODULES)
+        for line, mod in imports(name)[1]
+        if not mod.startswith(tuple(OPTIONAL))
+    ]
     assert not found, "imports inside functions (move them to the top of the module):\n" + "\n".join(found)
 
 
 def test_no_source_file_over_500_lines():
     # the server module is split into a package separately
-    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 500 and p.name != "server.py"}
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in SRC.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500 and p.name != "server.py"
+    }
     assert not long, long

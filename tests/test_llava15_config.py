@@ -29,12 +29,29 @@ LLAVA15_7B = {
     "vision_feature_layer": -2,
     "vision_feature_select_strategy": "default",
     "tie_word_embeddings": False,
-    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05},
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                      "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
-                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05},
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-05,
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-05,
+    },
 }
 
 
@@ -68,7 +85,10 @@ def llava15_dir(tmp_path_factory):
     tok = llama_like_tokenizer()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     out = tmp_path_factory.mktemp("llava15")
     model.save_pretrained(out)
@@ -106,7 +126,9 @@ def test_llava15_shape_loads_grows_trains_and_answers(llava15_dir, tmp_path):
     assert result.history[0]["steps"] >= 1 and np.isfinite(result.history[0]["loss"])
     assert result.bank.head_rows is not None and result.bank.input_rows.shape == (2, 5, 4096)
 
-    assistant = PersonalAssistant.load(tmp_path / "bank", Backbone.load(llava15_dir, dtype=torch.bfloat16, device="cpu"))
+    assistant = PersonalAssistant.load(
+        tmp_path / "bank", Backbone.load(llava15_dir, dtype=torch.bfloat16, device="cpu")
+    )
     # The fallback LLaVA-1.5 prompt format is used (this processor has no chat template).
     assert "USER: <image>\n" in assistant.backbone.format_prompt("Is <bo> here?", "sys")
     out = assistant.respond(Image.new("RGB", (336, 336), "blue"), "Is <bo> in this photo?", max_new_tokens=3)

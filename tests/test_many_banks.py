@@ -3,33 +3,39 @@ no request sees another bank's rows or cached prompts, `model` picks the bank, a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mcllava.testing import data_url, make_bank, make_base, red_photo
 from mcllava.assistant import PersonalAssistant
 from mcllava.errors import BankError, McLlavaError
 from mcllava.multibank import SharedBase, bank_folders
 from mcllava.server import ServerLimits, create_app
 from mcllava.server.keys import KeyRing
+from mcllava.testing import data_url, make_bank, make_base, red_photo
 
 LIMITS = ServerLimits(max_new_tokens=8)
 # two users' banks: both have a "bo" (one token string, different rows), each has a concept the other lacks
 ALICE = {"bo": {"name": "Bo", "category": "dog"}, "ana": {"name": "Ana", "category": "person"}}
 BOB = {"bo": {"name": "Bobo", "category": "cat"}, "kit": {"name": "Kit", "category": "person"}}
-QUESTIONS = [("Is <bo> in this photo?", True), ("What is <bo> doing next to <ana>?", True), ("Who is <kit>?", False),
-             ("Describe this photo.", True), ("Are <bo> and <kit> both in this photo?", True), ("<bo><kit_1><ana_2>!", False)]
+QUESTIONS = [
+    ("Is <bo> in this photo?", True),
+    ("What is <bo> doing next to <ana>?", True),
+    ("Who is <kit>?", False),
+    ("Describe this photo.", True),
+    ("Are <bo> and <kit> both in this photo?", True),
+    ("<bo><kit_1><ana_2>!", False),
+]
 
 
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("many")
     base = make_base(tokenizer_dir, root / "base")
-    return {"alice": make_bank(base, root / "banks" / "alice", concepts=ALICE, seed=1),
-            "bob": make_bank(base, root / "banks" / "bob", concepts=BOB, seed=2)}
+    return {
+        "alice": make_bank(base, root / "banks" / "alice", concepts=ALICE, seed=1),
+        "bob": make_bank(base, root / "banks" / "bob", concepts=BOB, seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,10 @@ def test_each_bank_answers_as_it_does_alone_in_any_order(shared, banks):
             with shared.use(name) as assistant:
                 got = assistant.respond(photo if with_photo else None, question, max_new_tokens=6)
             want = singles[name].respond(photo if with_photo else None, question, max_new_tokens=6)
-            assert (got.text, got.system, got.marks, got.parts) == (want.text, want.system, want.marks, want.parts), (name, question)
+            assert (got.text, got.system, got.marks, got.parts) == (want.text, want.system, want.marks, want.parts), (
+                name,
+                question,
+            )
     assert len({id(a.backbone.model) for a in shared.assistants.values()}) == 1  # one copy of the base
 
 
@@ -68,7 +77,9 @@ def test_a_bank_sees_only_its_own_tokens_and_rows(shared, banks):
             emb = assistant.backbone.model.get_input_embeddings().weight
             ids = torch.tensor(assistant.tokens.all_ids)
             assert torch.equal(emb[ids].reshape(assistant.bank.input_rows.shape), assistant.bank.input_rows.to(emb))
-            others = {i for n, a in shared.assistants.items() if n != name for i in a.tokens.all_ids} - set(assistant.tokens.all_ids)
+            others = {i for n, a in shared.assistants.items() if n != name for i in a.tokens.all_ids} - set(
+                assistant.tokens.all_ids
+            )
             assert others and others <= set(assistant.never_say)
             caches[name] = assistant.backbone.prompt_cache
     assert caches["alice"] is not caches["bob"]
@@ -120,7 +131,7 @@ def test_model_picks_the_bank_and_answers_as_its_own_server(shared, banks):
         concepts = client.get("/v1/concepts", params={"model": name}).json()["data"]
         assert [c["id"] for c in concepts] == list(ALICE if name == "alice" else BOB)
         located = client.post("/v1/locate", params={"model": name}, json={"image": data_url(red_photo())}).json()
-        assert [l["concept"] for l in located["locations"]] == list(ALICE if name == "alice" else BOB)
+        assert [loc["concept"] for loc in located["locations"]] == list(ALICE if name == "alice" else BOB)
     error = openai_error(client.post("/v1/chat/completions", json=ask("carol")), 404)
     assert error["param"] == "model" and error["code"] == "model_not_found"
     assert openai_error(client.post("/v1/chat/completions", json=ask(None)), 400)["code"] == "model_required"
@@ -135,10 +146,14 @@ def test_a_key_limited_to_one_bank_cannot_use_another(shared):
     assert [m["id"] for m in client.get("/v1/models", headers=alice).json()["data"]] == ["alice"]
     assert client.post("/v1/chat/completions", json=ask("alice"), headers=alice).status_code == 200
     assert client.post("/v1/chat/completions", json=ask("bob"), headers=admin).status_code == 200
-    for request in (lambda: client.post("/v1/chat/completions", json=ask("bob"), headers=alice),
-                    lambda: client.post("/v1/chat/completions", json={**ask("bob"), "stream": True}, headers=alice),
-                    lambda: client.get("/v1/concepts", params={"model": "bob"}, headers=alice),
-                    lambda: client.post("/v1/locate", params={"model": "bob"}, json={"image": data_url(red_photo())}, headers=alice)):
+    for request in (
+        lambda: client.post("/v1/chat/completions", json=ask("bob"), headers=alice),
+        lambda: client.post("/v1/chat/completions", json={**ask("bob"), "stream": True}, headers=alice),
+        lambda: client.get("/v1/concepts", params={"model": "bob"}, headers=alice),
+        lambda: client.post(
+            "/v1/locate", params={"model": "bob"}, json={"image": data_url(red_photo())}, headers=alice
+        ),
+    ):
         response = request()
         error = openai_error(response, 403)
         assert error["code"] == "model_not_allowed" and "choices" not in response.text and "Kit" not in response.text
@@ -169,13 +184,26 @@ def test_cli_serves_a_folder_of_banks_with_keys_per_bank(banks, tmp_path, tokeni
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: served.update(app=server_app, **kw))
     (tmp_path / "keys").write_text("bob-key-0123456789=bob\n")
-    result = CliRunner().invoke(app, ["serve", str(banks["alice"].parent), "--api-key", "admin-key-0123456789", "--api-keys", str(tmp_path / "keys")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            str(banks["alice"].parent),
+            "--api-key",
+            "admin-key-0123456789",
+            "--api-keys",
+            str(tmp_path / "keys"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     client = TestClient(served["app"])
     bob = {"X-API-Key": "bob-key-0123456789"}
     assert [m["id"] for m in client.get("/v1/models", headers=bob).json()["data"]] == ["bob"]
     assert client.get("/v1/concepts", params={"model": "alice"}, headers=bob).status_code == 403
-    assert client.get("/v1/concepts", params={"model": "alice"}, headers={"X-API-Key": "admin-key-0123456789"}).status_code == 200
+    assert (
+        client.get("/v1/concepts", params={"model": "alice"}, headers={"X-API-Key": "admin-key-0123456789"}).status_code
+        == 200
+    )
     other = make_bank(make_base(tokenizer_dir, tmp_path / "base2", tied=True), tmp_path / "carol")
     result = CliRunner().invoke(app, ["serve", str(banks["alice"]), str(other)])
     assert result.exit_code == 2 and "carol" in result.output and "Traceback" not in result.output

@@ -36,7 +36,9 @@ def official_reads(root: Path, names: list[str]) -> dict[str, int]:
 
     def multi_images(c: str) -> list[str]:
         folder = multi_folder(c)[1]
-        return [os.path.join(folder, x) for x in os.listdir(folder) if x.lower().endswith(IMAGE_ENDINGS)] if folder else []
+        return (
+            [os.path.join(folder, x) for x in os.listdir(folder) if x.lower().endswith(IMAGE_ENDINGS)] if folder else []
+        )
 
     m, counts = len(names), {}
     # recognition: single photos and group photos of every concept, then the group asked as a whole
@@ -72,8 +74,14 @@ def official_reads(root: Path, names: list[str]) -> dict[str, int]:
     # text-only choice: qa.json lists of {question, answer}
     n = 0
     for c in names:
-        n += sum(bool(qa["question"]) and bool(qa["answer"]) for qa in json.loads(Path(root, case_of[c], "concept/test", c, "qa.json").read_text()))
-    n += sum(bool(qa["question"]) and bool(qa["answer"]) for qa in json.loads(Path(multi_folder(names[0])[1], "qa.json").read_text()))
+        n += sum(
+            bool(qa["question"]) and bool(qa["answer"])
+            for qa in json.loads(Path(root, case_of[c], "concept/test", c, "qa.json").read_text())
+        )
+    n += sum(
+        bool(qa["question"]) and bool(qa["answer"])
+        for qa in json.loads(Path(multi_folder(names[0])[1], "qa.json").read_text())
+    )
     counts["text"] = n
     # the lettered position test
     vg = json.loads(Path(multi_folder(names[0])[1], "vqa_position.json").read_text())
@@ -88,8 +96,9 @@ def official_reads(root: Path, names: list[str]) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    make_world(out, seed=3, concepts=4, train_images=2, test_scenes=4, negatives=2, size=64, layout="mcllava",
-               progress=False)
+    make_world(
+        out, seed=3, concepts=4, train_images=2, test_scenes=4, negatives=2, size=64, layout="mcllava", progress=False
+    )
     return out
 
 
@@ -108,5 +117,6 @@ def test_our_reader_reads_it_back(layout):
     assert any(r["image"] is None for r in recs)  # text-only questions
     rec = [r for r in recs if r["task"] == "recognition"]
     assert sum(r["answer"] == "Yes" for r in rec) == 4 * 5 + 2 * (5 * 2 + 5)
-    assert {r["scenario"] for r in recs} == {f"two_concept/{'_'.join(g)}"
-                                             for g in json.loads((layout / "world.json").read_text())["groups"]}
+    assert {r["scenario"] for r in recs} == {
+        f"two_concept/{'_'.join(g)}" for g in json.loads((layout / "world.json").read_text())["groups"]
+    }

@@ -58,7 +58,14 @@ def trained(tmp_path_factory, tiny_base_dir, shapes):
     concepts_dir, _ = shapes
     out = tmp_path_factory.mktemp("bank") / "bank"
     backbone = Backbone.load(tiny_base_dir)
-    result = personalize(ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer), backbone, out, FAST, progress=False, log=lambda *_: None)
+    result = personalize(
+        ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer),
+        backbone,
+        out,
+        FAST,
+        progress=False,
+        log=lambda *_: None,
+    )
     return out, result
 
 
@@ -84,8 +91,17 @@ def test_personalisation_learns_to_recognise(trained, tiny_base_dir, shapes):
 def test_untrained_rows_are_near_chance(tmp_path, tiny_base_dir, shapes):
     concepts_dir, tests = shapes
     backbone = Backbone.load(tiny_base_dir)
-    cfg = TrainConfig(k=4, epochs=1, lr=0.0, batch_size=8, seed=0, data=TINY_DATA)  # lr 0: the bank keeps its initial rows
-    personalize(ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer), backbone, tmp_path / "b0", cfg, progress=False, log=lambda *_: None)
+    cfg = TrainConfig(
+        k=4, epochs=1, lr=0.0, batch_size=8, seed=0, data=TINY_DATA
+    )  # lr 0: the bank keeps its initial rows
+    personalize(
+        ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer),
+        backbone,
+        tmp_path / "b0",
+        cfg,
+        progress=False,
+        log=lambda *_: None,
+    )
     before = recognition(tmp_path / "b0", tiny_base_dir, tests)
     assert 0.3 <= before["weighted_accuracy"] <= 0.7, before
 
@@ -134,7 +150,15 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_base_dir
     def run(out, epochs, resume=False):
         backbone = Backbone.load(tiny_base_dir)
         c = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-        return personalize(c, backbone, out, TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "data": cfg.data}), resume=resume, progress=False, log=lambda *_: None)
+        return personalize(
+            c,
+            backbone,
+            out,
+            TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "data": cfg.data}),
+            resume=resume,
+            progress=False,
+            log=lambda *_: None,
+        )
 
     full = run(tmp_path / "full", 3).bank
 
@@ -185,7 +209,10 @@ def test_hard_negatives_rank_what_looks_like_the_concept_first(tiny_base_dir, tm
 
     backbone = Backbone.load(str(tiny_base_dir))
     kinds = [((200, 30, 30), "circle"), ((30, 30, 200), "square"), ((30, 160, 30), "square"), ((200, 30, 30), "circle")]
-    entries = [CatalogEntry(f"_neg/{i}", photo(c, s, tmp_path / f"n{i}.png"), None, frozenset()) for i, (c, s) in enumerate(kinds)]
+    entries = [
+        CatalogEntry(f"_neg/{i}", photo(c, s, tmp_path / f"n{i}.png"), None, frozenset())
+        for i, (c, s) in enumerate(kinds)
+    ]
     entries.append(CatalogEntry("bo/0", photo((200, 30, 30), "circle", tmp_path / "bo.png"), None, frozenset(["bo"])))
     store = ImageStore(backbone, entries, ImageLimits())
     vt = backbone.visual_tokens([store.images["bo/0"]])

@@ -22,12 +22,23 @@ from mcllava.proving_base.model import VisionSpec, tiny_text_model
 def toy(tmp_path_factory):
     work = tmp_path_factory.mktemp("pb")
     cfg = BuildConfig(
-        work=work, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
+        work=work,
+        vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
         vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
         align=AlignStage(steps=2, batch_size=4, words=("category", "color"), tower_steps=2, tower_batch_size=4),
-        lm=LMStage(phases=(Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0))), Phase("compare", 1, Curriculum(2, 0.5))), pool=16, val_pool=16, val_read=8, batch_size=4, lora_rank=4, lora_alpha=4, eval_every=2,
-                   checkpoint_every=1),
-        progress=False, text_model=lambda tok: tiny_text_model(tok),
+        lm=LMStage(
+            phases=(Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0))), Phase("compare", 1, Curriculum(2, 0.5))),
+            pool=16,
+            val_pool=16,
+            val_read=8,
+            batch_size=4,
+            lora_rank=4,
+            lora_alpha=4,
+            eval_every=2,
+            checkpoint_every=1,
+        ),
+        progress=False,
+        text_model=lambda tok: tiny_text_model(tok),
     )
     (work / "tokenizer").mkdir(exist_ok=True)
     res = build(cfg)
@@ -89,8 +100,14 @@ def test_a_build_continues_from_an_export(toy, tmp_path):
     work = tmp_path / "continued"
     work_from_weights(export, work)
     (work / "tokenizer").mkdir()
-    lm = replace(cfg.lm, phases=(Phase("look", 3, Curriculum(2, 0.5)),), init_from=str(export), workers=2,
-                 time_budget=0.0, lr_lora=0.0)
+    lm = replace(
+        cfg.lm,
+        phases=(Phase("look", 3, Curriculum(2, 0.5)),),
+        init_from=str(export),
+        workers=2,
+        time_budget=0.0,
+        lr_lora=0.0,
+    )
     res = build(replace(cfg, work=work, lm=lm), stages=("lm",))["lm"]
     assert (res["steps"], res["planned_steps"]) == (1, 3)
     delta = load_file(export / "lm_delta.safetensors")
@@ -140,10 +157,22 @@ def test_lookalike_negatives_name_the_traits_they_change():
     assert any(s["answer"] == "No" and s["changed"] == () for s in samples)  # other negatives change nothing
     # the report splits look-alike negatives by the trait they change: here colour changes are caught, others not
     n = len(samples)
-    pool = EncodedPool(torch.zeros(n, 1), torch.ones(n, 1), torch.zeros(n, 1), torch.zeros(n, 1, 1), torch.ones(n),
-                       ["defined"] * n, [s["answer"] for s in samples], changed=[s["changed"] for s in samples])
-    scores = torch.tensor([1.0 if s["answer"] == "Yes" else (-1.0 if "color" in s["changed"] or not s["changed"]
-                                                             else 1.0) for s in samples])
+    pool = EncodedPool(
+        torch.zeros(n, 1),
+        torch.ones(n, 1),
+        torch.zeros(n, 1),
+        torch.zeros(n, 1, 1),
+        torch.ones(n),
+        ["defined"] * n,
+        [s["answer"] for s in samples],
+        changed=[s["changed"] for s in samples],
+    )
+    scores = torch.tensor(
+        [
+            1.0 if s["answer"] == "Yes" else (-1.0 if "color" in s["changed"] or not s["changed"] else 1.0)
+            for s in samples
+        ]
+    )
     rep = yes_no_report(scores, pool)["defined"]
     by = rep["lookalike_recall_by_trait"]
     assert sum(v["n"] for v in by.values()) == sum(len(s["changed"]) for s in look)
@@ -187,13 +216,20 @@ def test_backbone_loads_an_exported_folder_by_path(toy, monkeypatch):
     backbone = Backbone.load(cfg.work / "export")
     assert backbone.name == str(cfg.work / "export")
     saved = load_file(cfg.work / "export" / "vision.safetensors")
-    assert torch.equal(backbone.model.model.multi_modal_projector.linear_1.weight, saved["multi_modal_projector.linear_1.weight"].float())
+    assert torch.equal(
+        backbone.model.model.multi_modal_projector.linear_1.weight,
+        saved["multi_modal_projector.linear_1.weight"].float(),
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_vision_stage_on_a_missing_gpu_says_so(tmp_path):
-    cfg = BuildConfig(work=tmp_path, vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
-                      vision_stage=replace(VisionStage.gpu(), scenes=72, steps=1), progress=False)
+    cfg = BuildConfig(
+        work=tmp_path,
+        vision=VisionSpec(image_size=64, patch_size=16, hidden=32, layers=1, heads=2),
+        vision_stage=replace(VisionStage.gpu(), scenes=72, steps=1),
+        progress=False,
+    )
     with pytest.raises(McLlavaError, match="no CUDA device"):
         build(cfg, stages=("vision",))
     assert not (tmp_path / "vision" / "done.json").exists()
@@ -221,11 +257,20 @@ def test_gate_runs_on_toy(toy):
     from mcllava.proving_base.gate import GateConfig, run_gate
 
     model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
-    res = run_gate(model, processor, GateConfig(captions=2, generic=4, definitions=8, named=4, visual=4, both=6, size=64),
-                   progress=False)
-    assert set(res["summary"]) == {"caption_category_recall", "generic_accuracy", "definition_weighted_accuracy",
-                                   "named_weighted_accuracy", "visual_definition_weighted_accuracy",
-                                   "visual_both_weighted_accuracy"}
+    res = run_gate(
+        model,
+        processor,
+        GateConfig(captions=2, generic=4, definitions=8, named=4, visual=4, both=6, size=64),
+        progress=False,
+    )
+    assert set(res["summary"]) == {
+        "caption_category_recall",
+        "generic_accuracy",
+        "definition_weighted_accuracy",
+        "named_weighted_accuracy",
+        "visual_definition_weighted_accuracy",
+        "visual_both_weighted_accuracy",
+    }
     assert 0 <= res["summary"]["definition_weighted_accuracy"] <= 1
     assert res["visual_both_recognition"]["n"] == 6 and 0 <= res["summary"]["visual_both_weighted_accuracy"] <= 1
 
@@ -236,9 +281,13 @@ def test_build_cli_refuses_a_bad_mix_or_phase_steps(tmp_path):
     from mcllava.cli import app
     from mcllava.proving_base.build import slots_phases
 
-    for args, msg in ((["--mix", "describe=1,2,3"], "6 non-negative weights"), (["--mix", "nope=1,1,1,1,1,1"], "PHASE one of"),
-                      (["--phase-steps", "1,2"], "3 non-negative counts"), (["--layout", "rows"], "grid or slots"),
-                      (["--layout", "slots", "--phase-steps", "1,2,3"], f"{len(slots_phases())} non-negative counts")):
+    for args, msg in (
+        (["--mix", "describe=1,2,3"], "6 non-negative weights"),
+        (["--mix", "nope=1,1,1,1,1,1"], "PHASE one of"),
+        (["--phase-steps", "1,2"], "3 non-negative counts"),
+        (["--layout", "rows"], "grid or slots"),
+        (["--layout", "slots", "--phase-steps", "1,2,3"], f"{len(slots_phases())} non-negative counts"),
+    ):
         res = CliRunner().invoke(app, ["base", "build", "--work", str(tmp_path), *args])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "vision").exists()  # refused before any stage ran
@@ -259,8 +308,14 @@ def test_patch_word_targets_give_each_patch_one_word(toy):
     assert set(which.view(4, 4)[:2, :2].reshape(-1).tolist()) == {0, 1, 2}
     assert torch.all(patch_word_trait(4, 1) == 0)
     labels = torch.full((1, MAX_ACTORS, len(PATCH_TRAITS)), -100)
-    labels[0, 0] = torch.tensor([VALUES[t].index(v) for t, v in zip(PATCH_TRAITS, (
-        "dog", "red", "striped", "round", "round", "close-set", "slim", "hat", "blue"))])
+    labels[0, 0] = torch.tensor(
+        [
+            VALUES[t].index(v)
+            for t, v in zip(
+                PATCH_TRAITS, ("dog", "red", "striped", "round", "round", "close-set", "slim", "hat", "blue")
+            )
+        ]
+    )
     owner = torch.full((1, 16), -1)
     owner[0, :8] = 0
     norm = word_embedding_norm(model, len(tok))
@@ -277,8 +332,10 @@ def test_patch_word_targets_give_each_patch_one_word(toy):
             assert abs(tgt[0, p].norm().item() - norm) < 1e-3 * norm
     # superposed: every owned patch is the sum of both words, at a word's norm
     tgt = patch_word_targets(model, tok, labels, owner, ("category+color",), "grass")
-    both = trait_word_vectors(model, tok, "category")[VALUES["category"].index("dog")] + \
-        trait_word_vectors(model, tok, "color")[VALUES["color"].index("red")]
+    both = (
+        trait_word_vectors(model, tok, "category")[VALUES["category"].index("dog")]
+        + trait_word_vectors(model, tok, "color")[VALUES["color"].index("red")]
+    )
     assert torch.allclose(tgt[0, :8], (both / both.norm() * norm).expand(8, -1), atol=1e-5)
     assert torch.allclose(tgt[0, 8:], bg.expand(8, -1))
 
@@ -325,11 +382,21 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
         raise McLlavaError("stop here")
 
     monkeypatch.setattr(mcllava.cli, "personalize_concepts", fake_run)
-    monkeypatch.setattr("mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None)))
+    monkeypatch.setattr(
+        "mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None))
+    )
     monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
     for args, k, lr, captions in (([], 6, 1e-2, 1), (["--k", "3", "--lr", "0.5", "--captions", "0"], 3, 0.5, 0)):
-        res = CliRunner().invoke(app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args])
+        res = CliRunner().invoke(
+            app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args]
+        )
         assert res.exit_code != 0 and "stop here" in res.output, res.output
         cfg = seen["config"]
-        assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers, cfg.data.captions) == (k, lr, ("Yes", "No"), True, captions)
+        assert (cfg.k, cfg.lr, cfg.data.yes_no, cfg.data.short_answers, cfg.data.captions) == (
+            k,
+            lr,
+            ("Yes", "No"),
+            True,
+            captions,
+        )
     assert proving_ground().data.text is False

@@ -25,8 +25,11 @@ def release(tmp_path):
         _png(case / "concept" / "test" / "Gloria" / f"{k}.png", (0, 200, 0))
         _png(case / "multi" / "Alex_Gloria" / f"{k}.png", (0, 0, 200))
     _png(case / "concept" / "test" / "Gloria" / "3.png", (0, 255, 0))
-    (case / "multi" / "Alex_Gloria" / "position.json").write_text(json.dumps(
-        {"0.png": {"Alex": [0, 0, 4, 4], "Gloria": [4, 4, 8, 8]}, "1.png": {"Alex": [0, 0, 4, 4], "Gloria": None}}))
+    (case / "multi" / "Alex_Gloria" / "position.json").write_text(
+        json.dumps(
+            {"0.png": {"Alex": [0, 0, 4, 4], "Gloria": [4, 4, 8, 8]}, "1.png": {"Alex": [0, 0, 4, 4], "Gloria": None}}
+        )
+    )
     return tmp_path / "mcdataset"
 
 
@@ -55,12 +58,17 @@ def test_vqa_position_is_read_and_scored_exactly(release):
 
 def test_null_position_follows_official_labels_unless_asked(release):
     def gloria_on_1(labels):
-        return next(r for r in read_mcllava(release, labels=labels) if r["task"] == "recognition"
-                    and r["image"].endswith("Alex_Gloria/1.png") and r["concepts"] == ["Gloria"])
+        return next(
+            r
+            for r in read_mcllava(release, labels=labels)
+            if r["task"] == "recognition" and r["image"].endswith("Alex_Gloria/1.png") and r["concepts"] == ["Gloria"]
+        )
 
     assert gloria_on_1("official")["answer"] == "Yes"  # the official code labels every group photo Yes
     assert gloria_on_1("positions")["answer"] == "No"
-    caption = next(r for r in read_mcllava(release) if r["task"] == "caption" and r["image"].endswith("Alex_Gloria/1.png"))
+    caption = next(
+        r for r in read_mcllava(release) if r["task"] == "caption" and r["image"].endswith("Alex_Gloria/1.png")
+    )
     assert caption["present"] == ["Alex"]  # the official caption rule does read position.json
     with pytest.raises(ValueError, match="labels"):
         read_mcllava(release, labels="guess")
@@ -68,8 +76,15 @@ def test_null_position_follows_official_labels_unless_asked(release):
 
 def test_foreign_absolute_keys_resolve_to_their_own_folder(release):
     alex = release / "two_concept" / "concept" / "test" / "Alex"
-    _write(alex / "vqa.json", {"/home/someone/mcdataset/two_concept/concept/test/Gloria/3.png":
-                               {"Human": "What colour is <Gloria>?", "AI": "green"}})
+    _write(
+        alex / "vqa.json",
+        {
+            "/home/someone/mcdataset/two_concept/concept/test/Gloria/3.png": {
+                "Human": "What colour is <Gloria>?",
+                "AI": "green",
+            }
+        },
+    )
     vqa = [r for r in read_mcllava(release) if r["task"] == "vqa"]
     assert Path(vqa[0]["image"]) == (release / "two_concept" / "concept" / "test" / "Gloria" / "3.png").resolve()
     # a key into a folder this copy lacks must not fall back to Alex/1.png of the same name
@@ -80,13 +95,20 @@ def test_foreign_absolute_keys_resolve_to_their_own_folder(release):
     assert [r["image"] for r in read_mcllava(release) if r["task"] == "vqa"] == [str((alex / "1.png").resolve())]
 
 
-@pytest.mark.parametrize("text,question,options", [
-    ("What is it? A. a ball B. a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
-    ("What is it? Options: A: a ball, B: a cup, C: a hat", "What is it?", {"A": "a ball", "B": "a cup", "C": "a hat"}),
-    ("What is it? (A) a ball (B) a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
-    ("What is it?\nA. a ball\nB. a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
-    ("Is it A or B?", "Is it A or B?", {}),
-])
+@pytest.mark.parametrize(
+    "text,question,options",
+    [
+        ("What is it? A. a ball B. a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
+        (
+            "What is it? Options: A: a ball, B: a cup, C: a hat",
+            "What is it?",
+            {"A": "a ball", "B": "a cup", "C": "a hat"},
+        ),
+        ("What is it? (A) a ball (B) a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
+        ("What is it?\nA. a ball\nB. a cup", "What is it?", {"A": "a ball", "B": "a cup"}),
+        ("Is it A or B?", "Is it A or B?", {}),
+    ],
+)
 def test_option_formats(text, question, options):
     assert split_options(text) == (question, options)
 

@@ -42,8 +42,14 @@ def tiny_disk(tmp_path):
 def big_bank(seed=1) -> ConceptBank:
     """About 300 KB of rows: more than the tiny disk holds."""
     d, k = 1024, 16
-    return make_bank(hidden_size=d, k=k, input_rows=torch.randn(2, k + 1, d), head_rows=torch.randn(2, k + 1, d),
-                     locator_refs={"bo": torch.randn(5, d)}, seed=seed)
+    return make_bank(
+        hidden_size=d,
+        k=k,
+        input_rows=torch.randn(2, k + 1, d),
+        head_rows=torch.randn(2, k + 1, d),
+        locator_refs={"bo": torch.randn(5, d)},
+        seed=seed,
+    )
 
 
 def test_a_really_full_disk_keeps_the_old_bank(tiny_disk):
@@ -120,7 +126,9 @@ def test_pickle_payloads_are_refused_without_running(tmp_path, victim):
 
 def test_a_crafted_huge_tensor_header_is_refused(tmp_path):
     path = make_bank().save(tmp_path / "bank")
-    header = json.dumps({"input_rows": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 4 * 10**18]}}).encode()
+    header = json.dumps(
+        {"input_rows": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 4 * 10**18]}}
+    ).encode()
     (path / "concepts.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
     with pytest.raises(BankError, match="safetensors"):
         ConceptBank.load(path)
@@ -131,8 +139,22 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = ["format_version", "base_model", "base_config_hash", "tokenizer_len_before", "tokenizer_len_after", "concept_ids",
-          "tokens", "k", "hidden_size", "tied_head", "locator_refs", "display", "recipe", "metrics"]
+FIELDS = [
+    "format_version",
+    "base_model",
+    "base_config_hash",
+    "tokenizer_len_before",
+    "tokenizer_len_after",
+    "concept_ids",
+    "tokens",
+    "k",
+    "hidden_size",
+    "tied_head",
+    "locator_refs",
+    "display",
+    "recipe",
+    "metrics",
+]
 
 
 @pytest.fixture(scope="module")

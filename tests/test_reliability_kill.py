@@ -41,7 +41,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same arithm
 def setup(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("kill")
     base = make_base(tokenizer_dir, root / "base")
-    concepts, _ = make_shape_concepts(root / "shapes", {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=3, n_test=1, seed=1)
+    concepts, _ = make_shape_concepts(
+        root / "shapes", {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=3, n_test=1, seed=1
+    )
     return base, concepts
 
 
@@ -59,17 +61,39 @@ def reference(setup, tmp_path_factory):
         backbone = Backbone.load(base)
         config = TrainConfig(k=2, epochs=EPOCHS, batch_size=2, holdout=0, seed=3)
         out = tmp_path_factory.mktemp("ref") / "bank"
-        return personalize(ConceptSet.load(concepts, tokenizer=backbone.tokenizer), backbone, out, config, progress=False, log=lambda *_: None).bank
+        return personalize(
+            ConceptSet.load(concepts, tokenizer=backbone.tokenizer),
+            backbone,
+            out,
+            config,
+            progress=False,
+            log=lambda *_: None,
+        ).bank
     finally:
         torch.set_num_threads(threads)
 
 
-def run(setup, out: Path, resume: bool = False, kill_at: str | None = None, kill_after: tuple[int, float] | None = None):
+def run(
+    setup, out: Path, resume: bool = False, kill_at: str | None = None, kill_after: tuple[int, float] | None = None
+):
     """Run `mcllava personalize`; SIGKILL it at a hook point, or `delay` s after the log line of epoch `n`."""
     base, concepts = setup
-    cmd = [sys.executable, "-m", "mcllava.cli", "personalize", str(concepts), "--base", str(base), "--out", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcllava.cli",
+        "personalize",
+        str(concepts),
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        *ARGS,
+    ]
     env = {**os.environ, **ONE_THREAD, "MCLLAVA_KILL_AT": kill_at or ""}
-    proc = subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen, lines = threading.Event(), []
 
     def read() -> None:
@@ -156,9 +180,21 @@ def test_a_stale_old_checkpoint_does_not_block_the_next_save(tmp_path):
 
 
 HOOK_POINTS = [
-    "step:1:1", "step:1:6", "ckpt:1:written", "ckpt:1:swapped",
-    "step:2:1", "step:2:5", "ckpt:2:written", "ckpt:2:moved-aside", "ckpt:2:swapped",
-    "step:3:2", "step:3:7", "ckpt:3:written", "ckpt:3:moved-aside", "ckpt:3:swapped", "bank:saved",
+    "step:1:1",
+    "step:1:6",
+    "ckpt:1:written",
+    "ckpt:1:swapped",
+    "step:2:1",
+    "step:2:5",
+    "ckpt:2:written",
+    "ckpt:2:moved-aside",
+    "ckpt:2:swapped",
+    "step:3:2",
+    "step:3:7",
+    "ckpt:3:written",
+    "ckpt:3:moved-aside",
+    "ckpt:3:swapped",
+    "bank:saved",
 ]
 
 
@@ -176,9 +212,17 @@ def test_long_many_kill_points(setup, reference, tmp_path):
         landed += chain(setup, out, [kill], resumed=resumed)
         assert_same_bank(ConceptBank.load(out), reference)
         assert not any(".ckpt" in name for name in leftovers(out)), leftovers(out)
-    report = {"hook_kills": hooks, "hook_points": HOOK_POINTS, "timed_kills_landed": landed, "timed_kills_tried": len(timed),
-              "timed_kills": [{"after_epoch_log": e, "delay_s": round(d, 4), "resumed_after_epoch": r} for (e, d), r in zip(timed, resumed)],
-              "seconds": round(time.perf_counter() - start, 1)}
+    report = {
+        "hook_kills": hooks,
+        "hook_points": HOOK_POINTS,
+        "timed_kills_landed": landed,
+        "timed_kills_tried": len(timed),
+        "timed_kills": [
+            {"after_epoch_log": e, "delay_s": round(d, 4), "resumed_after_epoch": r}
+            for (e, d), r in zip(timed, resumed)
+        ],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     out_file = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "reliability_kill.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(report, indent=2) + "\n")

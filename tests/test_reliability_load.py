@@ -31,7 +31,11 @@ def test_eight_clients_get_the_single_client_answers_with_flat_memory(tmp_path, 
     from mcllava.server import create_app
     from mcllava.testing import make_bank, make_base
 
-    app = create_app(str(make_bank(make_base(tokenizer_dir, tmp_path / "base"), tmp_path / "bank")), api_key="k", base=str(tmp_path / "base"))
+    app = create_app(
+        str(make_bank(make_base(tokenizer_dir, tmp_path / "base"), tmp_path / "bank")),
+        api_key="k",
+        base=str(tmp_path / "base"),
+    )
     with serving(app) as url:
         report = soak.soak(url, REQUESTS, clients=8, headers={"X-API-Key": "k"})
     print(report)

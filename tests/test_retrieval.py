@@ -37,15 +37,28 @@ def test_best_cut_balances_recalls():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_shape_concepts(tmp_path_factory.mktemp("w"), {"bo": ("red", "circle"), "ana": ("blue", "square")},
-                               n_train=4, n_test=3)
+    return make_shape_concepts(
+        tmp_path_factory.mktemp("w"), {"bo": ("red", "circle"), "ana": ("blue", "square")}, n_train=4, n_test=3
+    )
 
 
 def test_eval_method_retrieval(base_dir, world, tmp_path):
     concepts, tests = world
     out = tmp_path / "arm.json"
-    args = ["eval", str(concepts), str(tests), "--method", "retrieval", "--base", str(base_dir), "--out", str(out),
-            "--quiet", "--prompts", "official"]
+    args = [
+        "eval",
+        str(concepts),
+        str(tests),
+        "--method",
+        "retrieval",
+        "--base",
+        str(base_dir),
+        "--out",
+        str(out),
+        "--quiet",
+        "--prompts",
+        "official",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "official" in res.output and "lenient" in res.output and "s per photo" in res.output
@@ -59,7 +72,9 @@ def test_eval_method_retrieval(base_dir, world, tmp_path):
     # the thresholds come from the concept folder alone: a different test file leaves them unchanged
     rows = [json.loads(x) for x in tests.read_text().splitlines()[:2]]
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps(dict(r, image=str((tests.parent / r["image"]).resolve()))) + "\n" for r in rows))
+    other.write_text(
+        "".join(json.dumps(dict(r, image=str((tests.parent / r["image"]).resolve()))) + "\n" for r in rows)
+    )
     res = runner.invoke(app, args[:2] + [str(other)] + args[3:] + ["--out", str(tmp_path / "b.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "b.json").read_text())["retrieval"]["thresholds"] == arm["thresholds"]

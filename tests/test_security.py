@@ -38,7 +38,9 @@ def app(assistant):
 
 
 def ask(question: str, image: bool = False) -> dict:
-    content = [{"type": "text", "text": question}] + ([{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] if image else [])
+    content = [{"type": "text", "text": question}] + (
+        [{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] if image else []
+    )
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 3}
 
 
@@ -51,10 +53,26 @@ def test_only_public_routes_answer_without_the_key(app):
     routes = [(m, r.path) for r in app.routes if not isinstance(r, Mount) for m in sorted(r.methods - {"HEAD"})]
     assert {p for _, p in routes} | {r.path for r in app.routes if isinstance(r, Mount)} >= PUBLIC
     guarded = [(m, p) for m, p in routes if p not in PUBLIC]
-    assert {p for _, p in guarded} == {"/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models", "/v1/models/{model_id}"}
-    wrong = [{}, {"Authorization": "Bearer"}, {"Authorization": "bearer wrong"}, {"Authorization": f"Bearer {KEY[:-1]}"},
-             {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Token {KEY}"}, {"X-API-Key": KEY.upper()},
-             {"X-API-Key": " " + KEY + "x"}, {"X-API-Key": "é".encode() * 3}, {"X-API-Key": "x" * 10_000}, {"Cookie": f"api_key={KEY}"}]
+    assert {p for _, p in guarded} == {
+        "/v1/chat/completions",
+        "/v1/locate",
+        "/v1/concepts",
+        "/v1/models",
+        "/v1/models/{model_id}",
+    }
+    wrong = [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "bearer wrong"},
+        {"Authorization": f"Bearer {KEY[:-1]}"},
+        {"Authorization": f"Bearer {KEY}x"},
+        {"Authorization": f"Token {KEY}"},
+        {"X-API-Key": KEY.upper()},
+        {"X-API-Key": " " + KEY + "x"},
+        {"X-API-Key": "é".encode() * 3},
+        {"X-API-Key": "x" * 10_000},
+        {"Cookie": f"api_key={KEY}"},
+    ]
     for method, path in guarded:
         for headers in wrong:
             r = client.request(method, path + f"?api_key={KEY}&key={KEY}", headers=headers, json=ask("hi"))
@@ -76,7 +94,9 @@ def _audit(event: str, args: tuple) -> None:
     """Record every file opened for writing while `_written` is a list (Python's audit hooks see all opens)."""
     if _written is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         mode, flags = args[1], args[2]
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE_FLAGS):
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & _WRITE_FLAGS
+        ):
             _written.append(os.fsdecode(args[0]))
 
 
@@ -109,8 +129,11 @@ def test_validation_errors_are_short_and_name_no_server_path(app, assistant):
     """A schema error (400) may quote a bit of the client's own input, but bounded, and never a server path."""
     client = TestClient(app, headers={"X-API-Key": KEY})
     server_paths = [str(assistant.bank.path), str(app.state.server.images.folder), os.getcwd()]
-    for payload in ({"messages": [{"role": "x" * 50_000, "content": "hi"}]}, {"messages": [{"role": "user", "content": [{"type": "y" * 50_000}]}]},
-                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "z" * 50_000}):
+    for payload in (
+        {"messages": [{"role": "x" * 50_000, "content": "hi"}]},
+        {"messages": [{"role": "user", "content": [{"type": "y" * 50_000}]}]},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "z" * 50_000},
+    ):
         r = client.post("/v1/chat/completions", json=payload)
         assert r.status_code == 400 and len(r.content) < 2000
         assert not any(p in r.text for p in server_paths)
@@ -140,10 +163,14 @@ def test_control_tokens_in_a_question_are_plain_text(assistant, question):
 def test_an_injected_question_is_answered_not_obeyed(app, assistant, monkeypatch):
     seen = []
     encode = assistant.backbone.encode
-    monkeypatch.setattr(assistant.backbone, "encode", lambda prompt, answer=None: seen.append(encode(prompt, answer)) or seen[-1])
+    monkeypatch.setattr(
+        assistant.backbone, "encode", lambda prompt, answer=None: seen.append(encode(prompt, answer)) or seen[-1]
+    )
     client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
     r = client.post("/v1/chat/completions", json=ask(INJECTIONS[0], image=True))
     assert r.status_code == 200, r.text
     control = _control_ids(assistant.backbone)
     start = assistant.backbone.tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert seen and all([i for i in e.input_ids if i in control].count(start) == 3 for e in seen)  # system, user, assistant
+    assert seen and all(
+        [i for i in e.input_ids if i in control].count(start) == 3 for e in seen
+    )  # system, user, assistant

@@ -23,7 +23,15 @@ from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo
 
 KEY = "s3cret-key"
 LOCAL = "http://localhost"  # a server without a key answers only the hosts it was started for
-LIMITS = ServerLimits(max_body_bytes=300_000, max_image_bytes=100_000, max_pixels=1_000_000, max_text_chars=500, max_messages=4, max_new_tokens=8, max_queue=16)
+LIMITS = ServerLimits(
+    max_body_bytes=300_000,
+    max_image_bytes=100_000,
+    max_pixels=1_000_000,
+    max_text_chars=500,
+    max_messages=4,
+    max_new_tokens=8,
+    max_queue=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +58,22 @@ def client(app):
 
 
 def ask(question="Is <bo> in this photo?", image=True, **extra) -> dict:
-    content = [{"type": "text", "text": question}] + ([{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] if image else [])
-    return {"model": "anything", "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": content}], "max_tokens": 6, **extra}
+    content = [{"type": "text", "text": question}] + (
+        [{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] if image else []
+    )
+    return {
+        "model": "anything",
+        "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": content}],
+        "max_tokens": 6,
+        **extra,
+    }
 
 
 def error_of(response, status: int) -> str:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    for leak in ("/tmp", "Traceback", "File \"", "site-packages"):
+    for leak in ("/tmp", "Traceback", 'File "', "site-packages"):
         assert leak not in response.text
     return body["error"]["message"]
 
@@ -113,16 +128,21 @@ def test_chat_streams_server_sent_events(client):
     assert usage.choices == [] and usage.usage.model_dump() == plain["usage"] and all(c.usage is None for c in rest)
     assert rest[-1].choices[0].finish_reason == plain["choices"][0]["finish_reason"]
     assert "".join(c.choices[0].delta.content or "" for c in rest) == text
-    assert all(c.usage is None for c in stream_chunks(client, ask(stream=True, stream_options={"include_usage": False})))
+    assert all(
+        c.usage is None for c in stream_chunks(client, ask(stream=True, stream_options={"include_usage": False}))
+    )
 
 
 @pytest.mark.parametrize("question", ["Are <bo> and <ana> both in this photo?", "Describe this photo."])
 def test_an_answer_built_from_one_question_per_concept_streams_whole(client, question):
-    """"Are <bo> and <ana> both here?" and a caption are answered one concept at a time first, so they are sent
+    """ "Are <bo> and <ana> both here?" and a caption are answered one concept at a time first, so they are sent
     whole, not token by token."""
     plain = client.post("/v1/chat/completions", json=ask(question)).json()
     assert set(plain["mcllava"]["parts"]) == {"bo", "ana"}
-    content, found = plain["choices"][0]["message"]["content"], [c for c, t in plain["mcllava"]["parts"].items() if t.startswith("Yes")]
+    content, found = (
+        plain["choices"][0]["message"]["content"],
+        [c for c, t in plain["mcllava"]["parts"].items() if t.startswith("Yes")],
+    )
     assert content.startswith(("Yes", "No")) if "both" in question else all(f"<{c}>" in content for c in found)
     *chunks, usage = stream_chunks(client, ask(question, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain["choices"][0]["message"]["content"]
@@ -138,7 +158,14 @@ def test_locate_from_json_and_from_an_upload(client):
     out = LocateResponse.model_validate(r.json())
     assert (out.width, out.height) == red_photo().size and out.marks == {"1": "bo"}
     bo, ana = out.locations
-    assert bo.concept == "bo" and bo.name == "Bo" and bo.present and bo.box is not None and not ana.present and ana.box is None
+    assert (
+        bo.concept == "bo"
+        and bo.name == "Bo"
+        and bo.present
+        and bo.box is not None
+        and not ana.present
+        and ana.box is None
+    )
     assert out.marked_image.startswith("data:image/jpeg;base64,")
     r = client.post("/v1/locate", files={"image": ("../../etc/passwd", png_bytes(red_photo()), "image/png")})
     upload = LocateResponse.model_validate(r.json())
@@ -148,11 +175,16 @@ def test_locate_from_json_and_from_an_upload(client):
 def test_concepts_health_and_models(client, tmp_path, assistant):
     data = client.get("/v1/concepts").json()["data"]
     assert [(c["id"], c["token"], c["name"], c["category"], c["thumbnail"]) for c in data] == [
-        ("bo", "<bo>", "Bo", "dog", None), ("ana", "<ana>", "Ana", "person", None)
+        ("bo", "<bo>", "Bo", "dog", None),
+        ("ana", "<ana>", "Ana", "person", None),
     ]
     (tmp_path / "bo" / "train").mkdir(parents=True)
     red_photo(80).save(tmp_path / "bo" / "train" / "0.png")
-    with_thumbs = TestClient(create_app(assistant, limits=LIMITS, concepts_dir=tmp_path), base_url=LOCAL).get("/v1/concepts").json()["data"]
+    with_thumbs = (
+        TestClient(create_app(assistant, limits=LIMITS, concepts_dir=tmp_path), base_url=LOCAL)
+        .get("/v1/concepts")
+        .json()["data"]
+    )
     assert with_thumbs[0]["thumbnail"].startswith("data:image/jpeg;base64,") and with_thumbs[1]["thumbnail"] is None
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/v1/models").json()["data"][0]["id"].startswith("mcllava")
@@ -160,7 +192,11 @@ def test_concepts_health_and_models(client, tmp_path, assistant):
 
 def test_web_page_and_assets_are_served(client):
     page = client.get("/")
-    assert page.status_code == 200 and "<title>" in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    assert (
+        page.status_code == 200
+        and "<title>" in page.text
+        and "default-src 'self'" in page.headers["content-security-policy"]
+    )
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200
 
@@ -177,7 +213,12 @@ def test_every_route_but_health_needs_the_key(assistant):
         if path == "/health":
             assert client.request(method, path).status_code == 200
             continue
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY + "x"}, {"Authorization": f"Basic {KEY}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"X-API-Key": KEY + "x"},
+            {"Authorization": f"Basic {KEY}"},
+        ):
             r = client.request(method, path, headers=headers, json={})
             assert "key" in error_of(r, 401) and r.headers["www-authenticate"] == "Bearer"
     for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
@@ -186,7 +227,9 @@ def test_every_route_but_health_needs_the_key(assistant):
     for body in (b"{not json", b"x" * 100):
         r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         assert "key" in error_of(r, 401)
-    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json", "X-API-Key": KEY})
+    r = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json", "X-API-Key": KEY}
+    )
     error_of(r, 400)
     assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
 
@@ -202,7 +245,17 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def _with_image(url: str) -> dict:
-    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "Is <bo> here?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Is <bo> here?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ]
+    }
 
 
 def _b64(data: bytes) -> str:
@@ -220,7 +273,19 @@ BAD_CHATS = {
     "too many pixels": (_with_image(_b64(_png_header(2000, 1000))), 413, "pixels"),
     "decompression bomb": (_with_image(_b64(_png_header(100_000, 100_000))), 413, "pixels"),
     "image bytes": (_with_image(_b64(b"\0" * 150_000)), 413, "100,000 bytes"),
-    "two images": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}] + [{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] * 2}]}, 400, "one photo"),
+    "two images": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "?"}]
+                    + [{"type": "image_url", "image_url": {"url": data_url(red_photo())}}] * 2,
+                }
+            ]
+        },
+        400,
+        "one photo",
+    ),
     "text length": (ask("x" * 501, image=False), 413, "500 characters"),
     "messages": ({"messages": [{"role": "user", "content": "hi"}] * 5}, 413, "limit is 4"),
     "max tokens": (ask(image=False, max_tokens=9), 413, "limit is 8"),
@@ -242,19 +307,34 @@ def test_bad_chat_requests_get_a_clear_4xx(client, case):
 
 def test_body_limits_and_bad_bodies(client, app):
     big = json.dumps({"image": "x" * 400_000}).encode()
-    assert "300,000 bytes" in error_of(client.post("/v1/locate", content=big, headers={"content-type": "application/json"}), 413)
+    assert "300,000 bytes" in error_of(
+        client.post("/v1/locate", content=big, headers={"content-type": "application/json"}), 413
+    )
 
     def chunks():  # no Content-Length: counted as it streams in
         for _ in range(40):
             yield b" " * 10_000
 
-    assert "300,000 bytes" in error_of(client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
-    error_of(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert "300,000 bytes" in error_of(
+        client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}), 413
+    )
+    error_of(
+        client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
     error_of(client.post("/v1/locate", content=b"hello", headers={"content-type": "text/plain"}), 415)
-    assert "JSON" in error_of(client.post("/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}), 415)
+    assert "JSON" in error_of(
+        client.post("/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}), 415
+    )
     error_of(client.post("/v1/locate", json={"return_image": True}), 400)
     error_of(client.post("/v1/locate", files={"photo": ("a.png", b"x", "image/png")}), 400)
-    error_of(client.post("/v1/locate", files={"image": ("a.png", png_bytes(red_photo()), "image/png")}, data={"return_image": "maybe"}), 400)
+    error_of(
+        client.post(
+            "/v1/locate",
+            files={"image": ("a.png", png_bytes(red_photo()), "image/png")},
+            data={"return_image": "maybe"},
+        ),
+        400,
+    )
     error_of(client.get("/nowhere"), 404)
     error_of(client.delete("/v1/concepts"), 405)
     assert list(app.state.server.images.folder.iterdir()) == []  # no upload is left on disk
@@ -274,10 +354,15 @@ def test_errors_name_no_paths_and_no_internals(assistant, bank_dir, monkeypatch)
         raise McLlavaError(f"bank {bank_dir} cannot do that")
 
     monkeypatch.setattr(assistant, "respond", refuse)
-    assert error_of(client.post("/v1/chat/completions", json=ask(image=False)), 400) == "bank <server path> cannot do that"
+    assert (
+        error_of(client.post("/v1/chat/completions", json=ask(image=False)), 400) == "bank <server path> cannot do that"
+    )
     with client.stream("POST", "/v1/chat/completions", json=ask(image=False, stream=True)) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert json.loads(events[-2][6:])["error"]["message"] == "bank <server path> cannot do that" and events[-1] == "data: [DONE]"
+    assert (
+        json.loads(events[-2][6:])["error"]["message"] == "bank <server path> cannot do that"
+        and events[-1] == "data: [DONE]"
+    )
 
 
 # --------------------------------------------------------------------------------------------- queueing
@@ -321,7 +406,9 @@ def test_a_full_queue_answers_503(assistant):
     client, gate = TestClient(app, base_url=LOCAL), app.state.server.bank.gate
     gate.lock.acquire()
     try:
-        waiting = threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": ask(image=False)})
+        waiting = threading.Thread(
+            target=client.post, args=("/v1/chat/completions",), kwargs={"json": ask(image=False)}
+        )
         waiting.start()
         while gate._queued < 1:
             time.sleep(0.01)
@@ -337,19 +424,41 @@ def test_a_full_queue_answers_503(assistant):
 def test_openapi_schema_matches_the_routes(app, assistant):
     schema = TestClient(app, base_url=LOCAL).get("/openapi.json").json()
     paths = schema["paths"]
-    assert set(paths) == {"/health", "/v1/chat/completions", "/v1/locate", "/v1/concepts", "/v1/models", "/v1/models/{model_id}"}
-    ref = lambda op, code="200", ctype="application/json": op["responses"][code]["content"][ctype]["schema"]["$ref"].rsplit("/", 1)[1]  # noqa: E731
+    assert set(paths) == {
+        "/health",
+        "/v1/chat/completions",
+        "/v1/locate",
+        "/v1/concepts",
+        "/v1/models",
+        "/v1/models/{model_id}",
+    }
+
+    def ref(op, code="200", ctype="application/json"):
+        return op["responses"][code]["content"][ctype]["schema"]["$ref"].rsplit("/", 1)[1]
+
     chat = paths["/v1/chat/completions"]["post"]
     assert ref(chat) == "ChatCompletion" and ref(chat, ctype="text/event-stream") == "ChatCompletionChunk"
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatRequest")
     locate = paths["/v1/locate"]["post"]
-    assert ref(locate) == "LocateResponse" and set(locate["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert ref(locate) == "LocateResponse" and set(locate["requestBody"]["content"]) == {
+        "application/json",
+        "multipart/form-data",
+    }
     assert ref(paths["/v1/concepts"]["get"]) == "ConceptList" and ref(paths["/health"]["get"]) == "Health"
     for path in ("/v1/chat/completions", "/v1/locate"):
         op = next(iter(paths[path].values()))
-        assert {ref(op, code) for code in ("400", "401", "403", "404", "408", "413", "415", "500", "503")} == {"ErrorResponse"}
+        assert {ref(op, code) for code in ("400", "401", "403", "404", "408", "413", "415", "500", "503")} == {
+            "ErrorResponse"
+        }
     components = schema["components"]["schemas"]
-    assert "HTTPValidationError" not in components and not any("422" in op["responses"] for ops in paths.values() for op in ops.values()) and {"ChatCompletionChunk", "LocateRequest", "Delta"} <= set(components)
+    assert (
+        "HTTPValidationError" not in components
+        and not any("422" in op["responses"] for ops in paths.values() for op in ops.values())
+        and {"ChatCompletionChunk", "LocateRequest", "Delta"} <= set(components)
+    )
     assert "security" not in chat
     keyed = TestClient(create_app(assistant, api_key=KEY, limits=LIMITS)).get("/openapi.json").json()
-    assert keyed["paths"]["/v1/chat/completions"]["post"]["security"] and "security" not in keyed["paths"]["/health"]["get"]
+    assert (
+        keyed["paths"]["/v1/chat/completions"]["post"]["security"]
+        and "security" not in keyed["paths"]["/health"]["get"]
+    )

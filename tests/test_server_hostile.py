@@ -12,15 +12,23 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
 from mcllava.backbone import MAX_ASPECT
 from mcllava.errors import McLlavaError
 from mcllava.server import ChatCompletionChunk, ServerLimits, create_app
 from mcllava.server.params import StopText
+from mcllava.testing import data_url, make_bank, make_base, png_bytes, red_photo, serving
 
 LOCAL = "http://localhost"
-LIMITS = ServerLimits(max_body_bytes=300_000, max_image_bytes=100_000, max_pixels=1_000_000, max_text_chars=500,
-                      max_question_tokens=60, max_messages=4, max_new_tokens=8, max_queue=16)
+LIMITS = ServerLimits(
+    max_body_bytes=300_000,
+    max_image_bytes=100_000,
+    max_pixels=1_000_000,
+    max_text_chars=500,
+    max_question_tokens=60,
+    max_messages=4,
+    max_new_tokens=8,
+    max_queue=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,9 @@ def client(assistant):
 
 
 def chat(question: str = "Is <bo> in this photo?", image: Image.Image | None = None, **extra) -> dict:
-    content = [{"type": "text", "text": question}] + ([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else [])
+    content = [{"type": "text", "text": question}] + (
+        [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+    )
     return {"model": "x", "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
 
 
@@ -60,10 +70,14 @@ def error_of(response, status: int, param: str | None = "?") -> dict:
 
 def test_a_thin_image_is_refused_by_its_aspect_ratio(client):
     thin = Image.new("RGB", (8, 2000), (90, 90, 90))  # 16,000 pixels: far under the pixel limit
-    for request in (lambda: client.post("/v1/chat/completions", json=chat(image=thin)),
-                    lambda: client.post("/v1/locate", files={"image": ("t.png", png_bytes(thin), "image/png")})):
+    for request in (
+        lambda: client.post("/v1/chat/completions", json=chat(image=thin)),
+        lambda: client.post("/v1/locate", files={"image": ("t.png", png_bytes(thin), "image/png")}),
+    ):
         assert "250 times longer than wide; the limit is 20 times" in error_of(request(), 413)["message"]
-    assert client.post("/v1/locate", json={"image": data_url(Image.new("RGB", (20 * 8, 8)))}).status_code == 200  # 20:1 is fine
+    assert (
+        client.post("/v1/locate", json={"image": data_url(Image.new("RGB", (20 * 8, 8)))}).status_code == 200
+    )  # 20:1 is fine
 
 
 def test_the_image_processor_never_gets_a_thin_strip(assistant, monkeypatch):
@@ -102,8 +116,11 @@ def test_a_lone_surrogate_is_a_400_naming_the_message(client):
         r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
         err = error_of(r, 400, "messages[0].content")
         assert "lone surrogate (U+D800)" in err["message"] and r.headers["content-type"].startswith("application/json")
-    r = client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udc00"}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions",
+        content=b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udc00"}',
+        headers={"content-type": "application/json"},
+    )
     error_of(r, 400, "stop")
 
 
@@ -112,7 +129,9 @@ def test_a_question_is_limited_in_tokens_and_by_the_context(client, assistant):
     err = error_of(client.post("/v1/chat/completions", json=chat(gothic)), 413, "messages")
     assert "tokens long; the limit is 60 tokens" in err["message"] and err["code"] == "context_length_exceeded"
     assert client.post("/v1/chat/completions", json=chat("Who is <bo>?")).status_code == 200
-    roomy = TestClient(create_app(assistant, limits=ServerLimits(max_question_tokens=10**6, max_new_tokens=8)), base_url=LOCAL)
+    roomy = TestClient(
+        create_app(assistant, limits=ServerLimits(max_question_tokens=10**6, max_new_tokens=8)), base_url=LOCAL
+    )
     err = error_of(roomy.post("/v1/chat/completions", json=chat("\U00010348" * 400)), 413, "messages")
     assert "the model reads at most 512 tokens" in err["message"]
 
@@ -142,7 +161,13 @@ def test_without_a_key_only_the_started_hosts_and_same_origin_are_answered(assis
         assert err["code"] == "invalid_host"
         assert client.get("/", headers={"host": host}).status_code == 400  # the page too: DNS rebinding reads it
         assert client.post("/v1/locate", headers={"host": host}, **upload).status_code == 400
-    for base in ("http://localhost:8000", "http://127.0.0.1:9", "http://[::1]:8000", "http://photos.lan", "http://LOCALHOST."):
+    for base in (
+        "http://localhost:8000",
+        "http://127.0.0.1:9",
+        "http://[::1]:8000",
+        "http://photos.lan",
+        "http://LOCALHOST.",
+    ):
         assert TestClient(app, base_url=base).get("/v1/concepts").status_code == 200, base
     client = TestClient(app, base_url="http://127.0.0.1:8000")
     for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example"):
@@ -170,14 +195,14 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
             if not chunk:
                 return True, got
             got += chunk
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return True, got
     while time.monotonic() < deadline:
         try:
             chunk = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return True, got
@@ -188,7 +213,9 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
 
 
 def test_slow_clients_are_cut_off(assistant):
-    limits = ServerLimits(header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=0.5, max_connections=3, max_new_tokens=4)
+    limits = ServerLimits(
+        header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=0.5, max_connections=3, max_new_tokens=4
+    )
     app = create_app(assistant, limits=limits)
     with serving(app, limits=limits) as url:
         host, port = url.removeprefix("http://").split(":")
@@ -198,8 +225,10 @@ def test_slow_clients_are_cut_off(assistant):
         closed, _ = _closed_within(slow_head, 4.0, trickle=b"X-Pad: y\r\n")
         assert closed  # a byte every 0.1 s does not keep a head alive past its deadline
         slow_body = connect()
-        slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 400\r\n\r\n{\"messages\": ")
+        slow_body.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 400\r\n\r\n{"messages": '
+        )
         closed, got = _closed_within(slow_body, 4.0, trickle=b" ")
         assert closed and got.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s of its headers" in got
         idle = [connect() for _ in range(3)]  # open, silent: the connection cap counts them
@@ -246,29 +275,45 @@ def test_stop_text_holds_back_only_what_could_start_a_stop():
     assert StopText([]).cut("as is") == "as is" and StopText(["zz"]).cut("ends in z") == "ends in z"
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"functions": [{"name": "f"}]}, "functions"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 2}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
 def test_what_the_model_cannot_do_is_refused_naming_the_parameter(client, extra, param):
     err = error_of(client.post("/v1/chat/completions", json=chat(**extra)), 400, param)
     assert err["type"] == "invalid_request_error" and param in err["message"]
 
 
 def test_what_the_model_can_do_is_accepted(client):
-    for extra in ({"n": 1}, {"response_format": {"type": "text"}}, {"logprobs": False}, {"tool_choice": "none"}, {"tools": []},
-                  {"temperature": 0.7, "top_p": 0.9, "seed": 1, "presence_penalty": 0.1, "user": "me"}):
+    for extra in (
+        {"n": 1},
+        {"response_format": {"type": "text"}},
+        {"logprobs": False},
+        {"tool_choice": "none"},
+        {"tools": []},
+        {"temperature": 0.7, "top_p": 0.9, "seed": 1, "presence_penalty": 0.1, "user": "me"},
+    ):
         assert client.post("/v1/chat/completions", json=chat(**extra)).status_code == 200, extra
 
 
 def test_schema_errors_are_400_naming_the_parameter(client):
-    err = error_of(client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]}), 400, "messages[0].role")
+    err = error_of(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]}),
+        400,
+        "messages[0].role",
+    )
     assert err["code"] == "invalid_value"
-    assert error_of(client.post("/v1/chat/completions", json={"model": "x"}), 400, "messages")["code"] == "missing_required_parameter"
+    assert (
+        error_of(client.post("/v1/chat/completions", json={"model": "x"}), 400, "messages")["code"]
+        == "missing_required_parameter"
+    )
     assert json.loads(client.get("/nowhere").text)["error"]["type"] == "not_found"

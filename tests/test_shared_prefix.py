@@ -11,7 +11,11 @@ from mcllava.training_data import collate
 
 def _batch(backbone, tokens):
     system = tokens.system_text()
-    turns = [("Is <bo> in this photo?", "Yes."), ("Is <ana> in this photo?", "No."), ("Describe <bo> and <ana>.", "<bo> sits beside <ana>.")]
+    turns = [
+        ("Is <bo> in this photo?", "Yes."),
+        ("Is <ana> in this photo?", "No."),
+        ("Describe <bo> and <ana>.", "<bo> sits beside <ana>."),
+    ]
     encoded = [backbone.encode(backbone.format_prompt(q, system=system, image=True), a) for q, a in turns]
     batch = collate(encoded, [None] * len(turns), backbone.tokenizer.pad_token_id or 0)
     n_image = int((batch.input_ids[0] == backbone.image_token_id).sum())
@@ -38,7 +42,10 @@ def test_shared_prefix_is_the_same_forward_and_backward(tiny_backbone):
     assert p >= MIN_SHARED_PREFIX
     assert not (batch.input_ids[:, :p] == backbone.image_token_id).any()  # images differ per row: never shared
     assert (batch.input_ids[:, :p] == batch.input_ids[:1, :p]).all()
-    assert not (batch.input_ids[:, : p + 1] == batch.input_ids[:1, : p + 1]).all() or batch.input_ids[0, p] == backbone.image_token_id
+    assert (
+        not (batch.input_ids[:, : p + 1] == batch.input_ids[:1, : p + 1]).all()
+        or batch.input_ids[0, p] == backbone.image_token_id
+    )
     full_loss, full_hidden, full_grads = _loss_and_grads(backbone, params, batch, feats, 0)
     loss, hidden, grads = _loss_and_grads(backbone, params, batch, feats, p)
     real = batch.attention_mask.bool()
@@ -48,7 +55,12 @@ def test_shared_prefix_is_the_same_forward_and_backward(tiny_backbone):
     for g, fg in zip(grads, full_grads):
         torch.testing.assert_close(g, fg, rtol=1e-4, atol=1e-6)
     # and answer_loss takes the shortcut by itself
-    torch.testing.assert_close(backbone.answer_loss(batch.input_ids, batch.attention_mask, batch.labels, feats).detach(), full_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        backbone.answer_loss(batch.input_ids, batch.attention_mask, batch.labels, feats).detach(),
+        full_loss,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_no_shared_prefix_for_one_row_or_short_prefixes(tiny_backbone):
@@ -69,7 +81,9 @@ def test_generate_reuses_the_prompt_prefix_and_answers_the_same(tiny_backbone):
     backbone = tiny_backbone
     tokens = add_concept_tokens(backbone.model, backbone.tokenizer, [f"c{i}" for i in range(8)], k=3)
     system = tokens.system_text()
-    n_image = int(sum(t == backbone.image_token_id for t in backbone.encode(backbone.format_prompt("x", system=system)).input_ids))
+    n_image = int(
+        sum(t == backbone.image_token_id for t in backbone.encode(backbone.format_prompt("x", system=system)).input_ids)
+    )
     images = torch.randn(3, n_image, backbone.hidden_size, generator=torch.Generator().manual_seed(1))
     questions = ["Is <c1> in this photo?", "What is <c5> doing?", "Is <c1> in this photo?"]
     prompts = [backbone.format_prompt(q, system=system) for q in questions]
@@ -81,7 +95,8 @@ def test_generate_reuses_the_prompt_prefix_and_answers_the_same(tiny_backbone):
     backbone.prompt_cache.enabled = True
     seen = []  # sequence length of every forward of the language model
     hook = backbone.model.model.language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     cached = []
     for p, f in zip(prompts, images):
         seen.clear()

@@ -45,14 +45,29 @@ TOY_VISION = VisionSpec(image_size=96, patch_size=16, hidden=32, layers=2, heads
 @pytest.fixture(scope="module")
 def slots_toy(tmp_path_factory):
     work = tmp_path_factory.mktemp("slots")
-    phases = (Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0)), oracle=True),
-              Phase("compare", 1, Curriculum(2, 0.5, (0, 0.5, 0, 0.5, 0, 0))))
+    phases = (
+        Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0)), oracle=True),
+        Phase("compare", 1, Curriculum(2, 0.5, (0, 0.5, 0, 0.5, 0, 0))),
+    )
     cfg = BuildConfig(
-        work=work, vision=TOY_VISION, layout="slots", vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
+        work=work,
+        vision=TOY_VISION,
+        layout="slots",
+        vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
         align=AlignStage(steps=2, batch_size=4, words=SLOT_WORDS, tower_steps=2),
-        lm=LMStage(phases=phases, pool=8, val_pool=8, val_read=4, batch_size=4, lora_rank=4, lora_alpha=4,
-                   eval_every=1, checkpoint_every=1),
-        progress=False, text_model=lambda tok: tiny_text_model(tok),
+        lm=LMStage(
+            phases=phases,
+            pool=8,
+            val_pool=8,
+            val_read=4,
+            batch_size=4,
+            lora_rank=4,
+            lora_alpha=4,
+            eval_every=1,
+            checkpoint_every=1,
+        ),
+        progress=False,
+        text_model=lambda tok: tiny_text_model(tok),
     )
     (work / "tokenizer").mkdir(exist_ok=True)
     return cfg, build(cfg)
@@ -71,7 +86,9 @@ def test_slot_labels_put_each_character_at_its_scene_position_and_mirror():
     # the vision stage mirrors scenes: the mirrored scene's table is the table with left and right swapped
     mirrored = render_scene(replace(spec, actors=[replace(a, x=spec.size - a.x) for a in spec.actors]))
     assert np.array_equal(slot_labels(mirrored), table[MIRROR_SLOTS])
-    assert sorted(MIRROR_SLOTS) == list(range(N_SLOTS)) and [MIRROR_SLOTS[s] for s in MIRROR_SLOTS] == list(range(N_SLOTS))
+    assert sorted(MIRROR_SLOTS) == list(range(N_SLOTS)) and [MIRROR_SLOTS[s] for s in MIRROR_SLOTS] == list(
+        range(N_SLOTS)
+    )
 
 
 def test_slot_word_targets_show_one_word_per_token_and_read_back(slots_toy):
@@ -111,11 +128,23 @@ def test_slots_build_trains_slot_heads_and_oracle_phases(slots_toy):
     assert pool.oracle is not None and pool.oracle.shape[1] == N_SLOTS * len(SLOT_WORDS)
 
     class FakeBackbone:  # sample_features needs only the projector
-        model = type("M", (), {"model": type("I", (), {"multi_modal_projector": torch.nn.Linear(cfg.vision.hidden, pool.oracle.shape[-1])})()})()
+        model = type(
+            "M",
+            (),
+            {
+                "model": type(
+                    "I", (), {"multi_modal_projector": torch.nn.Linear(cfg.vision.hidden, pool.oracle.shape[-1])}
+                )()
+            },
+        )()
 
     idx = torch.tensor([0, 1])
-    assert torch.equal(sample_features(FakeBackbone, pool, idx, 1.0, oracle=True), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1]))
-    assert not torch.equal(sample_features(FakeBackbone, pool, idx, 1.0), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1]))
+    assert torch.equal(
+        sample_features(FakeBackbone, pool, idx, 1.0, oracle=True), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1])
+    )
+    assert not torch.equal(
+        sample_features(FakeBackbone, pool, idx, 1.0), pool.oracle[idx].reshape(-1, pool.oracle.shape[-1])
+    )
 
 
 def test_a_slots_export_loads_with_its_layout(slots_toy):
@@ -139,8 +168,14 @@ def test_layout_is_checked_before_any_stage(tmp_path):
     with pytest.raises(McLlavaError, match="oracle LM phases need layout='slots'"):
         check_layout(BuildConfig(work=tmp_path, lm=oracle))
     with pytest.raises(McLlavaError, match="6 x 6 token grid"):
-        check_layout(BuildConfig(work=tmp_path, layout="slots", align=AlignStage(words=SLOT_WORDS),
-                                 vision=VisionSpec(image_size=64, patch_size=16)))
+        check_layout(
+            BuildConfig(
+                work=tmp_path,
+                layout="slots",
+                align=AlignStage(words=SLOT_WORDS),
+                vision=VisionSpec(image_size=64, patch_size=16),
+            )
+        )
     with pytest.raises(McLlavaError, match="6 single align words"):
         build(BuildConfig(work=tmp_path, layout="slots"), stages=("vision",))  # the default grid words
     assert not (tmp_path / "vision").exists()

@@ -17,18 +17,21 @@ CONCEPTS = {"bo": {"name": "Bo"}, "ana": {"name": "Ana"}, "kit": {"name": "Kit"}
 IDS = list(CONCEPTS)
 
 
-@pytest.mark.parametrize("question, expected", [
-    ("Are <bo> and <ana> both in this photo?", ["bo", "ana"]),  # the test sets' form
-    ("are <kit>, <bo>, and <ana> all in this photo", ["kit", "bo", "ana"]),
-    ("Can you see <bo> and <kit> in this image?", ["bo", "kit"]),  # training's group forms
-    ("Does this picture show <ana> and <bo> together?", ["ana", "bo"]),
-    ("Are <bo> and <ana>  both   here ?", ["bo", "ana"]),
-    ("Is <bo> in this photo?", None),  # one concept: asked as is
-    ("Are <bo> and <bo> both here?", None),
-    ("Are <bo> and <zed> both here?", None),  # not in the bank
-    ("Are <bo> and a red dog both here?", None),  # not only concepts
-    ("Are <bo> and <ana> both happy?", None),  # not a presence question
-])
+@pytest.mark.parametrize(
+    "question, expected",
+    [
+        ("Are <bo> and <ana> both in this photo?", ["bo", "ana"]),  # the test sets' form
+        ("are <kit>, <bo>, and <ana> all in this photo", ["kit", "bo", "ana"]),
+        ("Can you see <bo> and <kit> in this image?", ["bo", "kit"]),  # training's group forms
+        ("Does this picture show <ana> and <bo> together?", ["ana", "bo"]),
+        ("Are <bo> and <ana>  both   here ?", ["bo", "ana"]),
+        ("Is <bo> in this photo?", None),  # one concept: asked as is
+        ("Are <bo> and <bo> both here?", None),
+        ("Are <bo> and <zed> both here?", None),  # not in the bank
+        ("Are <bo> and a red dog both here?", None),  # not only concepts
+        ("Are <bo> and <ana> both happy?", None),  # not a presence question
+    ],
+)
 def test_which_questions_are_asked_together(question, expected):
     assert asked_together(question, IDS) == expected
 
@@ -36,7 +39,10 @@ def test_which_questions_are_asked_together(question, expected):
 def test_the_answer_is_yes_only_when_every_concept_is_there():
     assert together_answer({"bo": "Yes", "ana": "Yes, she is."}) == "Yes."
     assert together_answer({"bo": "Yes", "ana": "No"}) == "No, <ana> is not in this photo."
-    assert together_answer({"bo": "I cannot tell", "ana": "No", "kit": "Yes"}) == "No, <bo> and <ana> are not in this photo."
+    assert (
+        together_answer({"bo": "I cannot tell", "ana": "No", "kit": "Yes"})
+        == "No, <bo> and <ana> are not in this photo."
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +96,17 @@ def test_the_demo_reports_the_joint_figure_beside_the_split_one(assistant, scrip
     photo = tmp_path / "photo.png"
     red_photo().save(photo)
     both, kit = "Are <bo> and <ana> both in this photo?", "Is <kit> in this photo?"
-    records = [{"task": "recognition", "image": str(photo), "question": q, "answer": a, "concepts": c, "present": ["bo", "ana"]}
-               for q, a, c in ((both, "Yes", ["bo", "ana"]), (kit, "No", ["kit"]))]
+    records = [
+        {
+            "task": "recognition",
+            "image": str(photo),
+            "question": q,
+            "answer": a,
+            "concepts": c,
+            "present": ["bo", "ana"],
+        }
+        for q, a, c in ((both, "Yes", ["bo", "ana"]), (kit, "No", ["kit"]))
+    ]
     report = evaluate(records, AssistantAnswerer(assistant, visual_prompt=False), progress=False)
     assert report["recognition"]["weighted_accuracy"] == 1.0
     joint = joint_recognition(assistant, records, report, 8)  # asked as one question, the script says "Maybe"

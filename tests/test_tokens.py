@@ -114,7 +114,11 @@ def _catalog():
 
 
 def test_epoch_is_balanced_and_uses_other_concepts_as_negatives():
-    concepts = [ConceptFacts("bo", "a dog", [{"question": "How old is <bo>?", "answer": "<bo> is 3."}]), ConceptFacts("ana"), ConceptFacts("kiki")]
+    concepts = [
+        ConceptFacts("bo", "a dog", [{"question": "How old is <bo>?", "answer": "<bo> is 3."}]),
+        ConceptFacts("ana"),
+        ConceptFacts("kiki"),
+    ]
     samples = build_epoch(_catalog(), concepts, random.Random(0))
     for cid in ("bo", "ana", "kiki"):
         rec = [s for s in samples if s.kind in ("positive", "negative") and s.concepts == (cid,)]
@@ -150,7 +154,9 @@ def test_group_pairs_teach_both_not_either():
         assert len(s.concepts) == 2 and not set(s.concepts) <= entries[s.image.key].present
     assert sum(s.image.key == "_multi/0" for s in no) == 1  # the absent-concept one
     alone = [s for s in no if s.image.key != "_multi/0"]
-    assert len(alone) == 3 and all(set(s.concepts) == {"bo", "ana"} and len(entries[s.image.key].present) == 1 for s in alone)
+    assert len(alone) == 3 and all(
+        set(s.concepts) == {"bo", "ana"} and len(entries[s.image.key].present) == 1 for s in alone
+    )
 
 
 def test_short_answers_take_the_bases_own_form():
@@ -159,7 +165,9 @@ def test_short_answers_take_the_bases_own_form():
     concepts = [ConceptFacts("bo"), ConceptFacts("ana"), ConceptFacts("kiki")]
     default = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(short_answers=True, text=False))
     assert {s.answer for s in default} == {"Yes.", "No."}
-    bare = build_epoch(_catalog(), concepts, random.Random(0), DataOptions(short_answers=True, text=False, yes_no=("Yes", "No")))
+    bare = build_epoch(
+        _catalog(), concepts, random.Random(0), DataOptions(short_answers=True, text=False, yes_no=("Yes", "No"))
+    )
     assert {s.answer for s in bare} == {"Yes", "No"}
     assert [s.kind for s in bare] == [s.kind for s in default]
 
@@ -177,7 +185,9 @@ def test_hard_negatives_make_half_of_a_concepts_negatives():
         assert len(ana) == 4
     # a "hard negative" that shows the concept is never used as a negative
     odd = build_epoch(cat, [ConceptFacts("bo", hard_negatives=("bo/0", "_multi/0")), *concepts[1:]], random.Random(0))
-    assert not [s for s in odd if s.kind == "negative" and s.concepts == ("bo",) and s.image.key in ("bo/0", "_multi/0")]
+    assert not [
+        s for s in odd if s.kind == "negative" and s.concepts == ("bo",) and s.image.key in ("bo/0", "_multi/0")
+    ]
 
 
 def test_template_counts():

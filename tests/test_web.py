@@ -17,11 +17,30 @@ import pytest
 from mcllava.server import ServerLimits, create_app
 from mcllava.testing import make_bank, make_base, red_photo, serving
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")) if p and Path(p).exists()), None)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM = next(
+    (
+        p
+        for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+        if p and Path(p).exists()
+    ),
+    None,
+)
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 QUESTION = "Is <bo> in this photo?"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: apt-get install -y chromium")]  # a real headless browser
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: apt-get install -y chromium"),
+]  # a real headless browser
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +115,12 @@ def test_page_picks_a_bank_from_the_models_list(tmp_path, tokenizer_dir):
     from mcllava.multibank import SharedBase
 
     base = make_base(tokenizer_dir, tmp_path / "base")
-    bob = make_bank(base, tmp_path / "banks" / "bob", concepts={"kit": {"name": "Kit"}, "rex": {"name": "Rex"}, "zoe": {"name": "Zoe"}}, seed=3)
+    bob = make_bank(
+        base,
+        tmp_path / "banks" / "bob",
+        concepts={"kit": {"name": "Kit"}, "rex": {"name": "Rex"}, "zoe": {"name": "Zoe"}},
+        seed=3,
+    )
     make_bank(base, tmp_path / "banks" / "alice", seed=1)
     app = create_app(SharedBase.load([tmp_path / "banks"]), limits=ServerLimits(max_new_tokens=8))
     expected = PersonalAssistant.load(bob).respond(None, "Who is <kit>?", max_new_tokens=8).text

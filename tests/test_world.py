@@ -48,11 +48,14 @@ def truth(world) -> dict:
 
 def _digest(root: Path) -> dict[str, str]:
     """Hashes of every file; the release layout's image keys are absolute, so its JSON is hashed root-relative."""
+
     def content(p: Path) -> bytes:
         data = p.read_bytes()
         return data.replace(str(root.resolve()).encode(), b"ROOT") if p.suffix == ".json" else data
 
-    return {str(p.relative_to(root)): hashlib.sha256(content(p)).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(content(p)).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes(world, tmp_path):
@@ -69,7 +72,12 @@ def test_layout_of_world(world, truth):
     assert len(set(ids)) == len(ids) and all(c.isalnum() and c.islower() for c in ids)
     for c in ids:
         assert (world / "concepts" / c / "concept.yaml").is_file()
-        assert sorted(p.name for p in (world / "concepts" / c / "train").iterdir()) == ["0.png", "0_mask.png", "1.png", "1_mask.png"]
+        assert sorted(p.name for p in (world / "concepts" / c / "train").iterdir()) == [
+            "0.png",
+            "0_mask.png",
+            "1.png",
+            "1_mask.png",
+        ]
     assert len(list((world / "negatives").glob("*.png"))) == 3
     assert any((world / "concepts" / "_multi").iterdir())
     assert len(list((world / "scenes").glob("*.png"))) == 24
@@ -181,8 +189,10 @@ def test_descriptions_name_every_trait_and_tell_identities_apart():
         if i.accessory != "none":
             assert i.accessory in text and str(i.accessory_color) in text
         assert seen.setdefault(text, i) == i
-    assert describe(Identity("cat", "red", "striped", "round", "round", "wide-set", "slim", "hat", "blue"), "short") == \
-        "a red striped cat with round ears and a blue hat"
+    assert (
+        describe(Identity("cat", "red", "striped", "round", "round", "wide-set", "slim", "hat", "blue"), "short")
+        == "a red striped cat with round ears and a blue hat"
+    )
 
 
 def test_identity_halves_are_disjoint_and_respected(world, truth):
@@ -240,8 +250,13 @@ def test_tests_jsonl_is_valid_and_balanced(world):
 def test_lookalike_negatives_present(world, truth):
     records = read_tests_jsonl(world / "tests.jsonl")
     look = {s["image"]: s["lookalike_of"] for s in truth["scenes"] if s.get("lookalike_of")}
-    hard = [r for r in records if r["task"] == "recognition" and r["answer"] == "No"
-            and look.get("scenes/" + Path(r["image"]).name) in r["concepts"]]
+    hard = [
+        r
+        for r in records
+        if r["task"] == "recognition"
+        and r["answer"] == "No"
+        and look.get("scenes/" + Path(r["image"]).name) in r["concepts"]
+    ]
     assert hard
 
 
@@ -254,9 +269,13 @@ def test_mcllava_layout_round_trips(world):
         return (r["question"], r["answer"], json.dumps(r.get("options"), sort_keys=True), tuple(sorted(r["concepts"])))
 
     assert Counter(key(r) for r in layout if r["image"] is None) == Counter(
-        key(r) for r in original if r["image"] is None and r["task"] == "choice")
-    positions = {Path(k).resolve(): v for p in (world / "mcllava").rglob("position.json")
-                 for k, v in json.loads(p.read_text()).items()}
+        key(r) for r in original if r["image"] is None and r["task"] == "choice"
+    )
+    positions = {
+        Path(k).resolve(): v
+        for p in (world / "mcllava").rglob("position.json")
+        for k, v in json.loads(p.read_text()).items()
+    }
     n = 0
     for r in layout:
         if r["task"] == "grounding":
@@ -270,9 +289,27 @@ def test_world_cli(tmp_path):
 
     from mcllava.world.cli import world_app
 
-    res = CliRunner().invoke(world_app, ["make", str(tmp_path / "w"), "--seed", "1", "--concepts", "2",
-                                         "--train-images", "1", "--test-scenes", "6", "--size", "96",
-                                         "--negatives", "1", "--layout", "mcllava"])
+    res = CliRunner().invoke(
+        world_app,
+        [
+            "make",
+            str(tmp_path / "w"),
+            "--seed",
+            "1",
+            "--concepts",
+            "2",
+            "--train-images",
+            "1",
+            "--test-scenes",
+            "6",
+            "--size",
+            "96",
+            "--negatives",
+            "1",
+            "--layout",
+            "mcllava",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "w" / "tests.jsonl").is_file() and (tmp_path / "w" / "mcllava" / "concept_type.json").is_file()
     res = CliRunner().invoke(world_app, ["corpus", str(tmp_path / "c"), "--n", "5", "--size", "96"])

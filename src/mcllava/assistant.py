@@ -35,13 +35,22 @@ CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
 MAX_QUESTION_CHARS = 4000
 # "Are they all here?" questions: the test sets' form (datasets.records.recognition_question) and training's
 TOGETHER_FORMS = ("Are {cs} both in this photo?", "Are {cs} all in this photo?", *GROUP_QUESTIONS)
-_TOGETHER = [re.compile(r"\s+".join(re.escape(w) for w in form.rstrip("?").split()).replace(re.escape("{cs}"), "(?P<cs>.+?)")
-                        + r"\s*\??", re.IGNORECASE) for form in TOGETHER_FORMS]
+_TOGETHER = [
+    re.compile(
+        r"\s+".join(re.escape(w) for w in form.rstrip("?").split()).replace(re.escape("{cs}"), "(?P<cs>.+?)")
+        + r"\s*\??",
+        re.IGNORECASE,
+    )
+    for form in TOGETHER_FORMS
+]
 
 
 # Requests for a caption: "Describe this photo." (the test sets' and training's form) and its close variants
-_CAPTION = re.compile(r"(?:please\s+)?(?:describe|write\s+a\s+caption\s+for|caption)\s+(?:this|the)\s+(?:photo|picture|image)"
-                      r"(?:\s*[.!]?\s*name\s+everyone\s+you\s+recogni[sz]e)?\s*[.!?]?", re.IGNORECASE)
+_CAPTION = re.compile(
+    r"(?:please\s+)?(?:describe|write\s+a\s+caption\s+for|caption)\s+(?:this|the)\s+(?:photo|picture|image)"
+    r"(?:\s*[.!]?\s*name\s+everyone\s+you\s+recogni[sz]e)?\s*[.!?]?",
+    re.IGNORECASE,
+)
 
 
 def asks_caption(question: str) -> bool:
@@ -74,11 +83,13 @@ class Answer:
     locations: list[Location] = field(default_factory=list)
     marks: dict[int, str] = field(default_factory=dict)
     marked_image: Image.Image | None = None
-    parts: dict[str, str] = field(default_factory=dict)  # concept id -> its own answer, for a split question or a caption
+    parts: dict[str, str] = field(
+        default_factory=dict
+    )  # concept id -> its own answer, for a split question or a caption
 
 
 def together_answer(parts: dict[str, str], token=lambda c: f"<{c}>") -> str:
-    """"Yes." when every concept's own answer is yes; otherwise "No, <c> is not in this photo." naming the others."""
+    """ "Yes." when every concept's own answer is yes; otherwise "No, <c> is not in this photo." naming the others."""
     missing = [token(c) for c, text in parts.items() if parse_yes_no(text) is not True]
     if not missing:
         return "Yes."
@@ -107,7 +118,11 @@ class PersonalAssistant:
         self.bank = bank
         n = bank.tokenizer_len_before
         bank.check_base(config_hash(backbone.model.config), None if tokens else len(backbone.tokenizer))
-        head = None if bank.tied_head else backbone.model.get_output_embeddings().weight[:n].float().norm(dim=-1).mean().item()
+        head = (
+            None
+            if bank.tied_head
+            else backbone.model.get_output_embeddings().weight[:n].float().norm(dim=-1).mean().item()
+        )
         bank.check_row_norms(word_embedding_norm(backbone.model, n), head)
         if tokens is None:
             tokens = add_concept_tokens(backbone.model, backbone.tokenizer, bank.concept_ids, bank.k)
@@ -122,9 +137,7 @@ class PersonalAssistant:
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
 
     @classmethod
-    def load(
-        cls, bank: str | Path | ConceptBank, base: str | Backbone | None = None, **kwargs
-    ) -> PersonalAssistant:
+    def load(cls, bank: str | Path | ConceptBank, base: str | Backbone | None = None, **kwargs) -> PersonalAssistant:
         """Load a bank and the base model it remembers (or `base`, which must be the same model)."""
         bank = bank if isinstance(bank, ConceptBank) else ConceptBank.load(bank)
         backbone = base if isinstance(base, Backbone) else Backbone.load(bank.base_to_load(base))
@@ -142,8 +155,14 @@ class PersonalAssistant:
         if features is None:
             features = self.backbone.visual_tokens([image]).features[0]
         gh, gw = self.backbone.grid
-        return locate(features[-gh * gw :].float().cpu(), self.references(), (gh, gw), image.size, self.locate_config,
-                      self.backbone.layout.spatial)
+        return locate(
+            features[-gh * gw :].float().cpu(),
+            self.references(),
+            (gh, gw),
+            image.size,
+            self.locate_config,
+            self.backbone.layout.spatial,
+        )
 
     def locate(self, image: Image.Image) -> dict[str, tuple[float, float] | None]:
         """Predicted point of each concept (None where it looks absent) — the evaluation runner's grounding hook."""
@@ -158,8 +177,14 @@ class PersonalAssistant:
             return list(self.bank.concept_ids)
         return self.tokens.relevant(question, [loc.concept_id for loc in locations if loc.present])
 
-    def respond(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64,
-                locate: bool = False) -> Answer:
+    def respond(
+        self,
+        image: Image.Image | None,
+        question: str,
+        visual_prompt: bool = True,
+        max_new_tokens: int = 64,
+        locate: bool = False,
+    ) -> Answer:
         """Answer with details (system text, locations, marks); `locate` also locates the concepts (in the answer's
         `locations`, from the same visual tokens) when the visual prompt is off. A question about a photo that asks
         whether several concepts are all there is asked once per concept (`parts`), unless `joint` is on."""
@@ -187,8 +212,13 @@ class PersonalAssistant:
             return self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
 
         def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
-            return self.backbone.generate(self.backbone.format_prompt(q, system), features, max_new_tokens,
-                                          suppress=[*self.never_say, *suppress], prefix=prefix)
+            return self.backbone.generate(
+                self.backbone.format_prompt(q, system),
+                features,
+                max_new_tokens,
+                suppress=[*self.never_say, *suppress],
+                prefix=prefix,
+            )
 
         def recognise(cids: list[str]) -> dict[str, str]:  # each concept asked about on its own, same visual tokens
             return {c: reply(q, system_for(q)) for c in cids for q in [recognition_question([c])]}
@@ -205,8 +235,14 @@ class PersonalAssistant:
             text = reply(question, system, prefix=join_names(found) if found else "", suppress=self.tokens.name_ids)
         else:
             parts, text = {}, reply(question, system)
-        return Answer(text=text, system=system, locations=locations if visual_prompt or locate else [], marks=marks,
-                      marked_image=marked, parts=parts)
+        return Answer(
+            text=text,
+            system=system,
+            locations=locations if visual_prompt or locate else [],
+            marks=marks,
+            marked_image=marked,
+            parts=parts,
+        )
 
     def asks_caption(self, question: str) -> bool:
         """Whether `respond` answers this question about a photo as a caption built on per-concept recognition."""
@@ -221,7 +257,9 @@ class PersonalAssistant:
         """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""
         return asked_together(question, self.bank.concept_ids) if not self.joint else None
 
-    def answer(self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64) -> str:
+    def answer(
+        self, image: Image.Image | None, question: str, visual_prompt: bool = True, max_new_tokens: int = 64
+    ) -> str:
         """The answer text to a question about a photo (or about the concepts alone, with no photo)."""
         return self.respond(image, question, visual_prompt, max_new_tokens).text
 
@@ -237,8 +275,13 @@ class AssistantAnswerer:
     its concept marks, for the HTML report; without the visual prompt the marks are computed for the report only.
     """
 
-    def __init__(self, assistant: PersonalAssistant, visual_prompt: bool = True, max_new_tokens: int = 64,
-                 keep_marks: bool = False):
+    def __init__(
+        self,
+        assistant: PersonalAssistant,
+        visual_prompt: bool = True,
+        max_new_tokens: int = 64,
+        keep_marks: bool = False,
+    ):
         self.assistant, self.visual_prompt, self.max_new_tokens = assistant, visual_prompt, max_new_tokens
         self.names, self.keep_marks, self.marked = assistant.names, keep_marks, {}
         self._n = 0
@@ -247,8 +290,12 @@ class AssistantAnswerer:
         reply = self.assistant.respond(image, question, self.visual_prompt, self.max_new_tokens, locate=self.keep_marks)
         if self.keep_marks and image is not None:
             marked = reply.marked_image
-            if marked is None and any(loc.present for loc in reply.locations):  # visual prompt off: marks for the report
-                marked = draw_marks(image.convert("RGB"), reply.locations, max_marks=self.assistant.locate_config.max_marks)[0]
+            if marked is None and any(
+                loc.present for loc in reply.locations
+            ):  # visual prompt off: marks for the report
+                marked = draw_marks(
+                    image.convert("RGB"), reply.locations, max_marks=self.assistant.locate_config.max_marks
+                )[0]
             if marked is not None:
                 self.marked[self._n] = marked
         self._n += 1

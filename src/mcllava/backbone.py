@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    DynamicCache,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from .errors import McLlavaError
 from .layout import layout_for
@@ -43,6 +50,7 @@ def register_base(claims: Callable[[str], bool], load: Callable[[str], tuple]) -
 def is_custom_base(name: str) -> bool:
     """Whether a registered non-Hugging-Face base (e.g. `proving-ground`) loads `name`."""
     return any(claims(str(name)) for claims, _ in CUSTOM_BASES)
+
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
@@ -299,10 +307,10 @@ class Backbone:
         for i, (mask, _image) in enumerate(zip(masks, images)):
             if mask is None:
                 continue
-            as_image = bounded_aspect(Image.fromarray((mask.astype(np.uint8) * 255)).convert("RGB"))
-            px = self.processor.image_processor(
-                [as_image], do_normalize=False, do_rescale=True, return_tensors="pt"
-            )["pixel_values"][0, 0]
+            as_image = bounded_aspect(Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB"))
+            px = self.processor.image_processor([as_image], do_normalize=False, do_rescale=True, return_tensors="pt")[
+                "pixel_values"
+            ][0, 0]
             out[i] = self.layout.coverage(px)
         return out
 
@@ -350,7 +358,9 @@ class Backbone:
             tok = self.tokenizer
             special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
             special.discard(self.image_token)
-            self._control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True) if t) or r"(?!)")
+            self._control = re.compile(
+                "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True) if t) or r"(?!)"
+            )
         text = text.replace(FENCE_OPEN, "").replace(FENCE_CLOSE, "")
         return self._control.sub(lambda m: FENCE_OPEN + m.group(0) + FENCE_CLOSE, text)
 
@@ -426,7 +436,9 @@ class Backbone:
         slots = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(slots, image_features.to(embeds.dtype).reshape(-1))
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+    def hidden_states(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0
+    ) -> torch.Tensor:
         """Last hidden states of the language model (the LM head is applied by the caller, where needed).
 
         With `shared_prefix` p > 0, the first p positions must be the same in every row (no padding, no image):
@@ -441,7 +453,12 @@ class Backbone:
         cache = DynamicCache(config=lm.config)
         head = lm(inputs_embeds=inputs_embeds[:1, :shared_prefix], use_cache=True, **{_cache_kwarg(lm): cache})
         cache.batch_repeat_interleave(rows)
-        tail = lm(inputs_embeds=inputs_embeds[:, shared_prefix:], attention_mask=attention_mask, use_cache=True, **{_cache_kwarg(lm): cache})
+        tail = lm(
+            inputs_embeds=inputs_embeds[:, shared_prefix:],
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{_cache_kwarg(lm): cache},
+        )
         return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
 
     def shared_prefix_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -449,12 +466,18 @@ class Backbone:
         image placeholder), leaving at least one position per row; 0 when sharing would not pay."""
         if input_ids.shape[0] == 1:
             return 0
-        same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0) & (input_ids[0] != self.image_token_id)
+        same = (
+            (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0) & (input_ids[0] != self.image_token_id)
+        )
         p = min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
         return p if p >= MIN_SHARED_PREFIX else 0
 
     def answer_loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_features: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        image_features: torch.Tensor | None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over answer tokens only.
 
@@ -483,7 +506,10 @@ class Backbone:
 
     @torch.no_grad()
     def generate(
-        self, prompt: str, image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
+        self,
+        prompt: str,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
         suppress: Sequence[int] = (),
         prefix: str = "",
     ) -> str:

@@ -55,6 +55,7 @@ VOLATILE_CONFIG_KEYS = frozenset(
     }
 )
 
+
 def config_hash(config: Any) -> str:
     """Short sha256 of a model config (``PretrainedConfig`` or dict), ignoring volatile keys at every depth."""
 
@@ -69,8 +70,6 @@ def config_hash(config: Any) -> str:
 
     text = json.dumps(clean(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -207,11 +206,15 @@ class ConceptBank:
         target = Path(path).absolute()
         if target.exists() and not (target / MANIFEST).is_file():
             if not target.is_dir() or any(target.iterdir()):
-                raise BankError(f"cannot save bank to {target}: it exists and is not a concept bank; refusing to replace it")
+                raise BankError(
+                    f"cannot save bank to {target}: it exists and is not a concept bank; refusing to replace it"
+                )
         try:
             manifest = json.dumps(self._manifest(), indent=2, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
-            raise BankError(f"cannot save bank to {target}: recipe, metrics or display is not JSON-serialisable: {exc}") from None
+            raise BankError(
+                f"cannot save bank to {target}: recipe, metrics or display is not JSON-serialisable: {exc}"
+            ) from None
         tmp: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,9 @@ class ConceptBank:
             tmp = None
             fsync_path(target.parent)
         except (OSError, SafetensorError) as exc:
-            raise BankError(f"could not save bank to {target}: {os_error_text(exc)}; any previous bank there is unchanged") from None
+            raise BankError(
+                f"could not save bank to {target}: {os_error_text(exc)}; any previous bank there is unchanged"
+            ) from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -279,7 +284,9 @@ class ConceptBank:
                 raise BankError(f"bank {folder}: tensor {name} has dtype {t.dtype}, expected floating point")
         for cid, r in fields["locator_counts"].items():
             if tensors[f"locator.{cid}"].shape[0] != r:
-                raise BankError(f"bank {folder}: locator.{cid} has {tensors[f'locator.{cid}'].shape[0]} rows, manifest says {r}")
+                raise BankError(
+                    f"bank {folder}: locator.{cid} has {tensors[f'locator.{cid}'].shape[0]} rows, manifest says {r}"
+                )
         del fields["locator_counts"]
         try:
             bank = cls(
@@ -322,23 +329,30 @@ class ConceptBank:
         if name == PROVING_GROUND or (is_hub_id(name) and not Path(name).exists()):
             return name
         where = self.path if self.path is not None else "(unsaved)"
-        raise BankError(f"bank {where} names its base model by a local path ({name[:200]!r}), which is not followed from a bank file; "
-                        f"pass it as --base (the base parameter) if you trust it")
+        raise BankError(
+            f"bank {where} names its base model by a local path ({name[:200]!r}), which is not followed from a bank file; "
+            f"pass it as --base (the base parameter) if you trust it"
+        )
 
     def check_row_norms(self, word_norm: float, head_norm: float | None = None) -> None:
         """Refuse rows that cannot be trained concept rows for this base: norms more than `MAX_ROW_NORM_RATIO` times
         the base's mean word-embedding norm (`word_norm`; `head_norm` for the LM-head rows of an untied head)."""
         where = self.path if self.path is not None else "(unsaved)"
-        for name, rows, reference in (("input_rows", self.input_rows, word_norm), ("head_rows", self.head_rows, head_norm)):
+        for name, rows, reference in (
+            ("input_rows", self.input_rows, word_norm),
+            ("head_rows", self.head_rows, head_norm),
+        ):
             if rows is None or reference is None or not math.isfinite(reference) or reference <= 0:
                 continue
             norms = rows.double().norm(dim=-1)  # float32 squares of finite 1e30 rows would overflow
             worst = int(norms.argmax())
             i, j = divmod(worst, norms.shape[1])
             if float(norms.max()) > MAX_ROW_NORM_RATIO * reference:
-                raise BankError(f"bank {where}: {name} of {self.token_strings(self.concept_ids[i])[j]} has norm {float(norms.max()):.3g}, "
-                                f"more than {MAX_ROW_NORM_RATIO:g} times this base's mean word-embedding norm ({reference:.3g}): "
-                                "these are not trained concept rows for this model")
+                raise BankError(
+                    f"bank {where}: {name} of {self.token_strings(self.concept_ids[i])[j]} has norm {float(norms.max()):.3g}, "
+                    f"more than {MAX_ROW_NORM_RATIO:g} times this base's mean word-embedding norm ({reference:.3g}): "
+                    "these are not trained concept rows for this model"
+                )
 
     def merge(self, other: ConceptBank) -> ConceptBank:
         """A bank with the concepts of both; they must share base model, k, hidden size, head tying and tokenizer."""
@@ -374,7 +388,9 @@ class ConceptBank:
         ids = list(ids)
         unknown = [cid for cid in ids if cid not in self.concept_ids]
         if unknown:
-            raise BankError(f"bank {self.path} has no concept {', '.join(map(repr, unknown))} (concepts: {', '.join(self.concept_ids)})")
+            raise BankError(
+                f"bank {self.path} has no concept {', '.join(map(repr, unknown))} (concepts: {', '.join(self.concept_ids)})"
+            )
         if len(set(ids)) != len(ids):
             raise BankError(f"subset lists a concept more than once: {ids}")
         index = torch.tensor([self.concept_ids.index(cid) for cid in ids], dtype=torch.long)

@@ -38,7 +38,9 @@ from .train import TrainConfig
 from .train import personalize as personalize_concepts
 from .world.cli import world_app
 
-app = typer.Typer(help="Personalise LLaVA-family vision-language models with several concepts at once.", no_args_is_help=True)
+app = typer.Typer(
+    help="Personalise LLaVA-family vision-language models with several concepts at once.", no_args_is_help=True
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -63,15 +65,23 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-API_KEY_HELP = ("Require a key on every route but /health: KEY (every bank) or KEY=bank1,bank2 (those banks only); "
-                "give it several times for several keys.")
+API_KEY_HELP = (
+    "Require a key on every route but /health: KEY (every bank) or KEY=bank1,bank2 (those banks only); "
+    "give it several times for several keys."
+)
 PROMPT_CACHES_HELP = "How many banks, of those used last, keep their prompt cache (0: none)."
-INTRODUCE_HELP = ("all: the system text introduces every concept; relevant: only those the question names or the photo "
-                  "shows (shorter prompts for large banks). Default: as the bank was trained.")
-JOINT_HELP = ("Ask 'are <a> and <b> both in this photo?' as one question; by default each concept is asked about on its "
-              "own and the answer is Yes only if all are there.")
-FREE_CAPTIONS_HELP = ("Let the model choose which names a caption says ('Describe this photo.'); by default each concept "
-                      "is asked about on its own first and the caption starts with the names of those found.")
+INTRODUCE_HELP = (
+    "all: the system text introduces every concept; relevant: only those the question names or the photo "
+    "shows (shorter prompts for large banks). Default: as the bank was trained."
+)
+JOINT_HELP = (
+    "Ask 'are <a> and <b> both in this photo?' as one question; by default each concept is asked about on its "
+    "own and the answer is Yes only if all are there."
+)
+FREE_CAPTIONS_HELP = (
+    "Let the model choose which names a caption says ('Describe this photo.'); by default each concept "
+    "is asked about on its own first and the caption starts with the names of those found."
+)
 
 
 def _introduce(value: str | None) -> str | None:
@@ -83,22 +93,59 @@ def _introduce(value: str | None) -> str | None:
 @app.command()
 def personalize(
     concepts_dir: Path = typer.Argument(..., help="Folder with one sub-folder per concept (see README)."),
-    base: Optional[str] = typer.Option(None, "--base", help="HF id, local folder (save_pretrained), or 'proving-ground'. Default with --extend: the bank's."),
+    base: Optional[str] = typer.Option(
+        None,
+        "--base",
+        help="HF id, local folder (save_pretrained), or 'proving-ground'. Default with --extend: the bank's.",
+    ),
     out: Path = typer.Option(..., "--out", help="Where to write the concept bank (a folder)."),
-    extend: Optional[Path] = typer.Option(None, "--extend", help="A trained bank to add CONCEPTS_DIR's concepts to: only theirs train; the bank's rows stay as they are."),
-    concepts_of_bank: Optional[Path] = typer.Option(None, "--concepts-of-bank", help="With --extend: the bank's concept folder; its photos are the new concepts' negatives."),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="Soft tokens per concept. Default: 16 (6 on proving-ground; the bank's with --extend)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper); 10 on proving-ground."),
+    extend: Optional[Path] = typer.Option(
+        None,
+        "--extend",
+        help="A trained bank to add CONCEPTS_DIR's concepts to: only theirs train; the bank's rows stay as they are.",
+    ),
+    concepts_of_bank: Optional[Path] = typer.Option(
+        None,
+        "--concepts-of-bank",
+        help="With --extend: the bank's concept folder; its photos are the new concepts' negatives.",
+    ),
+    k: Optional[int] = typer.Option(
+        None, "--k", min=1, help="Soft tokens per concept. Default: 16 (6 on proving-ground; the bank's with --extend)."
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", min=1, help="Default: 8 (fast) or 15 (paper); 10 on proving-ground."
+    ),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: 1e-3 (1e-2 on proving-ground)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 8 (fast) or 1 (paper)."),
     init: str = typer.Option("kmeans", "--init", help="kmeans | random"),
     recipe: str = typer.Option("fast", "--recipe", help="fast | paper (the MC-LLaVA code's choices, for comparison)"),
-    negatives: Optional[Path] = typer.Option(None, "--negatives", help="Optional folder of generic images without any concept."),
-    hard_negatives: Optional[int] = typer.Option(None, "--hard-negatives", min=0, help="Per concept, mine this many of the --negatives that look most like it; half of its negatives come from them."),
-    group_pairs: Optional[int] = typer.Option(None, "--group-pairs", min=0, help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1."),
-    captions: Optional[int] = typer.Option(None, "--captions", min=0, help="Per concept and epoch, this many 'Describe this photo.' answers naming it, written by the base from the concepts' descriptions before training. Default: 0 (1 on proving-ground)."),
+    negatives: Optional[Path] = typer.Option(
+        None, "--negatives", help="Optional folder of generic images without any concept."
+    ),
+    hard_negatives: Optional[int] = typer.Option(
+        None,
+        "--hard-negatives",
+        min=0,
+        help="Per concept, mine this many of the --negatives that look most like it; half of its negatives come from them.",
+    ),
+    group_pairs: Optional[int] = typer.Option(
+        None,
+        "--group-pairs",
+        min=0,
+        help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1.",
+    ),
+    captions: Optional[int] = typer.Option(
+        None,
+        "--captions",
+        min=0,
+        help="Per concept and epoch, this many 'Describe this photo.' answers naming it, written by the base from the concepts' descriptions before training. Default: 0 (1 on proving-ground).",
+    ),
     holdout: int = typer.Option(1, "--holdout", min=0, help="Images per concept held out for the per-epoch check."),
-    introduce: Optional[str] = typer.Option(None, "--introduce", help="all | relevant: which concepts each training sample's system text introduces (see ask). Default: all (the bank's with --extend)."),
+    introduce: Optional[str] = typer.Option(
+        None,
+        "--introduce",
+        help="all | relevant: which concepts each training sample's system text introduces (see ask). Default: all (the bank's with --extend).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch checkpoint."),
     seed: int = typer.Option(0, "--seed"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -119,7 +166,9 @@ def personalize(
     if base is None:
         _fail(ValueError("--base is required (or --extend BANK, whose base is used)"))
     introduce = _introduce(introduce) or "all"
-    overrides = {k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+    overrides = {
+        k_: v for k_, v in {"k": k, "epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None
+    }
     common = {"init": init, "seed": seed, "holdout": holdout, "introduce": introduce, **overrides}
     if base == proving_base.NAME:  # the recipe measured on that base (short "Yes"/"No" answers, k = one slot row)
         paper = {"recipe": "paper", "batch_size": 1, "epochs": 15} if recipe == "paper" else {}
@@ -135,14 +184,28 @@ def personalize(
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-        old_set = ConceptSet.load(concepts_of_bank, tokenizer=backbone.tokenizer) if concepts_of_bank is not None else None
-        result = personalize_concepts(concept_set, backbone, out, config, negatives=negatives, resume=resume, progress=not quiet, log=console.print,
-                                      extend=old, extend_concepts=old_set)
+        old_set = (
+            ConceptSet.load(concepts_of_bank, tokenizer=backbone.tokenizer) if concepts_of_bank is not None else None
+        )
+        result = personalize_concepts(
+            concept_set,
+            backbone,
+            out,
+            config,
+            negatives=negatives,
+            resume=resume,
+            progress=not quiet,
+            log=console.print,
+            extend=old,
+            extend_concepts=old_set,
+        )
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     last = result.history[-1] if result.history else {}
     added = f" ({len(concept_set)} added to {len(old.concept_ids)} of {extend})" if old is not None else ""
-    console.print(f"[green]saved[/] {out} ({len(result.bank.concept_ids)} concepts{added}, k={config.k}); final loss {last.get('loss', float('nan')):.4f}")
+    console.print(
+        f"[green]saved[/] {out} ({len(result.bank.concept_ids)} concepts{added}, k={config.k}); final loss {last.get('loss', float('nan')):.4f}"
+    )
 
 
 @app.command()
@@ -161,7 +224,9 @@ def ask(
     """Answer a question about a photo (or about the concepts alone)."""
     try:
         pil = load_image(image) if image else None
-        assistant = PersonalAssistant.load(bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions)
+        assistant = PersonalAssistant.load(
+            bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions
+        )
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
@@ -173,7 +238,13 @@ def ask(
             "marks": {str(n): c for n, c in result.marks.items()},
             "parts": result.parts,
             "locations": [
-                {"concept": loc.concept_id, "score": loc.score, "present": loc.present, "peak": loc.peak, "box": loc.box}
+                {
+                    "concept": loc.concept_id,
+                    "score": loc.score,
+                    "present": loc.present,
+                    "peak": loc.peak,
+                    "box": loc.box,
+                }
                 for loc in result.locations
             ],
         }
@@ -182,9 +253,11 @@ def ask(
         sys.stdout.write(result.text + "\n")
 
 
-METHOD_HELP = ("bank: the personalised bank (first argument) answers every question; retrieval: the training-free arm "
-               "(first argument: the concept folder; needs --base) answers the recognition questions by visual "
-               "similarity to the concepts' masked training photos, thresholds from training photos only.")
+METHOD_HELP = (
+    "bank: the personalised bank (first argument) answers every question; retrieval: the training-free arm "
+    "(first argument: the concept folder; needs --base) answers the recognition questions by visual "
+    "similarity to the concepts' masked training photos, thresholds from training photos only."
+)
 PROMPTS_HELP = "ours: our wording; official: the MC-LLaVA code's wording ('Can you see <c> in this photo? ...')."
 
 
@@ -198,8 +271,9 @@ def _answerer(target: Path, method: str, base: str | None, negatives: Path | Non
         return RetrievalArm.fit(Backbone.load(base), ConceptSet.load(target), negatives)
     if method != "bank":
         raise McLlavaError(f"--method must be bank or retrieval, not {method!r}")
-    assistant = PersonalAssistant.load(target, base, introduce=_introduce(opts["introduce"]),
-                                       joint=opts["joint"], free_captions=opts["free_captions"])
+    assistant = PersonalAssistant.load(
+        target, base, introduce=_introduce(opts["introduce"]), joint=opts["joint"], free_captions=opts["free_captions"]
+    )
     return AssistantAnswerer(assistant, visual_prompt=not opts["no_visual_prompt"], keep_marks=opts["html"])
 
 
@@ -211,8 +285,16 @@ def evaluate_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="Write a browsable HTML report into this folder."),
     method: str = typer.Option("bank", "--method", help=METHOD_HELP),
     prompts: str = typer.Option("ours", "--prompts", help=PROMPTS_HELP),
-    negatives: Optional[Path] = typer.Option(None, "--negatives", help="--method retrieval: generic photos without any concept, as extra negatives for its thresholds."),
-    mcllava_labels: str = typer.Option("official", "--mcllava-labels", help="MC-LLaVA release folders: 'official' labels every concept of a group photo present, as its code does; 'positions' says No where position.json marks the concept null."),
+    negatives: Optional[Path] = typer.Option(
+        None,
+        "--negatives",
+        help="--method retrieval: generic photos without any concept, as extra negatives for its thresholds.",
+    ),
+    mcllava_labels: str = typer.Option(
+        "official",
+        "--mcllava-labels",
+        help="MC-LLaVA release folders: 'official' labels every concept of a group photo present, as its code does; 'positions' says No where position.json marks the concept null.",
+    ),
     no_visual_prompt: bool = typer.Option(False, "--no-visual-prompt"),
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
@@ -231,8 +313,13 @@ def evaluate_cmd(
             records = [r for r in records if r["task"] == "recognition"]
         if limit:
             records = records[:limit]
-        opts = {"introduce": introduce, "joint": joint, "free_captions": free_captions,
-                "no_visual_prompt": no_visual_prompt, "html": html is not None}
+        opts = {
+            "introduce": introduce,
+            "joint": joint,
+            "free_captions": free_captions,
+            "no_visual_prompt": no_visual_prompt,
+            "html": html is not None,
+        }
         answerer = _answerer(bank, method, base, negatives, opts)
         report = evaluate(records, answerer, progress=not quiet, prompts=prompts)
     except (McLlavaError, OSError, ValueError) as exc:
@@ -242,8 +329,10 @@ def evaluate_cmd(
         report["retrieval"] = answerer.summary()
     print_table(report, console)
     if method == "retrieval":
-        console.print(f"retrieval arm: {report['retrieval']['seconds_per_photo'] or 0:.3f} s per photo, "
-                      f"fitted in {report['retrieval']['fit_seconds']:.1f} s, no training")
+        console.print(
+            f"retrieval arm: {report['retrieval']['seconds_per_photo'] or 0:.3f} s per photo, "
+            f"fitted in {report['retrieval']['fit_seconds']:.1f} s, no training"
+        )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -262,8 +351,12 @@ def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> Non
         b = ConceptBank.load(bank)
     except (McLlavaError, OSError) as exc:
         _fail(exc)
-    console.print(f"[bold]{bank}[/]: {len(b.concept_ids)} concepts on base [cyan]{b.base_model}[/] (config {b.base_config_hash})")
-    console.print(f"k={b.k}, hidden size {b.hidden_size}, head {'tied' if b.tied_head else 'untied'}, {ConceptBank.size_bytes(bank) / 1024:.1f} KiB on disk")
+    console.print(
+        f"[bold]{bank}[/]: {len(b.concept_ids)} concepts on base [cyan]{b.base_model}[/] (config {b.base_config_hash})"
+    )
+    console.print(
+        f"k={b.k}, hidden size {b.hidden_size}, head {'tied' if b.tied_head else 'untied'}, {ConceptBank.size_bytes(bank) / 1024:.1f} KiB on disk"
+    )
     table = Table("id", "name", "category", "tokens")
     for cid in b.concept_ids:
         d = b.display.get(cid) or {}
@@ -273,7 +366,10 @@ def info(bank: Path = typer.Argument(..., help="A concept bank folder.")) -> Non
     if hist:
         last = hist[-1]
         probe = last.get("probe", {}).get("weighted_accuracy")
-        console.print(f"trained {last['epoch']} epochs; final loss {last['loss']:.4f}" + (f"; held-out recognition {probe:.3f}" if probe is not None else ""))
+        console.print(
+            f"trained {last['epoch']} epochs; final loss {last['loss']:.4f}"
+            + (f"; held-out recognition {probe:.3f}" if probe is not None else "")
+        )
 
 
 @app.command()
@@ -282,11 +378,19 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[list[str]] = typer.Option(None, "--api-key", envvar="MCLLAVA_API_KEY", help=API_KEY_HELP),
-    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="A file of keys: one KEY or KEY=bank1,bank2 a line."),
-    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Without --api-key, also answer requests naming this host "
-                                           "(besides --host and loopback; '*': any). Repeatable."),
+    api_keys: Optional[Path] = typer.Option(
+        None, "--api-keys", help="A file of keys: one KEY or KEY=bank1,bank2 a line."
+    ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="Without --api-key, also answer requests naming this host "
+        "(besides --host and loopback; '*': any). Repeatable.",
+    ),
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept folder to take thumbnails from."),
-    base: Optional[str] = typer.Option(None, "--base", help="Override the base model the banks remember (needed when one names a local path)."),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="Override the base model the banks remember (needed when one names a local path)."
+    ),
     prompt_caches: int = typer.Option(8, "--prompt-caches", min=0, help=PROMPT_CACHES_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
@@ -308,7 +412,9 @@ def serve(
             served = PersonalAssistant.load(next(iter(folders.values())), base, **options)
         else:
             served = SharedBase.load(folders.values(), base, prompt_caches=prompt_caches, **options)
-        server_app = create_app(served, api_key=keys or None, concepts_dir=concepts, allowed_hosts=[host, *allowed_host])
+        server_app = create_app(
+            served, api_key=keys or None, concepts_dir=concepts, allowed_hosts=[host, *allowed_host]
+        )
     except (McLlavaError, OSError) as exc:
         _fail(exc)
     if not keys and (host not in ("127.0.0.1", "localhost", "::1") or allowed_host):

@@ -74,7 +74,9 @@ def _open_decoded(path: Path, limits: ImageLimits) -> Image.Image:
                         f"{path}: image has too many pixels ({w}x{h} = {w * h:,}; the limit is {limits.max_pixels:,})"
                     )
                 if min(w, h) < limits.min_side:
-                    raise ConceptError(f"{path}: image is too small ({w}x{h}; each side needs at least {limits.min_side} pixels)")
+                    raise ConceptError(
+                        f"{path}: image is too small ({w}x{h}; each side needs at least {limits.min_side} pixels)"
+                    )
                 im.load()
                 return ImageOps.exif_transpose(im)
     except ConceptError:
@@ -167,11 +169,15 @@ def validate_concept_id(cid: str, tokenizer: Any = None, path: Path | None = Non
     known |= set(getattr(tokenizer, "all_special_tokens", None) or ())
     token = f"<{cid}>"
     if token in known:
-        raise ConceptError(f"{where}concept id {cid!r} collides with the existing tokenizer token {token!r}; rename the folder")
+        raise ConceptError(
+            f"{where}concept id {cid!r} collides with the existing tokenizer token {token!r}; rename the folder"
+        )
     soft = re.compile(re.escape(f"<{cid}_") + r"\d+>")
     clash = sorted(t for t in known if isinstance(t, str) and soft.fullmatch(t))
     if clash:
-        raise ConceptError(f"{where}concept id {cid!r} collides with the existing tokenizer token {clash[0]!r}; rename the folder")
+        raise ConceptError(
+            f"{where}concept id {cid!r} collides with the existing tokenizer token {clash[0]!r}; rename the folder"
+        )
 
 
 def id_clashes(ids: Iterable[str]) -> list[str]:
@@ -282,7 +288,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                 and all(isinstance(v, str) and v.strip() for v in fact.values())
             )
             if not ok:
-                raise ConceptError(f"{path}: facts[{i}] must have exactly a 'question' and an 'answer', both non-empty text")
+                raise ConceptError(
+                    f"{path}: facts[{i}] must have exactly a 'question' and an 'answer', both non-empty text"
+                )
         data["facts"] = [{"question": f["question"], "answer": f["answer"]} for f in facts]
     return data
 
@@ -420,7 +428,9 @@ class ConceptSet:
                 problems.append(f"{folder}: folder name must list two or more different concept ids joined by '+'")
                 continue
             if bad:
-                problems.append(f"{folder}: unknown concept id{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}")
+                problems.append(
+                    f"{folder}: unknown concept id{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}"
+                )
                 continue
             images = _scan_images(folder, False, problems)
             if not images:

@@ -29,14 +29,21 @@ from .world.make import make_world
 
 console = Console()
 
-SHAPE_CONCEPTS = {"bo": ("red", "circle"), "ana": ("blue", "square"), "kiki": ("yellow", "triangle"), "momo": ("green", "circle")}
+SHAPE_CONCEPTS = {
+    "bo": ("red", "circle"),
+    "ana": ("blue", "square"),
+    "kiki": ("yellow", "triangle"),
+    "momo": ("green", "circle"),
+}
 
 
 def prepare_tiny(args: argparse.Namespace):
     """The tiny shapes base (built and cached in OUT/base), shape concepts and a recognition test set."""
     console.print("A tiny LLaVA is built from a config and pretrained on coloured shapes (cached in demo-out/base).")
     base_dir = make_tiny_base(args.out / "base", tokenizer_cache=args.out / "tokenizer")
-    concepts_dir, tests = make_shape_concepts(args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1)
+    concepts_dir, tests = make_shape_concepts(
+        args.out / "world", SHAPE_CONCEPTS, n_train=8, n_test=6, seed=args.seed + 1
+    )
     console.print(f"concepts: {', '.join(f'<{c}> ({a} {b})' for c, (a, b) in SHAPE_CONCEPTS.items())}; tests: {tests}")
     return str(base_dir), concepts_dir, tests, None, presets.tiny(epochs=args.epochs or 60, seed=args.seed), 8
 
@@ -53,16 +60,23 @@ def prepare_proving_ground(args: argparse.Namespace):
     return proving_base.NAME, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
 
 
-def joint_recognition(assistant: PersonalAssistant, records: list[dict], report: dict, max_new_tokens: int) -> dict | None:
+def joint_recognition(
+    assistant: PersonalAssistant, records: list[dict], report: dict, max_new_tokens: int
+) -> dict | None:
     """Recognition as the model answers it alone: "are A and B both here?" asked as one question (`--joint`)
     instead of once per concept, the other answers as in `report`. Printed so that the gain of splitting shows."""
-    together = {i for i, r in enumerate(records) if r["task"] == "recognition" and r.get("image")
-                and assistant.asked_together(format_question(r))}
+    together = {
+        i
+        for i, r in enumerate(records)
+        if r["task"] == "recognition" and r.get("image") and assistant.asked_together(format_question(r))
+    }
     if not together:
         return None
     assistant.joint = True
     try:
-        joint = evaluate([records[i] for i in sorted(together)], AssistantAnswerer(assistant, False, max_new_tokens), progress=False)
+        joint = evaluate(
+            [records[i] for i in sorted(together)], AssistantAnswerer(assistant, False, max_new_tokens), progress=False
+        )
     finally:
         assistant.joint = False
     rec = [r for r in report["rows"] if r["kind"] == "recognition"]
@@ -75,14 +89,17 @@ def joint_recognition(assistant: PersonalAssistant, records: list[dict], report:
         f"asked as one question (--joint, the model alone): recognition {out['weighted_accuracy']:.3f} (positive "
         f"{out['positive_recall']:.3f}, negative {out['negative_recall']:.3f}); its {len(together)} 'are A and B both "
         f"here?' questions {out['together']['weighted_accuracy']:.3f}, against "
-        f"{out['together_split']['weighted_accuracy']:.3f} asked one concept at a time")
+        f"{out['together_split']['weighted_accuracy']:.3f} asked one concept at a time"
+    )
     return out
 
 
 def free_captions(assistant: PersonalAssistant, records: list[dict], max_new_tokens: int) -> dict | None:
     """Captions as the model writes them alone, choosing the names itself (`--free-captions`) instead of starting
     with those its per-concept answers found. Printed so that the gain of recognising first shows."""
-    captions = [r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(format_question(r))]
+    captions = [
+        r for r in records if r["task"] == "caption" and r.get("image") and assistant.asks_caption(format_question(r))
+    ]
     if not captions:
         return None
     assistant.free_captions = True
@@ -90,8 +107,10 @@ def free_captions(assistant: PersonalAssistant, records: list[dict], max_new_tok
         free = evaluate(captions, AssistantAnswerer(assistant, False, max_new_tokens), progress=False)["caption"]
     finally:
         assistant.free_captions = False
-    console.print(f"captions written by the model alone (--free-captions): name recall {fmt(free['recall'])}, "
-                  f"precision {fmt(free['precision'])}")
+    console.print(
+        f"captions written by the model alone (--free-captions): name recall {fmt(free['recall'])}, "
+        f"precision {fmt(free['precision'])}"
+    )
     return free
 
 
@@ -112,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("2. personalise (all concepts jointly, --recipe fast)")
     backbone = Backbone.load(base)
     concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-    result = personalize(concept_set, backbone, args.out / "bank", config, negatives=negatives, resume=True, log=console.print)
-    console.print(f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)")
+    result = personalize(
+        concept_set, backbone, args.out / "bank", config, negatives=negatives, resume=True, log=console.print
+    )
+    console.print(
+        f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)"
+    )
 
     console.rule("3. evaluate")
     records = read_tests_jsonl(tests)

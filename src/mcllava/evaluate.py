@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import sacrebleu
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -23,8 +22,10 @@ from . import scoring_official as official
 
 SPLITS = ("single", "multi_one", "multi_all")
 COLUMNS = ("official", "lenient")
-WHY_LENIENT = ("lenient: our parsing ('Yes.', '(B)', an option's text count), so that a model's wording does not hide "
-               "what it knows; official: the MC-LLaVA / Yo'LLaVA code's exact-string rules, the figure papers compare")
+WHY_LENIENT = (
+    "lenient: our parsing ('Yes.', '(B)', an option's text count), so that a model's wording does not hide "
+    "what it knows; official: the MC-LLaVA / Yo'LLaVA code's exact-string rules, the figure papers compare"
+)
 _YES = {"yes", "yeah", "yep"}
 _NO = {"no", "nope"}
 
@@ -186,8 +187,9 @@ def _kind(record: dict) -> str:
     return task
 
 
-def evaluate(records: Iterable[dict], answerer: Answerer, progress: bool = True, keep_rows: bool = True,
-             prompts: str = "ours") -> dict:
+def evaluate(
+    records: Iterable[dict], answerer: Answerer, progress: bool = True, keep_rows: bool = True, prompts: str = "ours"
+) -> dict:
     """Ask `answerer` every record (worded by `prompts`: "ours" or "official") and score it both ways;
     returns the report (only sections with questions appear; per scenario too when records name one)."""
     records = list(records)
@@ -302,8 +304,10 @@ def _both(lenient: dict, off: dict) -> dict:
 def _recognition(rows: list[dict]) -> dict:
     skip = any(r.get("protocol") == "yollava" for r in rows)
     truths = [r["truth"] for r in rows]
-    return _both(recognition_metrics(truths, [r["parsed"] for r in rows]),
-                 official.recognition(truths, [r["prediction"] for r in rows], skip_unparseable=skip))
+    return _both(
+        recognition_metrics(truths, [r["parsed"] for r in rows]),
+        official.recognition(truths, [r["prediction"] for r in rows], skip_unparseable=skip),
+    )
 
 
 def _accuracy(rows: list[dict]) -> dict:
@@ -312,8 +316,11 @@ def _accuracy(rows: list[dict]) -> dict:
 
 def _vqa(rows: list[dict]) -> dict:
     refs, preds = [str(r["answer"]).strip() for r in rows], [r["prediction"].strip() for r in rows]
-    lenient = {"bleu_mcllava": sum(r["score"] for r in rows) / len(rows), "bleu_sacrebleu": bleu_sacrebleu(refs, preds),
-               "n": len(rows)}
+    lenient = {
+        "bleu_mcllava": sum(r["score"] for r in rows) / len(rows),
+        "bleu_sacrebleu": bleu_sacrebleu(refs, preds),
+        "n": len(rows),
+    }
     return _both(lenient, {"bleu_mcllava": sum(r["official"] for r in rows) / len(rows), "n": len(rows)})
 
 
@@ -322,14 +329,20 @@ def _caption(rows: list[dict]) -> dict:
     named = sum(len(r["named"]) for r in rows)
     said = sum(len(r["named_any"]) for r in rows)
     scored = [r["official"] for r in rows if r["official"] is not None]
-    lenient = {"recall": named / present if present else None, "precision": named / said if said else None,
-               "n": len(rows), "n_concepts": present}
+    lenient = {
+        "recall": named / present if present else None,
+        "precision": named / said if said else None,
+        "n": len(rows),
+        "n_concepts": present,
+    }
     return _both(lenient, {"recall": sum(scored) / len(scored) if scored else None, "n": len(scored)})
 
 
 def _with_splits(rows: list[dict], section, order: tuple[str, ...]) -> dict:
     out = section(rows)
-    out["splits"] = {s: section([r for r in rows if r["split"] == s]) for s in order if any(r["split"] == s for r in rows)}
+    out["splits"] = {
+        s: section([r for r in rows if r["split"] == s]) for s in order if any(r["split"] == s for r in rows)
+    }
     return out
 
 
@@ -348,7 +361,11 @@ def _aggregate(rows: list[dict]) -> dict:
         report["caption"] = _with_splits(cap, _caption, ("single", "multi"))
     if gr := by.get("grounding"):
         hits = [h for r in gr for h in r["hits"].values()]
-        report["grounding"] = {"hit_rate": sum(hits) / len(hits) if hits else None, "n": len(gr), "n_concepts": len(hits)}
+        report["grounding"] = {
+            "hit_rate": sum(hits) / len(hits) if hits else None,
+            "n": len(gr),
+            "n_concepts": len(hits),
+        }
     if pos := by.get("position"):
         report["position"] = _accuracy(pos)
     return report
@@ -357,8 +374,13 @@ def _aggregate(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- display
 
 Line = tuple[str, str, str, "float | None", "float | None", int]
-_METRICS = {"recognition": ("weighted_accuracy", "positive_recall", "negative_recall"), "choice": ("accuracy",),
-            "vqa": ("bleu_mcllava", "bleu_sacrebleu"), "caption": ("recall", "precision"), "position": ("accuracy",)}
+_METRICS = {
+    "recognition": ("weighted_accuracy", "positive_recall", "negative_recall"),
+    "choice": ("accuracy",),
+    "vqa": ("bleu_mcllava", "bleu_sacrebleu"),
+    "caption": ("recall", "precision"),
+    "position": ("accuracy",),
+}
 
 
 def headline(report: dict) -> list[Line]:
@@ -387,16 +409,23 @@ def print_table(report: dict, console: Any = None) -> None:
     """Print the figures, official and lenient side by side, per split; then per scenario when there are several."""
     console = console or Console()
     table = Table(title="mcllava evaluation", caption=WHY_LENIENT)
-    for col, justify in (("task", "left"), ("split", "left"), ("metric", "left"), ("official", "right"),
-                         ("lenient", "right"), ("n", "right")):
+    for col, justify in (
+        ("task", "left"),
+        ("split", "left"),
+        ("metric", "left"),
+        ("official", "right"),
+        ("lenient", "right"),
+        ("n", "right"),
+    ):
         table.add_column(col, justify=justify)
     last = (None, None)
     for task, split, metric, off, len_, n in headline(report):
         if last[0] is not None and task != last[0]:
             table.add_section()
         same_task, same_split = task == last[0], (task, split) == last
-        table.add_row("" if same_task else task, "" if same_split else split, metric, fmt(off, metric),
-                      fmt(len_, metric), str(n))
+        table.add_row(
+            "" if same_task else task, "" if same_split else split, metric, fmt(off, metric), fmt(len_, metric), str(n)
+        )
         last = (task, split)
     console.print(table)
     if len(scen := report.get("scenarios") or {}) > 1:

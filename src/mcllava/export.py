@@ -97,7 +97,9 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # soft tokens <c_i> are never an answer (mcllava suppresses them); engines that read generation_config do too
     model.generation_config.suppress_tokens = list(assistant.tokens.soft_ids)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generation_config.pad_token_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -126,4 +128,3 @@ def export(bank_path: str | Path, out_dir: str | Path, base: str | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-

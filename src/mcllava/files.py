@@ -15,7 +15,6 @@ _ERRNO_WORDS = {
 }
 
 
-
 def os_error_text(exc: BaseException) -> str:
     """Plain words for an OS error (``the disk is full`` rather than ``[Errno 28]``), also inside safetensors' errors."""
     if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:

@@ -97,7 +97,9 @@ def similarity_maps(
     return maps
 
 
-def normalise_across_concepts(maps: dict[str, torch.Tensor], config: LocateConfig = LocateConfig()) -> dict[str, torch.Tensor]:
+def normalise_across_concepts(
+    maps: dict[str, torch.Tensor], config: LocateConfig = LocateConfig()
+) -> dict[str, torch.Tensor]:
     """Per-token softmax over the concepts plus a constant background level -> maps in [0, 1].
 
     A token that resembles two concepts equally counts half for each; a token that resembles none (cosine
@@ -226,7 +228,14 @@ def draw_marks(
         stroke = round(diameter / 28)  # stroke in the text colour = bold (none on tiny marks, it would blot)
         font = _font(max(6, round(diameter * (0.62 if len(text) == 1 else 0.48))))
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
-        draw.text((x - (left + right) / 2, y - (top + bottom) / 2), text, fill="black", font=font, stroke_width=stroke, stroke_fill="black")
+        draw.text(
+            (x - (left + right) / 2, y - (top + bottom) / 2),
+            text,
+            fill="black",
+            font=font,
+            stroke_width=stroke,
+            stroke_fill="black",
+        )
     return out, marks
 
 

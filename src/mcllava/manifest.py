@@ -62,7 +62,9 @@ def _manifest_problem(fields: dict[str, Any]) -> str | None:
         for key in DISPLAY_TEXTS:
             if info.get(key) is not None and not isinstance(info[key], str):
                 return f"display.{cid}.{key} must be a string, not {type(info[key]).__name__}"
-        if info.get("facts") is not None and not (isinstance(info["facts"], list) and all(isinstance(f, dict) for f in info["facts"])):
+        if info.get("facts") is not None and not (
+            isinstance(info["facts"], list) and all(isinstance(f, dict) for f in info["facts"])
+        ):
             return f"display.{cid}.facts must be a list of objects"
     introduce = fields["recipe"].get("introduce")
     if introduce is not None and introduce not in ("all", "relevant"):
@@ -91,12 +93,8 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith(".")
 
 
-
-
 def token_strings(cid: str, k: int) -> list[str]:
     return [f"<{cid}>"] + [f"<{cid}_{j}>" for j in range(1, k + 1)]
-
-
 
 
 def _manifest_fields(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
@@ -140,4 +138,3 @@ def _manifest_fields(manifest: dict[str, Any], mpath: Path) -> dict[str, Any]:
     if problem:
         raise BankError(f"{mpath}: {problem}")
     return fields
-

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 from .assistant import PersonalAssistant
 from .backbone import Backbone, PromptCache
@@ -36,12 +36,16 @@ def bank_folders(paths: Iterable[str | Path]) -> dict[str, Path]:
         elif path.is_dir():
             banks = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
             if not banks:
-                raise BankError(f"{path} is neither a concept bank nor a folder of concept banks (no {MANIFEST} in it or its sub-folders)")
+                raise BankError(
+                    f"{path} is neither a concept bank nor a folder of concept banks (no {MANIFEST} in it or its sub-folders)"
+                )
         else:
             raise BankError(f"no concept bank at {path} (folder not found)")
         for bank in banks:
             if bank.name in found:
-                raise BankError(f"two banks are named {bank.name!r} ({found[bank.name]} and {bank}): a bank's name is its folder's name")
+                raise BankError(
+                    f"two banks are named {bank.name!r} ({found[bank.name]} and {bank}): a bank's name is its folder's name"
+                )
             found[bank.name] = bank
     if not found:
         raise BankError("no concept bank given")
@@ -54,8 +58,10 @@ def check_same_base(banks: Mapping[str, ConceptBank]) -> None:
     for name, bank in rest:
         for attr in ("base_config_hash", "tokenizer_len_before"):
             if getattr(bank, attr) != getattr(first, attr):
-                raise BankError(f"bank {name!r} was trained on base {bank.base_model} ({attr} {getattr(bank, attr)}), not on the base "
-                                f"of bank {first_name!r} ({first.base_model}, {getattr(first, attr)}): one server holds banks of one base")
+                raise BankError(
+                    f"bank {name!r} was trained on base {bank.base_model} ({attr} {getattr(bank, attr)}), not on the base "
+                    f"of bank {first_name!r} ({first.base_model}, {getattr(first, attr)}): one server holds banks of one base"
+                )
 
 
 class BankTokenizer:
@@ -90,7 +96,9 @@ class BankTokenizer:
 class SharedBase:
     """Several banks on one `Backbone`: an assistant per bank, used one at a time with `use(name)`."""
 
-    def __init__(self, backbone: Backbone, banks: Mapping[str, ConceptBank], prompt_caches: int = 8, **assistant_kwargs):
+    def __init__(
+        self, backbone: Backbone, banks: Mapping[str, ConceptBank], prompt_caches: int = 8, **assistant_kwargs
+    ):
         if not banks:
             raise BankError("no concept bank given")
         self.backbone = backbone
@@ -112,10 +120,18 @@ class SharedBase:
         self.assistants: dict[str, PersonalAssistant] = {}
         self._tokenizers: dict[str, BankTokenizer] = {}
         for name, bank in banks.items():
-            tokens = ConceptTokens(list(bank.concept_ids), bank.k, {c: [token_id[s] for s in bank.token_strings(c)] for c in bank.concept_ids})
+            tokens = ConceptTokens(
+                list(bank.concept_ids),
+                bank.k,
+                {c: [token_id[s] for s in bank.token_strings(c)] for c in bank.concept_ids},
+            )
             own = set(tokens.all_ids)
-            self.assistants[name] = PersonalAssistant(backbone, bank, tokens=tokens, never_say=sorted(every_id - own), **assistant_kwargs)
-            self._tokenizers[name] = BankTokenizer(tokenizer, self._base_tokenizer, {s: token_id[s] for s in bank.all_tokens})
+            self.assistants[name] = PersonalAssistant(
+                backbone, bank, tokens=tokens, never_say=sorted(every_id - own), **assistant_kwargs
+            )
+            self._tokenizers[name] = BankTokenizer(
+                tokenizer, self._base_tokenizer, {s: token_id[s] for s in bank.all_tokens}
+            )
         self.prompt_caches = prompt_caches
         self._caches: OrderedDict[str, PromptCache] = OrderedDict()
         self._in_use: str | None = None
@@ -124,7 +140,9 @@ class SharedBase:
         self._idle_cache.clear()
 
     @classmethod
-    def load(cls, paths: Iterable[str | Path], base: str | Backbone | None = None, prompt_caches: int = 8, **assistant_kwargs) -> "SharedBase":
+    def load(
+        cls, paths: Iterable[str | Path], base: str | Backbone | None = None, prompt_caches: int = 8, **assistant_kwargs
+    ) -> SharedBase:
         """Load the banks at `paths` (see `bank_folders`) and the base model they remember (or `base`), once."""
         banks = {name: ConceptBank.load(path) for name, path in bank_folders(paths).items()}
         check_same_base(banks)  # before the base model is loaded

@@ -24,8 +24,15 @@ def proving_ground(epochs: int = 10, seed: int = 0, **overrides) -> TrainConfig:
     and epoch, written by the base from the concepts' descriptions (`captions.distil_captions`), so that the
     trained name rows (tied to the head) do not fill captions with names (docs/results.md, "The recipe, and what was tried and not kept").
     """
-    settings = {"k": 6, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed, "cpu_bf16": True,
-                "data": DataOptions(short_answers=True, text=False, yes_no=("Yes", "No"), captions=1)}
+    settings = {
+        "k": 6,
+        "epochs": epochs,
+        "lr": 1e-2,
+        "batch_size": 8,
+        "seed": seed,
+        "cpu_bf16": True,
+        "data": DataOptions(short_answers=True, text=False, yes_no=("Yes", "No"), captions=1),
+    }
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -34,7 +41,12 @@ def tiny(epochs: int = 60, seed: int = 0, **overrides) -> TrainConfig:
 
     The tiny base only ever answered "Yes." / "No.", so it trains on short answers and no text-only questions.
     """
-    settings = {"k": 4, "epochs": epochs, "lr": 1e-2, "batch_size": 8, "seed": seed,
-                "data": DataOptions(short_answers=True, text=False)}
+    settings = {
+        "k": 4,
+        "epochs": epochs,
+        "lr": 1e-2,
+        "batch_size": 8,
+        "seed": seed,
+        "data": DataOptions(short_answers=True, text=False),
+    }
     return TrainConfig(**{**settings, **overrides})
-

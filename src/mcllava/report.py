@@ -112,11 +112,15 @@ def write_html(
     parts.append("</table>")
     parts.append(f"<p>{html.escape(WHY_LENIENT)}</p>")
     for name, sub in (report.get("scenarios") or {}).items():
-        parts.append(f"<h2>scenario {html.escape(name)}</h2><table><tr><th>task</th><th>split</th><th>metric</th>"
-                     "<th>official</th><th>lenient</th><th>n</th></tr>")
-        parts += [f"<tr><td>{html.escape(t)}</td><td>{html.escape(s)}</td><td>{html.escape(m)}</td>"
-                  f"<td class='num'>{fmt(o, m)}</td><td class='num'>{fmt(v, m)}</td><td class='num'>{n}</td></tr>"
-                  for t, s, m, o, v, n in headline(sub)]
+        parts.append(
+            f"<h2>scenario {html.escape(name)}</h2><table><tr><th>task</th><th>split</th><th>metric</th>"
+            "<th>official</th><th>lenient</th><th>n</th></tr>"
+        )
+        parts += [
+            f"<tr><td>{html.escape(t)}</td><td>{html.escape(s)}</td><td>{html.escape(m)}</td>"
+            f"<td class='num'>{fmt(o, m)}</td><td class='num'>{fmt(v, m)}</td><td class='num'>{n}</td></tr>"
+            for t, s, m, o, v, n in headline(sub)
+        ]
         parts.append("</table>")
     if t := report.get("timing"):
         parts.append(f"<p>{t['n']} questions in {t['total_s']:.1f} s.</p>")
@@ -159,4 +163,3 @@ def write_html(
         Path(tmp).unlink(missing_ok=True)
         raise
     return page
-

@@ -86,8 +86,9 @@ class RetrievalArm:
     _photo_seconds: list[float] = field(default_factory=list, repr=False)
 
     @classmethod
-    def fit(cls, backbone: Backbone, concepts: ConceptSet, negatives: str | Path | None = None,
-            min_coverage: float = 0.5) -> "RetrievalArm":
+    def fit(
+        cls, backbone: Backbone, concepts: ConceptSet, negatives: str | Path | None = None, min_coverage: float = 0.5
+    ) -> RetrievalArm:
         """References and thresholds from the concept folder (and optional generic negatives) alone."""
         t0 = time.perf_counter()
         layout = backbone.layout
@@ -111,21 +112,32 @@ class RetrievalArm:
             files = sorted(p for p in Path(negatives).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if files:
                 extra = list(backbone.visual_tokens([load_image(p) for p in files]).patches.float().cpu())
-        group_photos = [(m.present, backbone.visual_tokens([load_image(m.path)]).patches[0].float().cpu())
-                        for m in concepts.multi]
+        group_photos = [
+            (m.present, backbone.visual_tokens([load_image(m.path)]).patches[0].float().cpu()) for m in concepts.multi
+        ]
         for cid, ref in refs.items():
             pos = []
             for i, feats in enumerate(photos[cid]):  # leave the photo's own tokens out
                 others = ref.tokens[ref.photo != i]
                 if len(others):
                     pos.append(region_score(best_cosines(feats, others), layout, ref.window))
-            pos += [region_score(best_cosines(f, ref.tokens), layout, ref.window) for present, f in group_photos
-                    if cid in present]
-            neg = [region_score(best_cosines(f, ref.tokens), layout, ref.window)
-                   for o, fs in photos.items() if o != cid for f in fs]
+            pos += [
+                region_score(best_cosines(f, ref.tokens), layout, ref.window)
+                for present, f in group_photos
+                if cid in present
+            ]
+            neg = [
+                region_score(best_cosines(f, ref.tokens), layout, ref.window)
+                for o, fs in photos.items()
+                if o != cid
+                for f in fs
+            ]
             neg += [region_score(best_cosines(f, ref.tokens), layout, ref.window) for f in extra]
-            neg += [region_score(best_cosines(f, ref.tokens), layout, ref.window) for present, f in group_photos
-                    if cid not in present]
+            neg += [
+                region_score(best_cosines(f, ref.tokens), layout, ref.window)
+                for present, f in group_photos
+                if cid not in present
+            ]
             ref.threshold = best_cut(pos or [1.0], neg)
         names = {c.id: c.name for c in concepts}
         return cls(backbone, refs, names, fit_seconds=time.perf_counter() - t0)
@@ -136,8 +148,10 @@ class RetrievalArm:
         if key not in self._scores:
             t0 = time.perf_counter()
             feats = self.backbone.visual_tokens([image.convert("RGB")]).patches[0].float().cpu()
-            self._scores[key] = {cid: region_score(best_cosines(feats, r.tokens), self.backbone.layout, r.window)
-                                 for cid, r in self.references.items()}
+            self._scores[key] = {
+                cid: region_score(best_cosines(feats, r.tokens), self.backbone.layout, r.window)
+                for cid, r in self.references.items()
+            }
             self._photo_seconds.append(time.perf_counter() - t0)
         return self._scores[key]
 
@@ -145,7 +159,7 @@ class RetrievalArm:
         return {cid: s >= self.references[cid].threshold for cid, s in self.scores(image).items()}
 
     def answer(self, image: Image.Image | None, question: str) -> str:
-        """"Yes" when every concept the question names is found in the photo, else "No"."""
+        """ "Yes" when every concept the question names is found in the photo, else "No"."""
         asked = concepts_in(question)
         if image is None or not asked:
             raise McLlavaError("the retrieval arm answers recognition questions about a photo that name concepts")
@@ -161,7 +175,10 @@ class RetrievalArm:
 
     def summary(self) -> dict:
         """Cost and calibration, for reports: seconds per photo, fitting time, each concept's threshold."""
-        return {"seconds_per_photo": self.seconds_per_photo, "photos": len(self._photo_seconds),
-                "fit_seconds": self.fit_seconds,
-                "thresholds": {cid: r.threshold for cid, r in self.references.items()},
-                "windows": {cid: r.window for cid, r in self.references.items()}}
+        return {
+            "seconds_per_photo": self.seconds_per_photo,
+            "photos": len(self._photo_seconds),
+            "fit_seconds": self.fit_seconds,
+            "thresholds": {cid: r.threshold for cid, r in self.references.items()},
+            "windows": {cid: r.window for cid, r in self.references.items()},
+        }

@@ -22,8 +22,10 @@ PROMPTS = ("ours", "official")
 RECOGNITION_PROMPT = "Can you see {names} in this photo? Answer the question using a single word Yes or No."
 YOLLAVA_RECOGNITION_PROMPT = "Can you see {names} in this photo? Answer with a single word or phrase."
 CHOICE_SUFFIX = "\nIMPORTANT: Answer the question using a single letter."
-CAPTION_PROMPT = ("Can you see {names} in the image? Don't answer the question but remember it, and only response a "
-                  "detailed caption for the image. Your caption:")
+CAPTION_PROMPT = (
+    "Can you see {names} in the image? Don't answer the question but remember it, and only response a "
+    "detailed caption for the image. Your caption:"
+)
 
 
 def official_question(record: dict, with_options: str, all_concepts: Iterable[str]) -> str:
@@ -57,8 +59,11 @@ def bleu(reference: str, prediction: str) -> float:
         return float(prediction == reference)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(sentence_bleu([list(reference)], list(prediction), weights=(0.7, 0.3),
-                                   smoothing_function=SmoothingFunction().method1))
+        return float(
+            sentence_bleu(
+                [list(reference)], list(prediction), weights=(0.7, 0.3), smoothing_function=SmoothingFunction().method1
+            )
+        )
 
 
 def caption_score(caption: str, present: list[str]) -> float | None:
@@ -82,6 +87,12 @@ def recognition(truths: list[bool], preds: list[str], skip_unparseable: bool = F
     pr = sum(pos) / len(pos) if pos else None
     nr = sum(neg) / len(neg) if neg else None
     parts = [x for x in (pr, nr) if x is not None]
-    return {"weighted_accuracy": sum(parts) / len(parts) if parts else None, "positive_recall": pr,
-            "negative_recall": nr, "n": len(truths), "n_positive": len(pos), "n_negative": len(neg),
-            "skipped": skipped}
+    return {
+        "weighted_accuracy": sum(parts) / len(parts) if parts else None,
+        "positive_recall": pr,
+        "negative_recall": nr,
+        "n": len(truths),
+        "n_positive": len(pos),
+        "n_negative": len(neg),
+        "skipped": skipped,
+    }

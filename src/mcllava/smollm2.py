@@ -25,11 +25,15 @@ def chat_template(image_last: bool = False) -> str:
     attention image tokens can attend to the concept introductions and the question (the proving-ground base).
     """
     if image_last:
-        parts = ("{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-                 "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}")
+        parts = (
+            "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+        )
     else:
-        parts = ("{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
-                 "{% endif %}{% endfor %}")
+        parts = (
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+            "{% endif %}{% endfor %}"
+        )
     return (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"

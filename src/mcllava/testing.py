@@ -66,9 +66,17 @@ def make_bank(base_dir: Path, out: Path, k: int = 2, concepts: dict = CONCEPTS, 
     refs = {cid: torch.randn(3, d, generator=g) for cid in ids}
     refs[ids[0]] = backbone.visual_tokens([red_photo()]).patches[0].float()
     bank = ConceptBank(
-        base_model=str(base_dir), base_config_hash=config_hash(backbone.model.config), tokenizer_len_before=n,
-        concept_ids=ids, k=k, hidden_size=d, tied_head=tied, input_rows=rows, head_rows=head,
-        locator_refs=refs, display={cid: dict(info) for cid, info in concepts.items()},
+        base_model=str(base_dir),
+        base_config_hash=config_hash(backbone.model.config),
+        tokenizer_len_before=n,
+        concept_ids=ids,
+        k=k,
+        hidden_size=d,
+        tied_head=tied,
+        input_rows=rows,
+        head_rows=head,
+        locator_refs=refs,
+        display={cid: dict(info) for cid, info in concepts.items()},
     )
     return bank.save(out)
 
@@ -89,8 +97,11 @@ def serving(app, timeout: float = 20.0, limits=None) -> Iterator[str]:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off") if limits is None else \
-        uvicorn_config(app, limits, log_level="warning", lifespan="off")
+    config = (
+        uvicorn.Config(app, log_level="warning", lifespan="off")
+        if limits is None
+        else uvicorn_config(app, limits, log_level="warning", lifespan="off")
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

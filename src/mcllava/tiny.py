@@ -45,23 +45,48 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 
 
-def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_size: int = 8, hidden: int = 64, layers: int = 2, seed: int = 0):
+def build_tiny_llava(
+    tokenizer,
+    tied: bool = False,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+):
     """A randomly initialised tiny LLaVA-1.5-shaped model and its processor."""
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
     )
     rows = (len(tokenizer) + 63) // 64 * 64
     text = LlamaConfig(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=rows, max_position_embeddings=512, tie_word_embeddings=tied,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=rows,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=tied,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tied,
     )
     model = LlavaForConditionalGeneration(config)
     if tied:
@@ -69,11 +94,16 @@ def build_tiny_llava(tokenizer, tied: bool = False, image_size: int = 32, patch_
     # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
     # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
     image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", chat_template=chat_template(), num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template(),
+        num_additional_image_tokens=1,
     )
     return model, processor
 
@@ -151,7 +181,13 @@ def shape_questions(rng: random.Random, kinds: list[tuple[str, str]], size: int)
 
 
 def pretrain_tiny(
-    model, processor, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, pool: int = 4096, seed: int = 0,
+    model,
+    processor,
+    steps: int = 3000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    pool: int = 4096,
+    seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
     """Train the whole tiny model on recognition of described shapes ("Is the red circle in this photo?").
@@ -225,7 +261,9 @@ def pretrain_tiny(
     return losses
 
 
-def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 3000, seed: int = 0) -> Path:
+def make_tiny_base(
+    out_dir: str | Path, tokenizer_cache: str | Path | None = None, tied: bool = False, steps: int = 3000, seed: int = 0
+) -> Path:
     """Build, pretrain and save a tiny base model folder (model + processor); reuses the folder if it exists."""
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "mcllava-tiny.json").exists():
@@ -236,12 +274,19 @@ def make_tiny_base(out_dir: str | Path, tokenizer_cache: str | Path | None = Non
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "mcllava-tiny.json").write_text(json.dumps({"steps": steps, "seed": seed, "final_loss": float(np.mean(losses[-20:]))}))
+    (out / "mcllava-tiny.json").write_text(
+        json.dumps({"steps": steps, "seed": seed, "final_loss": float(np.mean(losses[-20:]))})
+    )
     return out
 
 
 def make_shape_concepts(
-    root: str | Path, concepts: dict[str, tuple[str, str]], n_train: int = 6, n_test: int = 8, size: int = 32, seed: int = 0
+    root: str | Path,
+    concepts: dict[str, tuple[str, str]],
+    n_train: int = 6,
+    n_test: int = 8,
+    size: int = 32,
+    seed: int = 0,
 ) -> tuple[Path, Path]:
     """Write a concept folder (`root/concepts`) and a recognition test set (`root/tests.jsonl`) of shape concepts.
 
@@ -271,10 +316,16 @@ def make_shape_concepts(
             image.save(root / name)
             n += 1
             for other in concepts:
-                records.append({
-                    "image": name, "task": "recognition", "question": f"Is <{other}> in this photo?",
-                    "answer": "Yes" if other == cid else "No", "concepts": [other], "present": [cid],
-                })
+                records.append(
+                    {
+                        "image": name,
+                        "task": "recognition",
+                        "question": f"Is <{other}> in this photo?",
+                        "answer": "Yes" if other == cid else "No",
+                        "concepts": [other],
+                        "present": [cid],
+                    }
+                )
     (root / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return cdir, root / "tests.jsonl"
 

@@ -55,7 +55,7 @@ class ConceptTokens:
     def token(self, cid: str) -> str:
         return f"<{cid}>"
 
-    def subset(self, cids: list[str]) -> "ConceptTokens":
+    def subset(self, cids: list[str]) -> ConceptTokens:
         """The bookkeeping of some of the concepts (same ids): extending a bank trains only the new ones' rows."""
         return ConceptTokens(list(cids), self.k, {cid: self.ids[cid] for cid in cids})
 
@@ -151,7 +151,10 @@ def make_trainable(model, tokens: ConceptTokens) -> list[nn.Parameter]:
         # head's layer reads the embedding layer's rows), which is checked just below and in the tests.
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
         inject_adapter_in_model(config, model)
-    if head_is_tied(model) and getattr(model.get_output_embeddings(), "tied_adapter", None) is not model.get_input_embeddings():
+    if (
+        head_is_tied(model)
+        and getattr(model.get_output_embeddings(), "tied_adapter", None) is not model.get_input_embeddings()
+    ):
         raise McLlavaError("PEFT did not tie the LM head's trainable tokens to the embedding's")
     params = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     for p in params:

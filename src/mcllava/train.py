@@ -69,7 +69,9 @@ class TrainConfig:
     holdout: int = 1  # training images per concept kept aside for the per-epoch recognition check (if >= 3)
     data: DataOptions = field(default_factory=DataOptions)
     introduce: Literal["all", "relevant"] = "all"  # system text: every concept, or those a sample names or shows
-    cpu_bf16: bool = False  # bf16 autocast for fp32 models on CPU: several times faster where the CPU has AMX/AVX512-BF16
+    cpu_bf16: bool = (
+        False  # bf16 autocast for fp32 models on CPU: several times faster where the CPU has AMX/AVX512-BF16
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,18 +118,24 @@ class ImageStore:
         return self.backbone.visual_tokens([self.image(r) for r in refs]).features
 
 
-def build_catalog(concepts: ConceptSet, negatives: Path | None, holdout: int) -> tuple[list[CatalogEntry], list[CatalogEntry]]:
+def build_catalog(
+    concepts: ConceptSet, negatives: Path | None, holdout: int
+) -> tuple[list[CatalogEntry], list[CatalogEntry]]:
     """Training and probe entries: each concept's photos (a few held out), group photos, generic negatives."""
     train, probe = [], []
     for c in concepts:
         n_hold = holdout if len(c.images) >= 3 else 0
         for i, im in enumerate(c.images):
-            entry = CatalogEntry(f"{c.id}/{i}", str(im.path), str(im.mask_path) if im.mask_path else None, frozenset([c.id]))
+            entry = CatalogEntry(
+                f"{c.id}/{i}", str(im.path), str(im.mask_path) if im.mask_path else None, frozenset([c.id])
+            )
             (probe if i >= len(c.images) - n_hold else train).append(entry)
     for j, m in enumerate(concepts.multi):
         train.append(CatalogEntry(f"_multi/{j}", str(m.path), None, frozenset(m.present)))
     if negatives is not None:
-        files = sorted(p for p in Path(negatives).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+        files = sorted(
+            p for p in Path(negatives).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        )
         if not files:
             raise McLlavaError(f"negatives folder {negatives} has no images")
         train += [CatalogEntry(f"_neg/{j}", str(p), None, frozenset()) for j, p in enumerate(files)]
@@ -135,7 +143,12 @@ def build_catalog(concepts: ConceptSet, negatives: Path | None, holdout: int) ->
 
 
 def hard_negative_keys(
-    backbone: Backbone, store: ImageStore, entries: list[CatalogEntry], refs: dict[str, torch.Tensor], n: int, cache: bool
+    backbone: Backbone,
+    store: ImageStore,
+    entries: list[CatalogEntry],
+    refs: dict[str, torch.Tensor],
+    n: int,
+    cache: bool,
 ) -> dict[str, tuple[str, ...]]:
     """Per concept, the `n` generic negatives most like it: an image scores the mean cosine of its best k tokens
     to the concept's k-means references (each token's best reference), so a photo whose character shares many
@@ -193,7 +206,9 @@ def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.opt
         (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
     except (OSError, SafetensorError) as exc:  # disk full, read-only folder: no partial checkpoint stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise McLlavaError(f"could not write the training checkpoint {path}: {os_error_text(exc)}; the previous checkpoint is unchanged") from None
+        raise McLlavaError(
+            f"could not write the training checkpoint {path}: {os_error_text(exc)}; the previous checkpoint is unchanged"
+        ) from None
     point = f"ckpt:{meta.get('epoch')}"
     _fault_point(f"{point}:written")
     old = path.with_name(path.name + ".old")
@@ -248,7 +263,11 @@ def yes_no_margin(backbone: Backbone, system: str, question: str, features: torc
 
 
 def probe_accuracy(
-    backbone: Backbone, tokens: ConceptTokens, store: ImageStore, probe: list[CatalogEntry], introduce: str = "all",
+    backbone: Backbone,
+    tokens: ConceptTokens,
+    store: ImageStore,
+    probe: list[CatalogEntry],
+    introduce: str = "all",
     asked: list[str] | None = None,
 ) -> dict | None:
     """Recognition weighted accuracy on held-out training images, every concept (or those `asked`) asked about every image."""
@@ -271,8 +290,14 @@ def probe_accuracy(
 
 # ------------------------------------------------------------------------------------------------ main loop
 def _captions(
-    backbone: Backbone, concepts: ConceptSet, store: ImageStore, entries: list[CatalogEntry],
-    config: TrainConfig, found: Path | None, progress: bool, log,
+    backbone: Backbone,
+    concepts: ConceptSet,
+    store: ImageStore,
+    entries: list[CatalogEntry],
+    config: TrainConfig,
+    found: Path | None,
+    progress: bool,
+    log,
 ) -> dict[str, str]:
     """Caption answers for `DataOptions.captions` (written by the base before concept tokens exist); they are saved
     in every checkpoint, so a run resumed from `found` trains on the same ones without writing them again."""
@@ -281,8 +306,11 @@ def _captions(
     if found is not None and "captions" in (saved := json.loads((found / "state.json").read_text())):
         return saved["captions"]
     captions = distil_captions(
-        backbone, entries, {c.id: c.description for c in concepts},
-        lambda chosen: store.features([ImageRef(e.key) for e in chosen], cached=False), progress,
+        backbone,
+        entries,
+        {c.id: c.description for c in concepts},
+        lambda chosen: store.features([ImageRef(e.key) for e in chosen], cached=False),
+        progress,
     )
     n_photos = sum(1 for e in entries if e.present)
     log(f"captions: the base described {len(captions)} of {n_photos} concept photos naming exactly the concepts shown")
@@ -375,12 +403,19 @@ def personalize(
         return tokens.system_text(tokens.relevant(s.question, present[s.image.key] if s.image is not None else ()))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    meta_key = {"config": config.to_dict(), "concepts": concepts.ids, "base": base_hash, **({"extends": frozen} if frozen else {})}
+    meta_key = {
+        "config": config.to_dict(),
+        "concepts": concepts.ids,
+        "base": base_hash,
+        **({"extends": frozen} if frozen else {}),
+    }
     start_epoch, history = 0, []
     if found is not None:
         meta = load_checkpoint(found, params, optimizer)
         if {k: meta.get(k) for k in meta_key} != json.loads(json.dumps(meta_key)):
-            raise McLlavaError(f"checkpoint {found} belongs to another run (different settings or concepts); remove it or drop --resume")
+            raise McLlavaError(
+                f"checkpoint {found} belongs to another run (different settings or concepts); remove it or drop --resume"
+            )
         start_epoch, history = meta["epoch"], meta["history"]
         log(f"resuming from {found} after epoch {start_epoch}")
 
@@ -397,7 +432,10 @@ def personalize(
             input_rows=input_rows,
             head_rows=head_rows,
             locator_refs=refs,
-            display={c.id: {"name": c.name, "category": c.category, "description": c.description, "facts": c.facts} for c in concepts},
+            display={
+                c.id: {"name": c.name, "category": c.category, "description": c.description, "facts": c.facts}
+                for c in concepts
+            },
             recipe=config.to_dict(),
             metrics={"history": list(history)},
         )
@@ -414,13 +452,21 @@ def personalize(
         losses = []
         for start in bar:
             chunk = samples[start : start + bs]
-            encoded = [backbone.encode(backbone.format_prompt(s.question, system=system_for(s), image=s.image is not None), s.answer) for s in chunk]
+            encoded = [
+                backbone.encode(
+                    backbone.format_prompt(s.question, system=system_for(s), image=s.image is not None), s.answer
+                )
+                for s in chunk
+            ]
             batch = collate(encoded, [s.image for s in chunk], pad_id)
             refs_with_image = [s.image for s in chunk if s.image is not None]
             feats = store.features(refs_with_image, cached=config.recipe == "fast") if refs_with_image else None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.cpu_bf16 and backbone.device.type == "cpu"):
                 loss = backbone.answer_loss(
-                    batch.input_ids.to(backbone.device), batch.attention_mask.to(backbone.device), batch.labels.to(backbone.device), feats
+                    batch.input_ids.to(backbone.device),
+                    batch.attention_mask.to(backbone.device),
+                    batch.labels.to(backbone.device),
+                    feats,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -434,7 +480,12 @@ def personalize(
                         p[index] = keep
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0, "steps": len(losses)}
+        entry = {
+            "epoch": epoch + 1,
+            "loss": sum(losses) / max(len(losses), 1),
+            "seconds": time.perf_counter() - t0,
+            "steps": len(losses),
+        }
         acc = probe_accuracy(backbone, tokens, store, probe, config.introduce, trained.concept_ids)
         if acc:
             entry["probe"] = acc
@@ -443,7 +494,9 @@ def personalize(
             f"epoch {epoch + 1}: loss {entry['loss']:.4f}, {entry['seconds']:.1f}s"
             + (f", held-out recognition {acc['weighted_accuracy']:.3f}" if acc else "")
         )
-        save_checkpoint(ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history, "captions": captions})
+        save_checkpoint(
+            ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history, "captions": captions}
+        )
         if on_epoch is not None:
             on_epoch(entry, current_bank())
 

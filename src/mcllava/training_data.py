@@ -193,7 +193,13 @@ def build_epoch(
         if options.text:
             if concept.description:
                 samples.append(
-                    Sample(rng.choice(DESCRIBE_QUESTIONS).format(c=tok), f"{tok} is {concept.description}", None, "text", (cid,))
+                    Sample(
+                        rng.choice(DESCRIBE_QUESTIONS).format(c=tok),
+                        f"{tok} is {concept.description}",
+                        None,
+                        "text",
+                        (cid,),
+                    )
                 )
             for fact in concept.facts:
                 samples.append(Sample(fact["question"], fact["answer"], None, "text", (cid,)))
@@ -201,7 +207,9 @@ def build_epoch(
             captioned = [e for e in catalog if cid in e.present and e.key in captions]
             for e in rng.sample(captioned, min(options.captions, len(captioned))):
                 # never mirrored: a caption says who is on the left and who on the right
-                samples.append(Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present))))
+                samples.append(
+                    Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present)))
+                )
     if options.group:
         samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
     if frozen:
@@ -210,7 +218,9 @@ def build_epoch(
     return samples
 
 
-def _frozen_samples(catalog: list[CatalogEntry], trained: list[str], frozen: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
+def _frozen_samples(
+    catalog: list[CatalogEntry], trained: list[str], frozen: list[str], rng: random.Random, options: DataOptions
+) -> list[Sample]:
     """Questions about concepts whose rows are frozen, so that the new rows learn not to disturb them: for each photo
     of a trained concept, 'is <old> here?' -> No about a frozen concept it does not show, and as many -> Yes on a
     frozen concept's own photo. Their number follows the trained concepts' photos, not the frozen concepts'."""
@@ -221,8 +231,13 @@ def _frozen_samples(catalog: list[CatalogEntry], trained: list[str], frozen: lis
 
     def ask(cid: str, entry: CatalogEntry, answers: list[str], kind: str) -> Sample:
         tok = f"<{cid}>"
-        return Sample(rng.choice(RECOGNITION_QUESTIONS).format(c=tok), rng.choice(answers).format(c=tok),
-                      ImageRef(entry.key, options.flip and rng.random() < 0.5), kind, (cid,))
+        return Sample(
+            rng.choice(RECOGNITION_QUESTIONS).format(c=tok),
+            rng.choice(answers).format(c=tok),
+            ImageRef(entry.key, options.flip and rng.random() < 0.5),
+            kind,
+            (cid,),
+        )
 
     out = []
     for e in new_photos:
@@ -235,7 +250,9 @@ def _frozen_samples(catalog: list[CatalogEntry], trained: list[str], frozen: lis
     return out
 
 
-def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Random, options: DataOptions) -> list[Sample]:
+def _group_samples(
+    catalog: list[CatalogEntry], cids: list[str], rng: random.Random, options: DataOptions
+) -> list[Sample]:
     """For each group photo: 'are A and B both here?' -> Yes, and the same about a pair that is not all there -> No
     (`options.group_pairs` times: the model must learn "both", not "either")."""
     out = []
@@ -252,7 +269,15 @@ def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Ran
         absent = sorted(known - e.present)
         for i in range(options.group_pairs):
             q = rng.choice(GROUP_QUESTIONS)
-            out.append(Sample(q.format(cs=join_names([f"<{c}>" for c in shown])), options.yes_no[0], ImageRef(e.key, flip()), "group", tuple(shown)))
+            out.append(
+                Sample(
+                    q.format(cs=join_names([f"<{c}>" for c in shown])),
+                    options.yes_no[0],
+                    ImageRef(e.key, flip()),
+                    "group",
+                    tuple(shown),
+                )
+            )
             if not options.balance:
                 continue
             if i == 0 and absent:  # a shown concept and an absent one, on the group photo
@@ -263,7 +288,15 @@ def _group_samples(catalog: list[CatalogEntry], cids: list[str], rng: random.Ran
                     continue
                 image = rng.choice(alone[pair[0]])
             rng.shuffle(pair)
-            out.append(Sample(q.format(cs=join_names([f"<{c}>" for c in pair])), options.yes_no[1], ImageRef(image.key, flip()), "group", tuple(pair)))
+            out.append(
+                Sample(
+                    q.format(cs=join_names([f"<{c}>" for c in pair])),
+                    options.yes_no[1],
+                    ImageRef(image.key, flip()),
+                    "group",
+                    tuple(pair),
+                )
+            )
     return out
 
 

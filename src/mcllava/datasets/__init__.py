@@ -5,6 +5,13 @@ from .readers import read_any, read_mcllava, read_tests_jsonl, read_yollava, spl
 from .records import TASKS, concepts_in, recognition_question, validate_record
 
 __all__ = [
-    "TASKS", "concepts_in", "read_any", "read_mcllava", "read_tests_jsonl", "read_yollava", "recognition_question",
-    "split_options", "validate_record",
+    "TASKS",
+    "concepts_in",
+    "read_any",
+    "read_mcllava",
+    "read_tests_jsonl",
+    "read_yollava",
+    "recognition_question",
+    "split_options",
+    "validate_record",
 ]

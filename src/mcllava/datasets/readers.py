@@ -25,8 +25,11 @@ def _natural(p: Path) -> tuple:
 def _images(folder: Path) -> list[Path]:
     """Test images of a folder (masks and Set-of-Mark renderings excluded), in natural order."""
     return sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-         and not re.search(r"_(mask|som|bbox)$", p.stem)),
+        (
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not re.search(r"_(mask|som|bbox)$", p.stem)
+        ),
         key=_natural,
     )
 
@@ -65,8 +68,10 @@ def _resolve(name: str, where: str, folder: Path, *roots: Path) -> str:
                 return str(q.resolve())
     if parts and (len(parts) == 1 or parts[-2] == folder.name) and (folder / parts[-1]).is_file():
         return str((folder / parts[-1]).resolve())
-    raise ValueError(f"{where}: image {name!r} not found (looked for it and its tail under "
-                     f"{', '.join(str(b) for b in (folder, *roots))}; a same-named file in another folder is not used)")
+    raise ValueError(
+        f"{where}: image {name!r} not found (looked for it and its tail under "
+        f"{', '.join(str(b) for b in (folder, *roots))}; a same-named file in another folder is not used)"
+    )
 
 
 # ----------------------------------------------------------------------------- tests.jsonl
@@ -119,7 +124,7 @@ def _inline_options(text: str) -> tuple[str, dict[str, str]]:
             options = {}
             for i, m in enumerate(marks):
                 end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-                options["ABCDEFGH"[i]] = text[m.end():end].strip().rstrip(",;").strip()
+                options["ABCDEFGH"[i]] = text[m.end() : end].strip().rstrip(",;").strip()
             question = re.sub(r"\s*(?:Options|Choices)\s*:?\s*$", "", text[: marks[0].start()].strip(), flags=re.I)
             if all(options.values()):
                 return question.strip(), options
@@ -147,7 +152,11 @@ def choice_answer(answer: str, options: dict[str, str]) -> str | None:
     exact text; None when it is none of these (a reply such as "A book" is not read as "A")."""
     a = answer.strip()
     m = re.fullmatch(r"\(?([A-Z])\)?[.:)]?", a) or re.fullmatch(r"\(?([A-Z])[.:)]\s*(.+)", a)
-    if m and m.group(1) in options and (m.lastindex == 1 or m.group(2).strip().rstrip(".") == options[m.group(1)].rstrip(".")):
+    if (
+        m
+        and m.group(1) in options
+        and (m.lastindex == 1 or m.group(2).strip().rstrip(".") == options[m.group(1)].rstrip("."))
+    ):
         return m.group(1)
     by_text = [k for k, v in options.items() if v.strip().rstrip(".").lower() == a.rstrip(".").lower()]
     return by_text[0] if len(by_text) == 1 else None
@@ -156,8 +165,10 @@ def choice_answer(answer: str, options: dict[str, str]) -> str | None:
 def _choice_fields(question: str, answer: str, where: str) -> tuple[str, dict[str, str], str]:
     q, options = split_options(question)
     if not options:
-        raise ValueError(f"{where}: cannot read the options of choice question {question!r} "
-                         "(expected 'A. x' lines, 'A. x B. y' or 'Options: A: x, B: y')")
+        raise ValueError(
+            f"{where}: cannot read the options of choice question {question!r} "
+            "(expected 'A. x' lines, 'A. x B. y' or 'Options: A: x, B: y')"
+        )
     letter = choice_answer(answer, options)
     if letter is None:
         raise ValueError(f"{where}: answer {answer!r} names none of the options {', '.join(options)}")
@@ -166,6 +177,7 @@ def _choice_fields(question: str, answer: str, where: str) -> tuple[str, dict[st
 
 def _case_roots(root: Path) -> list[Path]:
     """Folders holding concept/test and/or multi: root itself or its children (two_concept/, three_concept/)."""
+
     def is_case(p: Path) -> bool:
         return (p / "concept" / "test").is_dir() or (p / "multi").is_dir()
 
@@ -237,13 +249,46 @@ def read_mcllava(root: str | Path, labels: str = "official") -> list[dict[str, A
             folder, scenario = test / c, group_of(c)
             for img in _images(folder):
                 where, p, present = str(img), str(img.resolve()), [c]
-                add({"image": p, "task": "recognition", "question": recognition_question([c]), "answer": "Yes",
-                     "concepts": [c], "present": present, "boxes": {}}, where, scenario)
+                add(
+                    {
+                        "image": p,
+                        "task": "recognition",
+                        "question": recognition_question([c]),
+                        "answer": "Yes",
+                        "concepts": [c],
+                        "present": present,
+                        "boxes": {},
+                    },
+                    where,
+                    scenario,
+                )
                 for o in mates(c):
-                    add({"image": p, "task": "recognition", "question": recognition_question([o]), "answer": "No",
-                         "concepts": [o], "present": present, "boxes": {}}, where, scenario)
-                add({"image": p, "task": "caption", "question": "Describe this photo.", "answer": f"<{c}>",
-                     "concepts": present, "present": present, "boxes": {}}, where, scenario)
+                    add(
+                        {
+                            "image": p,
+                            "task": "recognition",
+                            "question": recognition_question([o]),
+                            "answer": "No",
+                            "concepts": [o],
+                            "present": present,
+                            "boxes": {},
+                        },
+                        where,
+                        scenario,
+                    )
+                add(
+                    {
+                        "image": p,
+                        "task": "caption",
+                        "question": "Describe this photo.",
+                        "answer": f"<{c}>",
+                        "concepts": present,
+                        "present": present,
+                        "boxes": {},
+                    },
+                    where,
+                    scenario,
+                )
             out += [dict(r, scenario=prefix + scenario) for r in _visual_and_text(folder, case, known, {}, default=[c])]
 
         for g, m in members.items():
@@ -254,8 +299,11 @@ def read_mcllava(root: str | Path, labels: str = "official") -> list[dict[str, A
                 raise ValueError(f"{pos_file}: expected an object mapping images to {{name: position}}")
             presence: dict[str, tuple[list[str], dict[str, list]]] = {}
             for img in _images(folder):
-                pos = positions.get(img.name) or positions.get(str(img)) or next(
-                    (v for k, v in positions.items() if Path(k).name == img.name), None)
+                pos = (
+                    positions.get(img.name)
+                    or positions.get(str(img))
+                    or next((v for k, v in positions.items() if Path(k).name == img.name), None)
+                )
                 if pos is not None and not isinstance(pos, dict):
                     raise ValueError(f"{pos_file}: entry of {img.name!r} must map names to positions")
                 shown = [c for c in m if pos is None or pos.get(c) is not None]
@@ -265,19 +313,63 @@ def read_mcllava(root: str | Path, labels: str = "official") -> list[dict[str, A
                 p, where = str(img.resolve()), str(img)
                 for c in m:
                     ans = "Yes" if c in present else "No"
-                    add({"image": p, "task": "recognition", "question": recognition_question([c]), "answer": ans,
-                         "concepts": [c], "present": present, "boxes": boxes}, where, g)
-                add({"image": p, "task": "recognition", "question": recognition_question(m),
-                     "answer": "Yes" if len(present) == len(m) else "No", "concepts": list(m), "present": present,
-                     "boxes": boxes}, where, g)
+                    add(
+                        {
+                            "image": p,
+                            "task": "recognition",
+                            "question": recognition_question([c]),
+                            "answer": ans,
+                            "concepts": [c],
+                            "present": present,
+                            "boxes": boxes,
+                        },
+                        where,
+                        g,
+                    )
+                add(
+                    {
+                        "image": p,
+                        "task": "recognition",
+                        "question": recognition_question(m),
+                        "answer": "Yes" if len(present) == len(m) else "No",
+                        "concepts": list(m),
+                        "present": present,
+                        "boxes": boxes,
+                    },
+                    where,
+                    g,
+                )
                 if shown:
-                    add({"image": p, "task": "caption", "question": "Describe this photo.",
-                         "answer": " and ".join(f"<{c}>" for c in shown), "concepts": shown, "present": shown,
-                         "boxes": boxes}, where, g)
+                    add(
+                        {
+                            "image": p,
+                            "task": "caption",
+                            "question": "Describe this photo.",
+                            "answer": " and ".join(f"<{c}>" for c in shown),
+                            "concepts": shown,
+                            "present": shown,
+                            "boxes": boxes,
+                        },
+                        where,
+                        g,
+                    )
                 for c, b in boxes.items():
-                    add({"image": p, "task": "grounding", "question": f"Where is <{c}>?", "answer": f"<{c}>",
-                         "concepts": [c], "present": present, "boxes": {c: b}}, where, g)
-            out += [dict(r, scenario=prefix + g) for r in _visual_and_text(folder, case, known, presence, default=list(m))]
+                    add(
+                        {
+                            "image": p,
+                            "task": "grounding",
+                            "question": f"Where is <{c}>?",
+                            "answer": f"<{c}>",
+                            "concepts": [c],
+                            "present": present,
+                            "boxes": {c: b},
+                        },
+                        where,
+                        g,
+                    )
+            out += [
+                dict(r, scenario=prefix + g) for r in _visual_and_text(folder, case, known, presence, default=list(m))
+            ]
     return out
 
 
@@ -319,8 +411,16 @@ def _visual_and_text(folder: Path, case: Path, known: set[str], presence: dict, 
                 raise ValueError(f"{where}: expected text 'question' and 'answer', got {qa!r}")
             q, options, letter = _choice_fields(qa["question"], qa["answer"], where)
             named = [c for c in concepts_in(qa["question"]) if c in known] or default
-            rec = {"image": None, "task": "choice", "question": q, "answer": letter, "options": options,
-                   "concepts": named, "present": [], "boxes": {}}
+            rec = {
+                "image": None,
+                "task": "choice",
+                "question": q,
+                "answer": letter,
+                "options": options,
+                "concepts": named,
+                "present": [],
+                "boxes": {},
+            }
             if qa["answer"] != letter:
                 rec["official_answer"] = qa["answer"]
             out.append(validate_record(rec, where))
@@ -360,10 +460,21 @@ def read_yollava(root: str | Path) -> list[dict[str, Any]]:
         for img in images[d]:
             p = str(img.resolve())
             for c in names:
-                out.append(validate_record({
-                    "image": p, "task": "recognition", "question": recognition_question([c]),
-                    "answer": "Yes" if c == d else "No", "concepts": [c], "present": [d], "boxes": {},
-                    "protocol": "yollava"}, str(img)))
+                out.append(
+                    validate_record(
+                        {
+                            "image": p,
+                            "task": "recognition",
+                            "question": recognition_question([c]),
+                            "answer": "Yes" if c == d else "No",
+                            "concepts": [c],
+                            "present": [d],
+                            "boxes": {},
+                            "protocol": "yollava",
+                        },
+                        str(img),
+                    )
+                )
     for fname, visual in (("yollava-visual-qa.json", True), ("yollava-text-qa.json", False)):
         path = next((q for q in (data / fname, root / fname) if q.is_file()), None)
         if path is None:
@@ -377,13 +488,25 @@ def read_yollava(root: str | Path) -> list[dict[str, Any]]:
             entries = items.items() if isinstance(items, dict) else enumerate(items)
             for key, qa in entries:
                 where = f"{path} [{c!r} / {key!r}]"
-                if not (isinstance(qa, dict) and isinstance(qa.get("question"), str)
-                        and isinstance(qa.get("options"), dict) and isinstance(qa.get("correct_answer"), str)):
+                if not (
+                    isinstance(qa, dict)
+                    and isinstance(qa.get("question"), str)
+                    and isinstance(qa.get("options"), dict)
+                    and isinstance(qa.get("correct_answer"), str)
+                ):
                     raise ValueError(f"{where}: expected 'question', 'options' and 'correct_answer'")
                 q = qa["question"].replace("<sks>", f"<{c}>")
                 options = {str(k): str(v) for k, v in qa["options"].items()}
-                rec = {"image": None, "task": "choice", "question": q, "answer": qa["correct_answer"].strip(),
-                       "options": options, "concepts": [c], "present": [], "boxes": {}}
+                rec = {
+                    "image": None,
+                    "task": "choice",
+                    "question": q,
+                    "answer": qa["correct_answer"].strip(),
+                    "options": options,
+                    "concepts": [c],
+                    "present": [],
+                    "boxes": {},
+                }
                 if visual:
                     rec["image"] = _resolve(str(key), where, test / c, root, data, data.parent)
                     rec["present"] = [c]

@@ -12,8 +12,21 @@ from typing import Any
 
 TASKS = ("recognition", "choice", "vqa", "caption", "grounding", "text")
 IMAGE_TASKS = ("recognition", "vqa", "caption", "grounding")
-KNOWN_KEYS = {"image", "task", "question", "answer", "options", "concepts", "present", "boxes", "scenario", "split",
-              "kind", "official_answer", "protocol"}
+KNOWN_KEYS = {
+    "image",
+    "task",
+    "question",
+    "answer",
+    "options",
+    "concepts",
+    "present",
+    "boxes",
+    "scenario",
+    "split",
+    "kind",
+    "official_answer",
+    "protocol",
+}
 _TOKEN = re.compile(r"<([A-Za-z0-9_\-]+)>")
 
 
@@ -58,8 +71,13 @@ def validate_record(rec: Any, where: str = "record") -> dict[str, Any]:
         raise ValueError(f"{where}: a recognition answer is 'Yes' or 'No', got {rec['answer']!r}")
     options = rec.get("options")
     if options is not None:
-        if not isinstance(options, dict) or not options or not all(
-            isinstance(k, str) and len(k) == 1 and k.isalpha() and isinstance(v, str) and v for k, v in options.items()
+        if (
+            not isinstance(options, dict)
+            or not options
+            or not all(
+                isinstance(k, str) and len(k) == 1 and k.isalpha() and isinstance(v, str) and v
+                for k, v in options.items()
+            )
         ):
             raise ValueError(f"{where}: 'options' must map letters to non-empty text, got {options!r}")
     if task == "choice":
@@ -73,14 +91,21 @@ def validate_record(rec: Any, where: str = "record") -> dict[str, Any]:
     if not isinstance(boxes, dict):
         raise ValueError(f"{where}: 'boxes' must map concept ids to [x0, y0, x1, y1], got {boxes!r}")
     for c, b in boxes.items():
-        ok = isinstance(b, (list, tuple)) and len(b) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+        ok = (
+            isinstance(b, (list, tuple))
+            and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+        )
         if not ok or b[0] > b[2] or b[1] > b[3]:
-            raise ValueError(f"{where}: box of {c!r} must be [x0, y0, x1, y1] with finite x0 <= x1 and y0 <= y1, got {b!r}")
+            raise ValueError(
+                f"{where}: box of {c!r} must be [x0, y0, x1, y1] with finite x0 <= x1 and y0 <= y1, got {b!r}"
+            )
     if task == "grounding":
         missing = [c for c in (concepts or present) if c not in boxes]
         if not (concepts or present) or missing:
-            raise ValueError(f"{where}: a grounding question needs a box for each concept it asks about (missing {missing})")
+            raise ValueError(
+                f"{where}: a grounding question needs a box for each concept it asks about (missing {missing})"
+            )
     out = dict(rec)
     out.update({"concepts": concepts, "present": present, "boxes": {c: list(b) for c, b in boxes.items()}})
     if options is None:
@@ -90,7 +115,7 @@ def validate_record(rec: Any, where: str = "record") -> dict[str, Any]:
 
 
 def recognition_question(cids: list[str]) -> str:
-    """"Is <bo> in this photo?", or "Are <bo> and <ana> both in this photo?" ("all" for three or more)."""
+    """ "Is <bo> in this photo?", or "Are <bo> and <ana> both in this photo?" ("all" for three or more)."""
     toks = [f"<{c}>" for c in cids]
     if len(toks) == 1:
         return f"Is {toks[0]} in this photo?"

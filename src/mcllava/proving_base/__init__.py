@@ -9,6 +9,15 @@ the weights (`mcllava base build`, the `build` subpackage) is apart from loading
 from ..backbone import register_base
 from .loader import FILES, NAME, WEIGHTS, MissingWeightsError, is_proving_ground, load, load_by_name, merge_delta
 
-__all__ = ["FILES", "NAME", "WEIGHTS", "MissingWeightsError", "is_proving_ground", "load", "load_by_name", "merge_delta"]
+__all__ = [
+    "FILES",
+    "NAME",
+    "WEIGHTS",
+    "MissingWeightsError",
+    "is_proving_ground",
+    "load",
+    "load_by_name",
+    "merge_delta",
+]
 
 register_base(is_proving_ground, load_by_name)

@@ -33,20 +33,38 @@ def build_cmd(
     out: Optional[Path] = typer.Option(None, help="where to export the weights (default WORK/export)"),
     stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
-    gpu_vision: bool = typer.Option(False, help="train the vision tower on the GPU with its larger recipe "
-                                                "(VisionSpec.gpu(), VisionStage.gpu(): ~2 min on an H100)"),
-    layout: str = typer.Option("grid", help="what the image tokens show: grid (each patch its owner's words) or "
-                                            "slots (each token row the character at one scene slot, one word per token)"),
-    phase_steps: Optional[str] = typer.Option(None, help="LM steps per phase, comma-separated (grid: read,describe,"
-                                                         "compare; slots: text,read,describe,ground,lookalike,tower)"),
-    mix: list[str] = typer.Option([], help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
-                                           "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable"),
-    continue_from: Optional[Path] = typer.Option(None, help="continue a slots build from this weights folder "
-                                                   "(e.g. the committed one): its tower, projector and LoRA start the "
-                                                   "LM stage, which runs the `visual` phase (visual definitions)"),
+    gpu_vision: bool = typer.Option(
+        False,
+        help="train the vision tower on the GPU with its larger recipe "
+        "(VisionSpec.gpu(), VisionStage.gpu(): ~2 min on an H100)",
+    ),
+    layout: str = typer.Option(
+        "grid",
+        help="what the image tokens show: grid (each patch its owner's words) or "
+        "slots (each token row the character at one scene slot, one word per token)",
+    ),
+    phase_steps: Optional[str] = typer.Option(
+        None,
+        help="LM steps per phase, comma-separated (grid: read,describe,"
+        "compare; slots: text,read,describe,ground,lookalike,tower)",
+    ),
+    mix: list[str] = typer.Option(
+        [],
+        help="a phase's sample mix, PHASE=6 weights: caption,vqa,text,defined,visual,"
+        "visual_caption (e.g. describe=0.3,0.7,0,0,0,0); repeatable",
+    ),
+    continue_from: Optional[Path] = typer.Option(
+        None,
+        help="continue a slots build from this weights folder "
+        "(e.g. the committed one): its tower, projector and LoRA start the "
+        "LM stage, which runs the `visual` phase (visual definitions)",
+    ),
     visual_steps: int = typer.Option(300, help="with --continue-from: steps of the visual phase"),
-    both: float = typer.Option(0.0, help="with --continue-from: share of the visual phase's recognition samples "
-                                         "that ask whether two defined names are both in the photo"),
+    both: float = typer.Option(
+        0.0,
+        help="with --continue-from: share of the visual phase's recognition samples "
+        "that ask whether two defined names are both in the photo",
+    ),
     lr: Optional[float] = typer.Option(None, help="the LM stage's LoRA learning rate (default 1e-3)"),
     device: str = typer.Option("cpu", help="where the LM stage's steps run: cpu or cuda"),
     workers: int = typer.Option(1, help="processes that draw the LM stage's samples"),
@@ -68,7 +86,9 @@ def build_cmd(
     if continue_from is not None:
         work_from_weights(continue_from, cfg.work)
         # k = 6 rows per visual definition: one slot row, the k that personalisation uses on this base
-        cfg.lm = LMStage(phases=visual_phases(visual_steps, both), definition_rows=6, init_from=str(continue_from), pool=24000)
+        cfg.lm = LMStage(
+            phases=visual_phases(visual_steps, both), definition_rows=6, init_from=str(continue_from), pool=24000
+        )
     cfg.lm.device, cfg.lm.workers, cfg.lm.time_budget = device, workers, time_budget
     if lr is not None:
         cfg.lm.lr_lora = lr
@@ -80,14 +100,18 @@ def build_cmd(
     if phase_steps is not None:
         steps = [int(s) for s in phase_steps.split(",")]
         if len(steps) != len(phases) or min(steps) < 0:
-            raise typer.BadParameter(f"--phase-steps takes {len(phases)} non-negative counts ({','.join(phases)}), not {phase_steps!r}")
+            raise typer.BadParameter(
+                f"--phase-steps takes {len(phases)} non-negative counts ({','.join(phases)}), not {phase_steps!r}"
+            )
         for p, n in zip(cfg.lm.phases, steps):
             p.steps = n
     for m in mix:
         name, _, ws = m.partition("=")
         weights = tuple(float(w) for w in ws.split(",")) if ws else ()
         if name not in phases or len(weights) != 6 or min(weights) < 0 or sum(weights) <= 0:
-            raise typer.BadParameter(f"--mix is PHASE=6 non-negative weights with PHASE one of {','.join(phases)}, not {m!r}")
+            raise typer.BadParameter(
+                f"--mix is PHASE=6 non-negative weights with PHASE one of {','.join(phases)}, not {m!r}"
+            )
         phases[name].curriculum.mix = weights
     res = build(cfg, tuple(s.strip() for s in stages.split(",") if s.strip()), out)
     typer.echo(json.dumps(res, indent=1, default=str))
@@ -106,8 +130,19 @@ def gate_cmd(
     both: int = typer.Option(100, help='"are <x> and <y> both here?" samples with visual definitions (reported)'),
 ) -> None:
     """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
-    res = gate(weights, out, GateConfig(seed=seed, captions=captions, generic=generic, definitions=definitions, named=named,
-                                           visual=visual, both=both))
+    res = gate(
+        weights,
+        out,
+        GateConfig(
+            seed=seed,
+            captions=captions,
+            generic=generic,
+            definitions=definitions,
+            named=named,
+            visual=visual,
+            both=both,
+        ),
+    )
     typer.echo(json.dumps(res["summary"], indent=1))
     typer.echo(f"passed: {res['passed']}  (report: {out})")
     raise typer.Exit(0 if res["passed"] else 1)

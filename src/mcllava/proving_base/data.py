@@ -82,8 +82,13 @@ def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarra
 
 def trait_labels(identity: Identity) -> np.ndarray:
     """[len(PATCH_TRAITS)] class index of each trait (a missing accessory colour is its own last class)."""
-    return np.array([len(VALUES[t]) if getattr(identity, t) is None else VALUES[t].index(getattr(identity, t))
-                     for t in PATCH_TRAITS], dtype=np.int64)
+    return np.array(
+        [
+            len(VALUES[t]) if getattr(identity, t) is None else VALUES[t].index(getattr(identity, t))
+            for t in PATCH_TRAITS
+        ],
+        dtype=np.int64,
+    )
 
 
 def slot_labels(scene: RenderedScene) -> np.ndarray:
@@ -137,8 +142,9 @@ def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray
     return pixels, labels, owner, descs, slots
 
 
-def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False,
-               workers: int = 2) -> ScenePool:
+def scene_pool(
+    seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False, workers: int = 2
+) -> ScenePool:
     """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment.
 
     Scene i depends only on (seed, i), so the pool is the same however many processes render it.
@@ -158,9 +164,13 @@ def scene_pool(seed: int, n: int, size: int = 192, grid: int = 6, half: str = "b
             parts.append(_render_chunk(job))
             bar.update(len(parts[-1][0]))
     bar.close()
-    return ScenePool(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts])),
-                     torch.from_numpy(np.concatenate([p[2] for p in parts])), [d for p in parts for d in p[3]],
-                     torch.from_numpy(np.concatenate([p[4] for p in parts])))
+    return ScenePool(
+        torch.from_numpy(np.concatenate([p[0] for p in parts])),
+        torch.from_numpy(np.concatenate([p[1] for p in parts])),
+        torch.from_numpy(np.concatenate([p[2] for p in parts])),
+        [d for p in parts for d in p[3]],
+        torch.from_numpy(np.concatenate([p[4] for p in parts])),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ LM samples
@@ -199,27 +209,36 @@ def _cap(s: str) -> str:
 
 
 def short_caption(scene: RenderedScene) -> str:
-    """"A red striped cat and a person in a blue shirt in the park." (every category named)."""
+    """ "A red striped cat and a person in a blue shirt in the park." (every category named)."""
     names = join_words([noun_phrase(a.identity) for a in scene.spec.actors])
     return f"{_cap(names)} {SETTING_PHRASES[scene.spec.setting]}."
 
 
-def generic_question(rng: np.random.Generator, scene: RenderedScene, weights: tuple[float, ...] = (1, 1, 1, 1)
-                     ) -> tuple[str, str, str]:
+def generic_question(
+    rng: np.random.Generator, scene: RenderedScene, weights: tuple[float, ...] = (1, 1, 1, 1)
+) -> tuple[str, str, str]:
     """(question, answer, kind) about presence, colour, category or position (kinds weighted by `weights`)."""
     actors = scene.spec.actors
     cats = [a.identity.category for a in actors]
     unique = [k for k, c in enumerate(cats) if cats.count(c) == 1]
     kind = QUESTION_KINDS[rng.choice(len(QUESTION_KINDS), p=np.asarray(weights, float) / sum(weights))]
     if kind == "exists" or not unique:
-        c = VALUES["category"][rng.integers(len(VALUES["category"]))] if rng.random() < 0.5 else cats[rng.integers(len(cats))]
+        c = (
+            VALUES["category"][rng.integers(len(VALUES["category"]))]
+            if rng.random() < 0.5
+            else cats[rng.integers(len(cats))]
+        )
         art = "an" if c[0] in "aeiou" else "a"
         return f"Is there {art} {c} in this photo?", ("Yes" if c in cats else "No"), "exists"
     k = unique[rng.integers(len(unique))]
     a = actors[k]
     where = {0: "on the left", 1: "in the centre", 2: "on the right"}[_slot(scene, k) // 2]
     if kind == "colour":
-        return f"What colour is the {a.identity.category}?", f"The {a.identity.category} is {a.identity.color}.", "colour"
+        return (
+            f"What colour is the {a.identity.category}?",
+            f"The {a.identity.category} is {a.identity.color}.",
+            "colour",
+        )
     if kind == "position":
         return f"Where is the {a.identity.category}?", f"The {a.identity.category} is {where}.", "position"
     same_col = [j for j in range(len(actors)) if _slot(scene, j) // 2 == _slot(scene, k) // 2]
@@ -246,8 +265,9 @@ class RecognitionCase:
         return list(self.names) if self.both else [self.names[self.target]]
 
 
-def recognition_case(rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
-                     ) -> RecognitionCase:
+def recognition_case(
+    rng: np.random.Generator, cur: Curriculum, half: str = "base", positive: bool | None = None
+) -> RecognitionCase:
     """Balanced Yes/No: the target is present, or absent (replaced by a look-alike with `cur.lookalike`).
 
     With `cur.both`, a share of the cases define two names and ask about both: the other one is always shown, so
@@ -289,11 +309,22 @@ def defined_recognition(
     answer = "Yes" if c.positive else "No"
     if text_only:
         shown = join_words([describe(a[0]) for a in c.actors])
-        return {"image": None, "question": f"{question} The photo shows {shown}.", "answer": answer,
-                "kind": "text_compare", "changed": c.changed}
+        return {
+            "image": None,
+            "question": f"{question} The photo shows {shown}.",
+            "answer": answer,
+            "kind": "text_compare",
+            "changed": c.changed,
+        }
     scene = sample_visible_scene(rng, c.actors, size)
-    return {"image": scene.image, "question": question, "answer": answer, "kind": "defined", "changed": c.changed,
-            "slots": slot_labels(scene)}
+    return {
+        "image": scene.image,
+        "question": question,
+        "answer": answer,
+        "kind": "defined",
+        "changed": c.changed,
+        "slots": slot_labels(scene),
+    }
 
 
 DEFINITION_SLOT = "<image>"  # one slot per definition in the system text; the build fills it with k visual rows
@@ -311,8 +342,9 @@ def reference_photo(rng: np.random.Generator, ident: Identity, name: str, size: 
     return scene.image, scene.mask(k)
 
 
-def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: str = "base", caption: bool = False
-                   ) -> dict[str, Any]:
+def visual_defined(
+    rng: np.random.Generator, size: int, cur: Curriculum, half: str = "base", caption: bool = False
+) -> dict[str, Any]:
     """Recognition (or a caption naming them) with each made-up name defined by another photo of its character.
 
     The system text is "<x> is <slot>." per name, the form "<c> is <c_1>...<c_k>." takes in personalisation;
@@ -325,11 +357,19 @@ def visual_defined(rng: np.random.Generator, size: int, cur: Curriculum, half: s
     out = {"image": scene.image, "system": system, "refs": refs, "changed": c.changed, "slots": slot_labels(scene)}
     if caption:
         named = [f"<{a.ref}>" if a.role == "concept" else noun_phrase(a.identity) for a in scene.spec.actors]
-        return {**out, "question": "Describe this photo.", "kind": "visual_caption",
-                "answer": f"{_cap(join_words(named))} {SETTING_PHRASES[scene.spec.setting]}.",
-                "present": [f"<{a.ref}>" for a in scene.spec.actors if a.role == "concept"]}
-    return {**out, "question": recognition_question(c.asked), "answer": "Yes" if c.positive else "No",
-            "kind": "visual_defined"}
+        return {
+            **out,
+            "question": "Describe this photo.",
+            "kind": "visual_caption",
+            "answer": f"{_cap(join_words(named))} {SETTING_PHRASES[scene.spec.setting]}.",
+            "present": [f"<{a.ref}>" for a in scene.spec.actors if a.role == "concept"],
+        }
+    return {
+        **out,
+        "question": recognition_question(c.asked),
+        "answer": "Yes" if c.positive else "No",
+        "kind": "visual_defined",
+    }
 
 
 def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str = "base") -> dict[str, Any]:
@@ -343,9 +383,14 @@ def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str
         return visual_defined(rng, size, cur, half, caption=kind == "visual_caption")
     scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, 4)), half), size)
     if kind == "caption":
-        return {"image": scene.image, "question": "Describe this photo.", "answer": short_caption(scene),
-                "kind": "caption", "categories": sorted({a.identity.category for a in scene.spec.actors}),
-                "slots": slot_labels(scene)}
+        return {
+            "image": scene.image,
+            "question": "Describe this photo.",
+            "answer": short_caption(scene),
+            "kind": "caption",
+            "categories": sorted({a.identity.category for a in scene.spec.actors}),
+            "slots": slot_labels(scene),
+        }
     q, a, kind = generic_question(rng, scene, cur.questions)
     return {"image": scene.image, "question": q, "answer": a, "kind": kind, "slots": slot_labels(scene)}
 
@@ -361,8 +406,13 @@ def named_recognition(seed: int, index: int, size: int = 192, half: str = "perso
         look, diff = make_lookalike(ident, rng, half=half)
         actors.append((look, "distractor", name))
     scene = sample_visible_scene(rng, actors, size)
-    return {"image": scene.image, "question": recognition_question([name]), "answer": "Yes" if positive else "No",
-            "kind": "named", "changed": () if positive else tuple(diff)}
+    return {
+        "image": scene.image,
+        "question": recognition_question([name]),
+        "answer": "Yes" if positive else "No",
+        "kind": "named",
+        "changed": () if positive else tuple(diff),
+    }
 
 
 def to_pixels(image: Image.Image | None, size: int) -> np.ndarray:

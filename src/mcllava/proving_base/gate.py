@@ -34,7 +34,14 @@ from .loader import load
 GATE_SEED = 9001  # never used for training (the build uses seed 0 and the base half only)
 THRESHOLDS = {"caption_category_recall": 0.8, "generic_accuracy": 0.8, "definition_weighted_accuracy": 0.8}
 POSITIONS = ("left", "centre", "right")
-CATEGORY_WORDS = {"cat": "cat", "dog": "dog", "bird": "bird", "robot": "robot", "person": "person", "plush toy": "plush"}
+CATEGORY_WORDS = {
+    "cat": "cat",
+    "dog": "dog",
+    "bird": "bird",
+    "robot": "robot",
+    "person": "person",
+    "plush toy": "plush",
+}
 
 
 @dataclass
@@ -59,14 +66,24 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
 
     # recognition with definitions (personal half, look-alikes) and named recognition without definitions
     cur = GATE_DEFINITIONS
-    defs = [defined_recognition(data_rng(cfg.seed, "lm", i), cfg.size, cur, half="personal") for i in range(cfg.definitions)]
+    defs = [
+        defined_recognition(data_rng(cfg.seed, "lm", i), cfg.size, cur, half="personal") for i in range(cfg.definitions)
+    ]
     named = [named_recognition(cfg.seed, i, cfg.size) for i in range(cfg.named)]
-    visual = [visual_defined(data_rng(cfg.seed, "named", 10**6 + i), cfg.size, cur, half="personal")
-              for i in range(cfg.visual)]
-    both = [visual_defined(data_rng(cfg.seed, "named", 2 * 10**6 + i), cfg.size, replace(cur, both=1.0), half="personal")
-            for i in range(cfg.both)]
-    for key, samples in (("definition_recognition", defs), ("named_recognition", named),
-                         ("visual_definition_recognition", visual), ("visual_both_recognition", both)):
+    visual = [
+        visual_defined(data_rng(cfg.seed, "named", 10**6 + i), cfg.size, cur, half="personal")
+        for i in range(cfg.visual)
+    ]
+    both = [
+        visual_defined(data_rng(cfg.seed, "named", 2 * 10**6 + i), cfg.size, replace(cur, both=1.0), half="personal")
+        for i in range(cfg.both)
+    ]
+    for key, samples in (
+        ("definition_recognition", defs),
+        ("named_recognition", named),
+        ("visual_definition_recognition", visual),
+        ("visual_both_recognition", both),
+    ):
         if not samples:
             continue
         pool = encode_pool(backbone, model, samples, cfg.size, rows=cfg.visual_rows)
@@ -81,14 +98,17 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
         s = lm_sample(cfg.seed, 10**6 + i, Curriculum(mix=(0.3, 0.7, 0, 0, 0, 0)), cfg.size, half="personal")
         i += 1
         (caps if s["kind"] == "caption" else gens).append(s) if len(caps if s["kind"] == "caption" else gens) < (
-            cfg.captions if s["kind"] == "caption" else cfg.generic) else None
+            cfg.captions if s["kind"] == "caption" else cfg.generic
+        ) else None
     bar = tqdm(total=len(caps) + len(gens), desc="gate: generated answers", disable=not progress)
     recalls, by_kind = [], {}
     for s in caps + gens:
         feats = tower_features(model, torch.from_numpy(np.array(s["image"].convert("RGB")))[None])
         feats = model.model.multi_modal_projector(feats.to(backbone.device))[0]
         with torch.no_grad():  # fp32: bf16 autocast makes one-token (GEMV) decoding steps much slower on CPU
-            out = backbone.generate(backbone.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12)
+            out = backbone.generate(
+                backbone.format_prompt(s["question"]), feats, max_new_tokens=32 if s["kind"] == "caption" else 12
+            )
         bar.update(1)
         low = out.lower()
         if s["kind"] == "caption":
@@ -100,11 +120,17 @@ def run_gate(model, processor, cfg: GateConfig = GateConfig(), progress: bool = 
         by_kind.setdefault(s["kind"], []).append(ok)
         s["output"] = out
     bar.close()
-    res["captions"] = {"n": len(caps), "category_recall": float(np.mean(recalls)),
-                       "examples": [{"answer": s["answer"], "output": s["output"]} for s in caps[:5]]}
-    res["generic"] = {"n": len(gens), "accuracy": float(np.mean([x for v in by_kind.values() for x in v])),
-                      "by_kind": {k: float(np.mean(v)) for k, v in by_kind.items()},
-                      "examples": [{"question": s["question"], "answer": s["answer"], "output": s["output"]} for s in gens[:8]]}
+    res["captions"] = {
+        "n": len(caps),
+        "category_recall": float(np.mean(recalls)),
+        "examples": [{"answer": s["answer"], "output": s["output"]} for s in caps[:5]],
+    }
+    res["generic"] = {
+        "n": len(gens),
+        "accuracy": float(np.mean([x for v in by_kind.values() for x in v])),
+        "by_kind": {k: float(np.mean(v)) for k, v in by_kind.items()},
+        "examples": [{"question": s["question"], "answer": s["answer"], "output": s["output"]} for s in gens[:8]],
+    }
     res["summary"] = {
         "caption_category_recall": res["captions"]["category_recall"],
         "generic_accuracy": res["generic"]["accuracy"],

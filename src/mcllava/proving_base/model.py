@@ -26,6 +26,7 @@ from ..smollm2 import chat_template, load_smollm2, smollm2_tokenizer
 
 __all__ = ["VisionSpec", "build_llava", "load_smollm2", "proving_tokenizer", "tiny_text_model"]
 
+
 @dataclass
 class VisionSpec:
     """The vision tower: 192 px world images cut into 6x6 patches of 32 px -> 36 image tokens."""
@@ -58,15 +59,23 @@ def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: 
     rows = max((len(tokenizer) + 63) // 64 * 64, text_model.get_input_embeddings().weight.shape[0])
     text_model.resize_token_embeddings(rows, mean_resizing=False)
     vcfg = CLIPVisionConfig(
-        hidden_size=vision.hidden, intermediate_size=vision.hidden * 4, num_hidden_layers=vision.layers,
-        num_attention_heads=vision.heads, image_size=vision.image_size, patch_size=vision.patch_size,
+        hidden_size=vision.hidden,
+        intermediate_size=vision.hidden * 4,
+        num_hidden_layers=vision.layers,
+        num_attention_heads=vision.heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
         projection_dim=vision.hidden,
     )
     tcfg = text_model.config
     tcfg.vocab_size = rows
     config = LlavaConfig(
-        vision_config=vcfg, text_config=tcfg, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=tied,
+        vision_config=vcfg,
+        text_config=tcfg,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tied,
         projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config)
@@ -79,11 +88,16 @@ def build_llava(text_model, tokenizer, vision: VisionSpec = VisionSpec(), seed: 
     # looked up here, not imported: without torchvision, transformers warns at import time that it falls back
     # to the PIL processor, which would print on every `mcllava` command before the CLI quiets the libraries
     image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size},
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-        vision_feature_select_strategy="default", chat_template=chat_template(image_last=True), num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template(image_last=True),
+        num_additional_image_tokens=1,
     )
     tokenizer.chat_template = chat_template(image_last=True)
     return model, processor
@@ -93,9 +107,17 @@ def tiny_text_model(tokenizer, hidden: int = 64, layers: int = 2, tied: bool = T
     """A 2-layer Llama from a config (tests use it in place of SmolLM2)."""
 
     cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=tied,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(cfg)
 
@@ -103,4 +125,3 @@ def tiny_text_model(tokenizer, hidden: int = 64, layers: int = 2, tied: bool = T
 def proving_tokenizer(cache_dir: str | Path | None = None):
     """SmolLM2's tokenizer with this base's chat template (the image placeholder after the turn's text)."""
     return smollm2_tokenizer(cache_dir, image_last=True)
-

@@ -20,5 +20,18 @@ from .schemas import ChatCompletion, ChatCompletionChunk, ChatRequest, LocateRes
 from .served import ModelGate, ServedBank
 from .service import Server
 
-__all__ = ["ApiError", "ChatCompletion", "ChatCompletionChunk", "ChatRequest", "LocateResponse", "ModelGate", "ServedBank", "Server",
-           "ServerLimits", "create_app", "error_body", "run", "uvicorn_config"]
+__all__ = [
+    "ApiError",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatRequest",
+    "LocateResponse",
+    "ModelGate",
+    "ServedBank",
+    "Server",
+    "ServerLimits",
+    "create_app",
+    "error_body",
+    "run",
+    "uvicorn_config",
+]

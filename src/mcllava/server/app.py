@@ -22,8 +22,18 @@ from .banks import ModelError, bank_name, visible
 from .guards import BodyLimit, RequestGuard
 from .keys import KeyRing, key_banks
 from .limits import ApiError, ServerLimits, error_body
-from .schemas import (ERRORS, ChatCompletion, ChatCompletionChunk, ChatRequest, ConceptList, Health, LocateRequest, LocateResponse,
-                      ModelCard, ModelList)
+from .schemas import (
+    ERRORS,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    ConceptList,
+    Health,
+    LocateRequest,
+    LocateResponse,
+    ModelCard,
+    ModelList,
+)
 from .service import Server
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -38,7 +48,11 @@ LOCATE_BODY = {
                 "type": "object",
                 "required": ["image"],
                 "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "The photo (JPEG, PNG, WebP or BMP)."},
+                    "image": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The photo (JPEG, PNG, WebP or BMP).",
+                    },
                     "return_image": {"type": "boolean", "default": False},
                 },
             }
@@ -53,8 +67,12 @@ STREAM_DOC = {
 
 
 def create_app(
-    assistant_or_bank_path, api_key: str | KeyRing | None = None, limits: ServerLimits = ServerLimits(),
-    concepts_dir: str | Path | None = None, allowed_hosts: Iterable[str] = (), base: str | None = None,
+    assistant_or_bank_path,
+    api_key: str | KeyRing | None = None,
+    limits: ServerLimits = ServerLimits(),
+    concepts_dir: str | Path | None = None,
+    allowed_hosts: Iterable[str] = (),
+    base: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one assistant (or the bank at a path, on the base model it names or on `base`), or
     the banks of a `SharedBase` (several banks on one base; a request's `model` picks one).
@@ -78,13 +96,17 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
-    app.add_middleware(RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts)  # outermost: no body is read before the key is checked
+    app.add_middleware(
+        RequestGuard, api_key=api_key, allowed_hosts=allowed_hosts
+    )  # outermost: no body is read before the key is checked
     _install_error_handlers(app, server)
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
 
-    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer), key: str | None = Depends(header)) -> None:
+    def require_key(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer), key: str | None = Depends(header)
+    ) -> None:
         """Declares the two key schemes in the OpenAPI schema; `RequestGuard` checks the key, before any body is read."""
 
     guarded = {"dependencies": [Depends(require_key)]} if api_key else {}
@@ -94,13 +116,26 @@ def create_app(
         """Liveness: answers without a key and says nothing about the concepts."""
         return Health(version=__version__)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: STREAM_DOC, **ERRORS}, tags=["chat"], **guarded)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: STREAM_DOC, **ERRORS},
+        tags=["chat"],
+        **guarded,
+    )
     def chat_completions(req: ChatRequest, request: Request):
         """Answer the last user message's question about its photo (OpenAI chat completions, with `stream`); `model`
         names the bank (any name will do on a server of one bank)."""
         return server.chat(req, key_banks(request))
 
-    @app.post("/v1/locate", response_model=LocateResponse, responses=ERRORS, openapi_extra={"requestBody": LOCATE_BODY}, tags=["concepts"], **guarded)
+    @app.post(
+        "/v1/locate",
+        response_model=LocateResponse,
+        responses=ERRORS,
+        openapi_extra={"requestBody": LOCATE_BODY},
+        tags=["concepts"],
+        **guarded,
+    )
     async def locate(request: Request, model: str | None = None) -> LocateResponse:
         """Each concept's presence score, peak and box in a photo (JSON with a data URL, or a multipart upload);
         `?model=` names the bank where the server holds several."""
@@ -117,7 +152,9 @@ def create_app(
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["chat"], **guarded)
     def models(request: Request) -> ModelList:
         """The banks served, as models (for OpenAI clients that list models first): those the key may use."""
-        return ModelList(data=[ModelCard(id=b.model_id, created=b.created) for b in visible(server.banks, key_banks(request))])
+        return ModelList(
+            data=[ModelCard(id=b.model_id, created=b.created) for b in visible(server.banks, key_banks(request))]
+        )
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS, tags=["chat"], **guarded)
     def model(model_id: str, request: Request) -> ModelCard:
@@ -126,9 +163,15 @@ def create_app(
         for b in served:
             if b.model_id == model_id:
                 return ModelCard(id=b.model_id, created=b.created)
-        ids = ", ".join(f"'{b.model_id}'" for b in served[:10]) + (" and more (GET /v1/models)" if len(served) > 10 else "")
-        raise ApiError(404, f"no model '{model_id[:200]}' here: this server serves {ids or 'no model you may use'}",
-                       param="model", code="model_not_found")
+        ids = ", ".join(f"'{b.model_id}'" for b in served[:10]) + (
+            " and more (GET /v1/models)" if len(served) > 10 else ""
+        )
+        raise ApiError(
+            404,
+            f"no model '{model_id[:200]}' here: this server serves {ids or 'no model you may use'}",
+            param="model",
+            code="model_not_found",
+        )
 
     page_headers = {
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
@@ -185,15 +228,31 @@ def _param(loc: tuple) -> str | None:
 def _install_error_handlers(app: FastAPI, server: Server) -> None:
     """Every error becomes OpenAI's ``{"error": {"message", "type", "param", "code"}}``; nothing leaks paths or tracebacks."""
 
-    def reply(status: int, message: str, kind: str, headers: dict | None = None, param: str | None = None, code: str | None = None) -> JSONResponse:
+    def reply(
+        status: int,
+        message: str,
+        kind: str,
+        headers: dict | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> JSONResponse:
         return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if isinstance(exc, ModelError):
-            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, param=exc.param, code=exc.code)
+            return reply(
+                exc.status_code,
+                server.bank.scrub(str(exc.detail)),
+                exc.kind,
+                exc.headers,
+                param=exc.param,
+                code=exc.code,
+            )
         if isinstance(exc, ApiError):
-            return reply(exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code)
+            return reply(
+                exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code
+            )
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
         return reply(exc.status_code, str(exc.detail), kind, exc.headers)
 
@@ -204,8 +263,13 @@ def _install_error_handlers(app: FastAPI, server: Server) -> None:
         problems = [f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]]
         first = errors[0] if errors else {}
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
-        return reply(400, ("invalid request: " + "; ".join(problems))[:1000], "invalid_request_error",
-                     param=_param(first.get("loc", ())), code=code)
+        return reply(
+            400,
+            ("invalid request: " + "; ".join(problems))[:1000],
+            "invalid_request_error",
+            param=_param(first.get("loc", ())),
+            code=code,
+        )
 
     @app.exception_handler(McLlavaError)
     async def refused(request: Request, exc: McLlavaError) -> JSONResponse:

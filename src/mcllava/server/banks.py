@@ -17,16 +17,27 @@ class ModelError(ApiError):
         self.param, self.code = "model", code
 
 
-def served_banks(source, max_queue: int, concepts_dir: str | Path | None, private_paths: tuple[str, ...]) -> dict[str, ServedBank]:
+def served_banks(
+    source, max_queue: int, concepts_dir: str | Path | None, private_paths: tuple[str, ...]
+) -> dict[str, ServedBank]:
     """The banks of an assistant (one bank, under its legacy id) or of a `SharedBase` (one gate; each bank's id is its name)."""
     if not isinstance(source, SharedBase):
         served = ServedBank(source, max_queue, concepts_dir, private_paths)
         return {served.model_id: served}
     gate = ModelGate(max_queue)
     paths = tuple(str(a.bank.path) for a in source.assistants.values() if a.bank.path is not None)
-    return {name: ServedBank(assistant, max_queue, concepts_dir, (*private_paths, *paths), gate=gate, model_id=name,
-                             use=lambda name=name: source.use(name))
-            for name, assistant in source.assistants.items()}
+    return {
+        name: ServedBank(
+            assistant,
+            max_queue,
+            concepts_dir,
+            (*private_paths, *paths),
+            gate=gate,
+            model_id=name,
+            use=lambda name=name: source.use(name),
+        )
+        for name, assistant in source.assistants.items()
+    }
 
 
 def bank_name(served: ServedBank) -> str:
@@ -47,11 +58,23 @@ def pick(banks: dict[str, ServedBank], model: str | None, allowed: frozenset[str
     if len(banks) == 1:
         bank = next(iter(banks.values()))
     elif model is None:
-        raise ModelError(400, "this server holds several banks: name one as model (see GET /v1/models)", "invalid_request_error", "model_required")
+        raise ModelError(
+            400,
+            "this server holds several banks: name one as model (see GET /v1/models)",
+            "invalid_request_error",
+            "model_required",
+        )
     elif model not in banks:
-        raise ModelError(404, f"the model {model[:100]!r} does not exist (see GET /v1/models)", "invalid_request_error", "model_not_found")
+        raise ModelError(
+            404,
+            f"the model {model[:100]!r} does not exist (see GET /v1/models)",
+            "invalid_request_error",
+            "model_not_found",
+        )
     else:
         bank = banks[model]
     if allowed is not None and bank_name(bank) not in allowed:
-        raise ModelError(403, f"this API key may not use the model {bank.model_id!r}", "permission_error", "model_not_allowed")
+        raise ModelError(
+            403, f"this API key may not use the model {bank.model_id!r}", "permission_error", "model_not_allowed"
+        )
     return bank

@@ -39,8 +39,13 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             status, message = (413, self._message()) if length.isdigit() else (400, "invalid Content-Length header")
-            return await refuse(send, status, message, "limit_exceeded" if status == 413 else "invalid_request_error",
-                                [(b"connection", b"close")])
+            return await refuse(
+                send,
+                status,
+                message,
+                "limit_exceeded" if status == 413 else "invalid_request_error",
+                [(b"connection", b"close")],
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         seen, done = 0, False
@@ -52,8 +57,12 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s of its headers", "timeout",
-                               headers={"Connection": "close"}) from None
+                raise ApiError(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s of its headers",
+                    "timeout",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -92,35 +101,69 @@ class RequestGuard:
         if not self.keys and not self.any_host:
             host = host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.hosts:
-                return await refuse(send, 400, f"this server answers without an API key only to the hosts it was started for; "
-                                    f"'{host[:100]}' is not one of them (start it with --allowed-host, or with --api-key)",
-                                    "invalid_request_error", code="invalid_host")
+                return await refuse(
+                    send,
+                    400,
+                    f"this server answers without an API key only to the hosts it was started for; "
+                    f"'{host[:100]}' is not one of them (start it with --allowed-host, or with --api-key)",
+                    "invalid_request_error",
+                    code="invalid_host",
+                )
             origin = headers.get(b"origin")
             if origin is not None and host_name(urlsplit(origin.decode("latin-1")).netloc) not in self.hosts:
-                return await refuse(send, 403, "a request from a page of another origin needs the server's API key (start it with --api-key)",
-                                    "permission_error", code="cross_origin")
+                return await refuse(
+                    send,
+                    403,
+                    "a request from a page of another origin needs the server's API key (start it with --api-key)",
+                    "permission_error",
+                    code="cross_origin",
+                )
         if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         if self.keys:
             auth = headers.get(b"authorization", b"")
-            given = [g for g in (auth[7:].strip() if auth[:7].lower() == b"bearer " else None, headers.get(b"x-api-key"))
-                     if g is not None]
+            given = [
+                g
+                for g in (auth[7:].strip() if auth[:7].lower() == b"bearer " else None, headers.get(b"x-api-key"))
+                if g is not None
+            ]
             found, banks = self.keys.match(given)
             if not found:
-                return await refuse(send, 401, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-                                    "authentication_error", [(b"www-authenticate", b"Bearer")], code="invalid_api_key")
+                return await refuse(
+                    send,
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+                    "authentication_error",
+                    [(b"www-authenticate", b"Bearer")],
+                    code="invalid_api_key",
+                )
             scope.setdefault("state", {})[KEY_BANKS] = banks  # the routes refuse the banks this key may not use
         if scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":
-                return await refuse(send, 415 if ctype else 400, "send the chat request as JSON (Content-Type: application/json)",
-                                    "invalid_request_error")
+                return await refuse(
+                    send,
+                    415 if ctype else 400,
+                    "send the chat request as JSON (Content-Type: application/json)",
+                    "invalid_request_error",
+                )
         await self.app(scope, receive, send)
 
 
-async def refuse(send, status: int, message: str, kind: str, headers: list | None = None, code: str | None = None) -> None:
+async def refuse(
+    send, status: int, message: str, kind: str, headers: list | None = None, code: str | None = None
+) -> None:
     """Answer at once with an error body (from middleware, where no exception handler runs)."""
     body = json.dumps(error_body(message, kind, code=code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from ..errors import McLlavaError
 
@@ -24,14 +24,16 @@ class KeyRing:
     def __init__(self, keys: Mapping[str, frozenset[str] | None]):
         for key in keys:
             if not key.strip():
-                raise McLlavaError("the API key is empty (--api-key or MCLLAVA_API_KEY): give a real key, or none to serve on "
-                                   "this machine only")
+                raise McLlavaError(
+                    "the API key is empty (--api-key or MCLLAVA_API_KEY): give a real key, or none to serve on "
+                    "this machine only"
+                )
             if any(c.isspace() or not c.isprintable() for c in key):
                 raise McLlavaError("an API key must be without spaces or control characters")
         self._keys = [(k.encode("utf-8"), banks) for k, banks in keys.items()]
 
     @classmethod
-    def parse(cls, specs: Iterable[str]) -> "KeyRing":
+    def parse(cls, specs: Iterable[str]) -> KeyRing:
         """Keys from `KEY` (every bank) or `KEY=bank1,bank2` specs (split at the last `=`: a key ending in `=`, as
         base64 keys may, is a whole key); the same key twice is refused."""
         keys: dict[str, frozenset[str] | None] = {}
@@ -65,7 +67,9 @@ class KeyRing:
         for _, banks in self._keys:
             unknown = sorted((banks or set()) - served)
             if unknown:
-                raise McLlavaError(f"an API key names bank(s) not served: {', '.join(unknown)} (served: {', '.join(sorted(served))})")
+                raise McLlavaError(
+                    f"an API key names bank(s) not served: {', '.join(unknown)} (served: {', '.join(sorted(served))})"
+                )
 
     def match(self, given: Iterable[bytes]) -> tuple[bool, frozenset[str] | None]:
         """(whether one of the presented keys is a key, the banks it may use). Every key is compared, in constant time."""

@@ -31,7 +31,9 @@ class ServerLimits:
     max_connections: int = 64  # open connections; a request beyond them gets 503
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -39,7 +41,14 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 class ApiError(HTTPException):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(status_code=status, detail=message, headers=headers)
         self.kind, self.param, self.code = kind, param, code

@@ -59,8 +59,12 @@ def uvicorn_options(limits: ServerLimits = ServerLimits()) -> dict:
     """uvicorn's options for `limits`: request heads within `header_timeout_s`, idle connections closed after
     `keep_alive_s`, heads of at most `max_header_bytes`, at most `max_connections` open connections (a request
     beyond them gets 503). `BodyLimit` bounds the time a body may take."""
-    return dict(http=partial(HeaderDeadlineProtocol, header_timeout_s=limits.header_timeout_s), timeout_keep_alive=limits.keep_alive_s,
-                h11_max_incomplete_event_size=limits.max_header_bytes, limit_concurrency=limits.max_connections)
+    return dict(
+        http=partial(HeaderDeadlineProtocol, header_timeout_s=limits.header_timeout_s),
+        timeout_keep_alive=limits.keep_alive_s,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        limit_concurrency=limits.max_connections,
+    )
 
 
 def uvicorn_config(app, limits: ServerLimits = ServerLimits(), **kwargs) -> uvicorn.Config:

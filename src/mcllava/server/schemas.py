@@ -10,8 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class ErrorBody(BaseModel):
     message: str
     type: str
-    param: str | None = Field(None, description="The request parameter at fault, when there is one (e.g. 'n', 'messages[0].content').")
-    code: str | None = Field(None, description="A machine-readable reason, when there is one (e.g. 'unsupported_parameter').")
+    param: str | None = Field(
+        None, description="The request parameter at fault, when there is one (e.g. 'n', 'messages[0].content')."
+    )
+    code: str | None = Field(
+        None, description="A machine-readable reason, when there is one (e.g. 'unsupported_parameter')."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -19,7 +23,9 @@ class ErrorResponse(BaseModel):
 
 
 class ImageURL(BaseModel):
-    url: str = Field(description="A data URL, data:image/png;base64,... (JPEG, PNG, WebP or BMP). Remote URLs are refused.")
+    url: str = Field(
+        description="A data URL, data:image/png;base64,... (JPEG, PNG, WebP or BMP). Remote URLs are refused."
+    )
     detail: str | None = None
 
 
@@ -44,7 +50,11 @@ class Message(BaseModel):
         return [p.text for p in self.content or [] if isinstance(p, TextPart)]
 
     def images(self) -> list[str]:
-        return [] if isinstance(self.content, (str, type(None))) else [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        return (
+            []
+            if isinstance(self.content, (str, type(None)))
+            else [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        )
 
 
 class ChatOptions(BaseModel):
@@ -114,8 +124,13 @@ class Usage(BaseModel):
 class ChatExtras(BaseModel):
     marks: dict[str, str] = Field(description="Mark number -> concept id, as drawn on the image.")
     locations: list[LocationOut]
-    marked_image: str | None = Field(None, description="The marked image (JPEG data URL) when asked for and marks were drawn.")
-    parts: dict[str, str] = Field(default_factory=dict, description="For 'are <a> and <b> both here?' and captions: concept id -> its own answer to 'Is <c> in this photo?'.")
+    marked_image: str | None = Field(
+        None, description="The marked image (JPEG data URL) when asked for and marks were drawn."
+    )
+    parts: dict[str, str] = Field(
+        default_factory=dict,
+        description="For 'are <a> and <b> both here?' and captions: concept id -> its own answer to 'Is <c> in this photo?'.",
+    )
 
 
 class ChatCompletion(BaseModel):
@@ -171,7 +186,9 @@ class ConceptOut(BaseModel):
     name: str
     category: str | None = None
     description: str | None = None
-    thumbnail: str | None = Field(None, description="A small JPEG data URL, when the bank or --concepts folder has one.")
+    thumbnail: str | None = Field(
+        None, description="A small JPEG data URL, when the bank or --concepts folder has one."
+    )
 
 
 class ConceptList(BaseModel):
@@ -200,7 +217,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": words}
     for code, words in {
         400: "Invalid input (bad image, empty question, invalid text, a parameter the model cannot honour, a request "
-             "that does not match the schema, a Host or Origin refused without a key, ...); `param` names the parameter",
+        "that does not match the schema, a Host or Origin refused without a key, ...); `param` names the parameter",
         401: "Missing or wrong API key",
         403: "A cross-origin request to a server without an API key",
         404: "No such route or model",
@@ -211,4 +228,3 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         503: "The queue for the model is full; retry later",
     }.items()
 }
-

@@ -6,9 +6,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import ImageOps
 
@@ -79,7 +80,9 @@ def generation_hook(model, streamer=None) -> Iterator[dict]:
         new = out[0, (given.shape[1] if given is not None else 0) :]
         eos = kwargs.get("eos_token_id")
         # an answer may take several calls (one per concept for "are <a> and <b> both here?"): add them up
-        stats.update(prompt=stats.get("prompt", 0) + int(prompt), completion=stats.get("completion", 0) + int(new.numel()))
+        stats.update(
+            prompt=stats.get("prompt", 0) + int(prompt), completion=stats.get("completion", 0) + int(new.numel())
+        )
         stopped = new.numel() < kwargs.get("max_new_tokens", 1 << 30) or (eos is not None and int(new[-1]) == eos)
         stats["stopped"] = stats.get("stopped", True) and stopped
         return out
@@ -94,13 +97,20 @@ def generation_hook(model, streamer=None) -> Iterator[dict]:
             del model.generate
 
 
-
 class ServedBank:
     """The assistant of one bank as the routes use it: the gate to its model, the model id clients name, the
     concept cards, and the server paths (bank, base, concept folder) that no message to a client may contain."""
 
-    def __init__(self, assistant, max_queue: int, concepts_dir: str | Path | None = None, private_paths: tuple[str, ...] = (),
-                 gate: ModelGate | None = None, model_id: str | None = None, use=None):
+    def __init__(
+        self,
+        assistant,
+        max_queue: int,
+        concepts_dir: str | Path | None = None,
+        private_paths: tuple[str, ...] = (),
+        gate: ModelGate | None = None,
+        model_id: str | None = None,
+        use=None,
+    ):
         """With several banks on one base, they share `gate`, each is named by `model_id` (its folder's name) and
         `use` (`SharedBase.use` for this bank) puts it in the model for a request; one bank alone needs neither."""
         self.assistant = assistant
@@ -125,6 +135,7 @@ class ServedBank:
     def question_room(self, max_tokens: int) -> int:
         """How many tokens of the model's context are left for a question answered in `max_tokens` tokens."""
         return max(0, self.context - self.prompt_overhead - max_tokens)
+
     @contextmanager
     def in_use(self) -> Iterator[Any]:
         """The assistant, with this bank's rows in the model for the block (hold the gate around it)."""
@@ -162,6 +173,14 @@ class ServedBank:
         cards = []
         for cid in bank.concept_ids:
             info = {k: v for k, v in (bank.display.get(cid) or {}).items() if isinstance(v, str)}
-            cards.append(ConceptOut(id=cid, token=f"<{cid}>", name=self.assistant.names[cid], category=info.get("category"),
-                                    description=info.get("description"), thumbnail=thumbs.get(cid)))
+            cards.append(
+                ConceptOut(
+                    id=cid,
+                    token=f"<{cid}>",
+                    name=self.assistant.names[cid],
+                    category=info.get("category"),
+                    description=info.get("description"),
+                    thumbnail=thumbs.get(cid),
+                )
+            )
         return cards

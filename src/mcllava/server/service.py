@@ -8,8 +8,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 from PIL import Image
@@ -17,12 +18,24 @@ from transformers import TextIteratorStreamer
 
 from ..errors import McLlavaError
 from ..locate import draw_marks
+from .banks import pick, served_banks
 from .images import ImageDecoder, image_data_url
 from .limits import ApiError, ServerLimits, error_body
 from .params import ChatPlan, StopText, plan_chat
-from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatExtras, ChatOptions, ChatRequest, Choice, ChunkChoice,
-                      Delta, LocateResponse, LocationOut, Usage)
-from .banks import pick, served_banks
+from .schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatExtras,
+    ChatOptions,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    LocateResponse,
+    LocationOut,
+    Usage,
+)
 from .served import ServedBank, generation_hook
 
 log = logging.getLogger("mcllava.server")
@@ -30,8 +43,12 @@ log = logging.getLogger("mcllava.server")
 
 def _location(loc, names: dict[str, str]) -> LocationOut:
     return LocationOut(
-        concept=loc.concept_id, name=names.get(loc.concept_id, loc.concept_id), score=round(float(loc.score), 6),
-        present=bool(loc.present), peak=tuple(float(v) for v in loc.peak), box=None if loc.box is None else tuple(float(v) for v in loc.box),
+        concept=loc.concept_id,
+        name=names.get(loc.concept_id, loc.concept_id),
+        score=round(float(loc.score), 6),
+        present=bool(loc.present),
+        peak=tuple(float(v) for v in loc.peak),
+        box=None if loc.box is None else tuple(float(v) for v in loc.box),
     )
 
 
@@ -43,7 +60,9 @@ class Server:
         self.limits = limits
         self._tmp = tempfile.TemporaryDirectory(prefix="mcllava-serve-")
         self.images = ImageDecoder(limits, Path(self._tmp.name))
-        self.banks: dict[str, ServedBank] = served_banks(assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,))
+        self.banks: dict[str, ServedBank] = served_banks(
+            assistant, limits.max_queue, concepts_dir, private_paths=(self._tmp.name,)
+        )
         self.bank = next(iter(self.banks.values()))
 
     def pick(self, model: str | None, allowed: frozenset[str] | None = None) -> ServedBank:
@@ -54,8 +73,12 @@ class Server:
     def extras(self, result, return_image: bool, bank: ServedBank | None = None) -> ChatExtras:
         names = (bank or self.bank).assistant.names
         marked = image_data_url(result.marked_image) if return_image and result.marked_image is not None else None
-        return ChatExtras(marks={str(n): c for n, c in result.marks.items()}, locations=[_location(l, names) for l in result.locations],
-                          marked_image=marked, parts=result.parts)
+        return ChatExtras(
+            marks={str(n): c for n, c in result.marks.items()},
+            locations=[_location(loc, names) for loc in result.locations],
+            marked_image=marked,
+            parts=result.parts,
+        )
 
     def chat(self, req: ChatRequest, allowed: frozenset[str] | None = None) -> ChatCompletion | StreamingResponse:
         bank = self.pick(req.model, allowed)
@@ -64,13 +87,18 @@ class Server:
         if req.stream:
             return self._stream(bank, plan, opts)
         with bank.gate(), bank.in_use() as assistant, generation_hook(assistant.backbone.model) as stats:
-            result = assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens)
+            result = assistant.respond(
+                plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens
+            )
         stop = StopText(plan.stops)
         text = stop.cut(result.text)
         return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=bank.model_id,
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=bank.model_id,
             choices=[Choice(message=AssistantMessage(content=text), finish_reason=_finish(stats, stop))],
-            usage=_usage(stats), mcllava=self.extras(result, opts.return_image, bank),
+            usage=_usage(stats),
+            mcllava=self.extras(result, opts.return_image, bank),
         )
 
     def _stream(self, bank: ServedBank, plan: ChatPlan, opts: ChatOptions) -> StreamingResponse:
@@ -83,9 +111,14 @@ class Server:
 
         def work() -> None:
             try:
-                with bank.gate.hold(), bank.in_use() as assistant, generation_hook(assistant.backbone.model, None if whole else streamer) as stats:
-                    outcome["result"] = assistant.respond(plan.image, plan.question, visual_prompt=opts.visual_prompt,
-                                                          max_new_tokens=plan.max_tokens)
+                with (
+                    bank.gate.hold(),
+                    bank.in_use() as assistant,
+                    generation_hook(assistant.backbone.model, None if whole else streamer) as stats,
+                ):
+                    outcome["result"] = assistant.respond(
+                        plan.image, plan.question, visual_prompt=opts.visual_prompt, max_new_tokens=plan.max_tokens
+                    )
                 outcome["stats"] = stats
                 if whole:
                     streamer.on_finalized_text(outcome["result"].text)
@@ -123,13 +156,17 @@ class Server:
                 yield f"data: {json.dumps(error_body(message, kind))}\n\n"
             else:
                 stats = outcome["stats"]
-                yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=_finish(stats, stop))],
-                            mcllava=self.extras(outcome["result"], opts.return_image, bank))
+                yield chunk(
+                    choices=[ChunkChoice(delta=Delta(), finish_reason=_finish(stats, stop))],
+                    mcllava=self.extras(outcome["result"], opts.return_image, bank),
+                )
                 if plan.include_usage:
                     yield chunk(choices=[], usage=_usage(stats))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     def describe(self, exc: BaseException) -> tuple[int, str, str]:
         """(status, client message, type) of an exception; unexpected ones are logged and named only generically."""
@@ -148,8 +185,11 @@ class Server:
         names = bank.assistant.names
         marked, marks = draw_marks(image, locations, max_marks=bank.assistant.locate_config.max_marks)
         return LocateResponse(
-            width=image.size[0], height=image.size[1], locations=[_location(l, names) for l in locations],
-            marks={str(n): c for n, c in marks.items()}, marked_image=image_data_url(marked) if return_image else None,
+            width=image.size[0],
+            height=image.size[1],
+            locations=[_location(loc, names) for loc in locations],
+            marks={str(n): c for n, c in marks.items()},
+            marked_image=image_data_url(marked) if return_image else None,
         )
 
 
@@ -160,4 +200,3 @@ def _finish(stats: dict, stop: StopText) -> str:
 def _usage(stats: dict) -> Usage:
     prompt, completion = stats.get("prompt", 0), stats.get("completion", 0)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-

@@ -11,7 +11,23 @@ from .scenes import SETTINGS, Actor, RenderedScene, SceneSpec, render_scene, sam
 from .traits import Identity, describe, is_personal_half, make_lookalike, random_identity, trait_diff
 
 __all__ = [
-    "Actor", "Concept", "Identity", "RenderedScene", "SETTINGS", "SceneSpec", "corpus_sample", "corpus_samples",
-    "describe", "is_personal_half", "make_lookalike", "make_world", "plan_concepts", "random_identity",
-    "render_scene", "sample_scene", "sample_visible_scene", "trait_diff", "write_corpus",
+    "Actor",
+    "Concept",
+    "Identity",
+    "RenderedScene",
+    "SETTINGS",
+    "SceneSpec",
+    "corpus_sample",
+    "corpus_samples",
+    "describe",
+    "is_personal_half",
+    "make_lookalike",
+    "make_world",
+    "plan_concepts",
+    "random_identity",
+    "render_scene",
+    "sample_scene",
+    "sample_visible_scene",
+    "trait_diff",
+    "write_corpus",
 ]

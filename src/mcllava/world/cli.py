@@ -27,13 +27,26 @@ def make(
     distractors: int = typer.Option(2, min=0, help="Look-alike distractors per concept."),
     layout: Optional[str] = typer.Option(None, help="Also write the test set in another layout: 'mcllava'."),
     size: int = typer.Option(192, min=64, max=1024, help="Image size in pixels (square)."),
-    negatives: Optional[int] = typer.Option(None, min=0, help="Generic images without concepts (default: max(10, 5 x concepts))."),
+    negatives: Optional[int] = typer.Option(
+        None, min=0, help="Generic images without concepts (default: max(10, 5 x concepts))."
+    ),
 ) -> None:
     """Write concept folders, negatives, multi-concept images, test scenes, tests.jsonl and world.json."""
     if layout not in (None, "mcllava"):
-        raise typer.BadParameter(f"unknown layout {layout!r}; the only extra layout is 'mcllava'", param_hint="--layout")
-    summary = make_world(out, seed=seed, concepts=concepts, train_images=train_images, test_scenes=test_scenes,
-                         distractors=distractors, layout=layout, size=size, negatives=negatives)
+        raise typer.BadParameter(
+            f"unknown layout {layout!r}; the only extra layout is 'mcllava'", param_hint="--layout"
+        )
+    summary = make_world(
+        out,
+        seed=seed,
+        concepts=concepts,
+        train_images=train_images,
+        test_scenes=test_scenes,
+        distractors=distractors,
+        layout=layout,
+        size=size,
+        negatives=negatives,
+    )
     typer.echo(json.dumps(summary, indent=1))
 
 

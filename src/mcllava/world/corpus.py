@@ -48,7 +48,9 @@ def _generic_caption(scene: RenderedScene) -> str:
     parts = [f"{first[0].upper()}{first[1:]} {SETTING_PHRASES[scene.spec.setting]}."]
     for k, a in enumerate(actors):
         doing = a.action + (f" and holding {HELD_WORDS[a.held]}" if a.held else "")
-        parts.append(f"The {noun_phrase(a.identity).split(' ', 1)[1]} is {doing} {position_phrase(scene, k).split(',')[0]}.")
+        parts.append(
+            f"The {noun_phrase(a.identity).split(' ', 1)[1]} is {doing} {position_phrase(scene, k).split(',')[0]}."
+        )
     return " ".join(parts)
 
 
@@ -58,7 +60,10 @@ def _generic_vqa(rng: np.random.Generator, scene: RenderedScene) -> tuple[str, s
     kind = ["count", "category", "unique", "exists"][rng.integers(4)]
     if kind == "count":
         n = len(actors)
-        return "How many characters are in this photo?", f"There {'is' if n == 1 else 'are'} {n} {'character' if n == 1 else 'characters'}."
+        return (
+            "How many characters are in this photo?",
+            f"There {'is' if n == 1 else 'are'} {n} {'character' if n == 1 else 'characters'}.",
+        )
     if kind == "exists":
         c = CATEGORIES[rng.integers(len(CATEGORIES))]
         art = "an" if c[0] in "aeiou" else "a"
@@ -70,15 +75,21 @@ def _generic_vqa(rng: np.random.Generator, scene: RenderedScene) -> tuple[str, s
     a = actors[k]
     the = f"the {a.identity.category}"
     if kind == "category":
-        return f"What is {position_phrase(scene, k).split(',')[0]}?", f"{noun_phrase(a.identity)[0].upper()}{noun_phrase(a.identity)[1:]}."
+        return (
+            f"What is {position_phrase(scene, k).split(',')[0]}?",
+            f"{noun_phrase(a.identity)[0].upper()}{noun_phrase(a.identity)[1:]}.",
+        )
     q = ["colour", "action", "held", "where"][rng.integers(4)]
     if q == "colour":
         return f"What colour is {the}?", f"{the.capitalize()} is {a.identity.color}."
     if q == "action":
         return f"What is {the} doing?", f"{the.capitalize()} is {a.action}."
     if q == "held":
-        return f"What is {the} holding?", (f"{the.capitalize()} is holding {HELD_WORDS[a.held]}." if a.held
-                                          else f"{the.capitalize()} is not holding anything.")
+        return f"What is {the} holding?", (
+            f"{the.capitalize()} is holding {HELD_WORDS[a.held]}."
+            if a.held
+            else f"{the.capitalize()} is not holding anything."
+        )
     return f"Where is {the}?", f"{the.capitalize()} is {position_phrase(scene, k)}."
 
 
@@ -139,8 +150,17 @@ def corpus_sample(seed: int, index: int, size: int = 192) -> dict[str, Any]:
                 asked = [names[target]]
             q = f"{intro} {recognition_question(asked)}"
             a = "Yes" if all(x in present for x in asked) else "No"
-    return {"image": scene.image, "task": task, "kind": kind, "question": q, "answer": a,
-            "definitions": definitions, "concepts": asked, "present": present, "objects": scene.objects()}
+    return {
+        "image": scene.image,
+        "task": task,
+        "kind": kind,
+        "question": q,
+        "answer": a,
+        "definitions": definitions,
+        "concepts": asked,
+        "present": present,
+        "objects": scene.objects(),
+    }
 
 
 def _defined_caption(scene: RenderedScene) -> str:
@@ -163,7 +183,9 @@ def corpus_samples(seed: int = 0, n: int | None = None, size: int = 192, start: 
         k += 1
 
 
-def write_corpus(out: str | Path, seed: int = 0, n: int = 1000, size: int = 192, progress: bool = True) -> dict[str, Any]:
+def write_corpus(
+    out: str | Path, seed: int = 0, n: int = 1000, size: int = 192, progress: bool = True
+) -> dict[str, Any]:
     """Write `out/corpus.jsonl` and `out/images/<k>.png`; returns counts per kind."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """A labelled preview grid of the world (concepts beside their look-alikes, then test scenes) for the docs.
 
-    python -m mcllava.world.grid docs/img/world-grid.png
+python -m mcllava.world.grid docs/img/world-grid.png
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def preview_grid(seed: int = 0, tile: int = 144, cols: int = 6) -> Image.Image:
             words = [SHORT.get(x, x) for x in diff]
             tiles.append(_tile(render_scene(look).image, "look-alike: " + "+".join(words), tile))
     for k in range(cols * 2):
-        cast = [(c.identity, "concept", c.id) for c in concepts[: 1 + k % 3]] + [random_identity(rng, "personal")
-                                                                               for _ in range(k % 2)]
+        cast = [(c.identity, "concept", c.id) for c in concepts[: 1 + k % 3]] + [
+            random_identity(rng, "personal") for _ in range(k % 2)
+        ]
         scene = sample_visible_scene(rng, cast[:4], 192)
         present = [f"<{a.ref}>" for a in scene.spec.actors if a.role == "concept"]
         tiles.append(_tile(scene.image, f"{scene.spec.setting}: {' '.join(present)}", tile))

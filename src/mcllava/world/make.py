@@ -31,11 +31,48 @@ from .scenes import RenderedScene, sample_visible_scene
 from .traits import Identity, describe, is_personal_half, make_lookalike, random_identity
 
 NAMES = [
-    "bo", "ana", "kiki", "mo", "lulu", "pip", "tam", "zed", "nia", "rex", "ivy", "oto", "suki", "fen", "gus",
-    "jojo", "kai", "lea", "momo", "noor", "pax", "remy", "sol", "tia", "uma", "vik", "wen", "yuki", "zia", "dot",
+    "bo",
+    "ana",
+    "kiki",
+    "mo",
+    "lulu",
+    "pip",
+    "tam",
+    "zed",
+    "nia",
+    "rex",
+    "ivy",
+    "oto",
+    "suki",
+    "fen",
+    "gus",
+    "jojo",
+    "kai",
+    "lea",
+    "momo",
+    "noor",
+    "pax",
+    "remy",
+    "sol",
+    "tia",
+    "uma",
+    "vik",
+    "wen",
+    "yuki",
+    "zia",
+    "dot",
 ]
-PURPOSES = {"concepts": 1, "train": 2, "multi": 3, "negatives": 4, "scenes": 5, "questions": 6, "corpus": 7,
-            "mcllava-single": 8, "mcllava-multi": 9}
+PURPOSES = {
+    "concepts": 1,
+    "train": 2,
+    "multi": 3,
+    "negatives": 4,
+    "scenes": 5,
+    "questions": 6,
+    "corpus": 7,
+    "mcllava-single": 8,
+    "mcllava-multi": 9,
+}
 SCENE_KINDS = ("single", "multi", "distractor", "none")
 
 
@@ -58,15 +95,30 @@ class Concept:
 
     def profile(self) -> dict[str, Any]:
         """The concept.yaml mapping (keys the concept-folder loader accepts)."""
-        return {"name": self.name, "category": self.identity.category, "description": self.description,
-                "facts": self.facts}
+        return {
+            "name": self.name,
+            "category": self.identity.category,
+            "description": self.description,
+            "facts": self.facts,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "name": self.name, "identity": self.identity.to_dict(), "description": self.description,
-            "personal_half": is_personal_half(self.identity), "facts": self.facts,
-            "distractors": [{"identity": d.to_dict(), "description": describe(d), "differs": diff,
-                             "personal_half": is_personal_half(d)} for d, diff in self.distractors],
+            "id": self.id,
+            "name": self.name,
+            "identity": self.identity.to_dict(),
+            "description": self.description,
+            "personal_half": is_personal_half(self.identity),
+            "facts": self.facts,
+            "distractors": [
+                {
+                    "identity": d.to_dict(),
+                    "description": describe(d),
+                    "differs": diff,
+                    "personal_half": is_personal_half(d),
+                }
+                for d, diff in self.distractors
+            ],
         }
 
 
@@ -101,7 +153,9 @@ def plan_concepts(seed: int, n: int, n_distractors: int = 2) -> list[Concept]:
         if new not in idents:
             idents.append(new)
     ages = rng.choice(np.arange(2, 13), size=n, replace=n > 11)
-    concepts = [Concept(cid, ident, make_facts(rng, cid, f"{int(age)} years old")) for cid, ident, age in zip(ids, idents, ages)]
+    concepts = [
+        Concept(cid, ident, make_facts(rng, cid, f"{int(age)} years old")) for cid, ident, age in zip(ids, idents, ages)
+    ]
     taken = set(idents)
     for c in concepts:
         for _ in range(n_distractors):
@@ -138,8 +192,13 @@ def _bystanders(rng: np.random.Generator, k: int, avoid: set[Identity]) -> list[
 
 
 def _scene_entry(path: str, kind: str, scene: RenderedScene) -> dict[str, Any]:
-    return {"image": path, "kind": kind, "setting": scene.spec.setting, "objects": scene.objects(),
-            "spec": scene.spec.to_dict()}
+    return {
+        "image": path,
+        "kind": kind,
+        "setting": scene.spec.setting,
+        "objects": scene.objects(),
+        "spec": scene.spec.to_dict(),
+    }
 
 
 def make_world(
@@ -173,8 +232,15 @@ def make_world(
     total = concepts * train_images + n_neg + 2 * len(pairs) + n_test
     bar = tqdm(total=total, desc="world make", unit="img", disable=not progress)
     world: dict[str, Any] = {
-        "format": 1, "seed": seed, "size": size, "concepts": [c.to_dict() for c in cs], "groups": groups,
-        "train": [], "multi_train": [], "negatives": [], "scenes": [],
+        "format": 1,
+        "seed": seed,
+        "size": size,
+        "concepts": [c.to_dict() for c in cs],
+        "groups": groups,
+        "train": [],
+        "multi_train": [],
+        "negatives": [],
+        "scenes": [],
     }
 
     # concept folders: train images with exact masks, concept.yaml
@@ -196,7 +262,9 @@ def make_world(
     for pi, (a, b) in enumerate(pairs):
         for k in range(2):
             rng = rng_for(seed, "multi", pi, k)
-            scene = sample_visible_scene(rng, [(by_id[a].identity, "concept", a), (by_id[b].identity, "concept", b)], size)
+            scene = sample_visible_scene(
+                rng, [(by_id[a].identity, "concept", a), (by_id[b].identity, "concept", b)], size
+            )
             rel = f"concepts/_multi/{a}+{b}/{k}.png"
             _save(scene.image, out / rel)
             world["multi_train"].append(_scene_entry(rel, "multi_train", scene))
@@ -228,7 +296,9 @@ def make_world(
         world["scenes"].append(entry)
         facts = SceneFacts(scene, ids)
         for rec in _recognition(rng, rel, facts, ids, group_of, lookalike_of):
-            split = "multi_all" if len(rec["concepts"]) >= 2 else ("multi_one" if len(rec["present"]) >= 2 else "single")
+            split = (
+                "multi_all" if len(rec["concepts"]) >= 2 else ("multi_one" if len(rec["present"]) >= 2 else "single")
+            )
             priority = 0 if lookalike_of and rec["answer"] == "No" and lookalike_of in rec["concepts"] else 1
             candidates.setdefault((split, rec["answer"] == "Yes"), []).append((priority, rec))
         others += visual_records(qrng, rel, facts) + caption_and_grounding(rel, facts)
@@ -244,11 +314,20 @@ def make_world(
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     (out / "world.json").write_text(json.dumps(world, indent=1))
-    summary = {"out": str(out), "concepts": ids, "groups": groups, "train_images": concepts * train_images,
-               "multi_images": 2 * len(pairs), "negatives": n_neg, "test_scenes": n_test, "records": len(records)}
+    summary = {
+        "out": str(out),
+        "concepts": ids,
+        "groups": groups,
+        "train_images": concepts * train_images,
+        "multi_images": 2 * len(pairs),
+        "negatives": n_neg,
+        "test_scenes": n_test,
+        "records": len(records),
+    }
     if layout == "mcllava":
-        render = scene_renderer(seed, size, {c.id: c.identity for c in cs}, lambda rng, k: _bystanders(rng, k, special),
-                                rng_for)
+        render = scene_renderer(
+            seed, size, {c.id: c.identity for c in cs}, lambda rng, k: _bystanders(rng, k, special), rng_for
+        )
         summary["mcllava"] = write_mcllava_layout(out, records, world, render)
     return summary
 
@@ -275,7 +354,7 @@ def _test_actors(rng, kind: str, cs: list[Concept], groups: list[list[str]], spe
         actors = [(d, "distractor", c.id)] if d is not None else []
         mates = [o for o in group_of_list(groups, c.id) if o != c.id]
         n_mates = int(rng.integers(0, min(2, len(mates)) + 1))
-        for m in ([mates[j] for j in rng.choice(len(mates), size=n_mates, replace=False)] if n_mates else []):
+        for m in [mates[j] for j in rng.choice(len(mates), size=n_mates, replace=False)] if n_mates else []:
             actors.append((by_id[m].identity, "concept", m))
         n_other = min(n_other, 4 - len(actors))
         if not actors:
@@ -290,8 +369,9 @@ def group_of_list(groups: list[list[str]], cid: str) -> list[str]:
     return next(g for g in groups if cid in g)
 
 
-def _recognition(rng, image: str, facts: SceneFacts, ids: list[str], group_of: dict[str, list[str]],
-                 lookalike_of: str | None) -> list[dict]:
+def _recognition(
+    rng, image: str, facts: SceneFacts, ids: list[str], group_of: dict[str, list[str]], lookalike_of: str | None
+) -> list[dict]:
     """Yes/no candidates: each present concept, absent ones (the look-alike's concept first), and 'all' forms."""
     present, boxes = facts.present, facts.boxes
     absent = [c for c in ids if c not in present]

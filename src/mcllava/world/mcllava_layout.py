@@ -72,8 +72,10 @@ def position_question(cid: str, facts: SceneFacts) -> dict[str, str]:
     others = [(b[0] + b[2]) / 2 for c, b in facts.boxes.items() if c != cid]
     ref = sum(others) / len(others) if others else facts.scene.image.size[0] / 2
     letter = "A" if (x0 + x1) / 2 < ref else "B"
-    return {"Human": with_options(f"Where is <{cid}> in this photo?", {"A": "on the left", "B": "on the right"}),
-            "AI": letter}
+    return {
+        "Human": with_options(f"Where is <{cid}> in this photo?", {"A": "on the left", "B": "on the right"}),
+        "AI": letter,
+    }
 
 
 def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any], render) -> dict[str, Any]:
@@ -109,8 +111,14 @@ def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any], 
             vqa[key] = _qa(next(q for q in qs if q["task"] == "vqa"))
         _dump(folder / "choice.json", choice)
         _dump(folder / "vqa.json", vqa)
-        _dump(folder / "qa.json", [{"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
-                                   for r in text if r["concepts"] == [c]])
+        _dump(
+            folder / "qa.json",
+            [
+                {"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
+                for r in text
+                if r["concepts"] == [c]
+            ],
+        )
 
     for gi, g in enumerate(x for x in groups if len(x) >= 2):
         folder = root / case_of(g) / "multi" / "_".join(g)
@@ -127,8 +135,14 @@ def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any], 
         for kind, data in files.items():
             _dump(folder / f"{kind}.json", data)
         _dump(folder / "position.json", positions)
-        _dump(folder / "qa.json", [{"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
-                                   for r in text if len(r["concepts"]) >= 2 and set(r["concepts"]) <= set(g)])
+        _dump(
+            folder / "qa.json",
+            [
+                {"question": with_options(r["question"], r["options"]), "answer": r["answer"]}
+                for r in text
+                if len(r["concepts"]) >= 2 and set(r["concepts"]) <= set(g)
+            ],
+        )
 
     for t in world["train"]:
         cid = Path(t["image"]).parts[1]
@@ -142,6 +156,7 @@ def write_mcllava_layout(out: Path, records: list[dict], world: dict[str, Any], 
 
 def scene_renderer(seed: int, size: int, identities: dict[str, Any], bystanders, rng_for):
     """The `render` callable `write_mcllava_layout` needs, from the world maker's own seeded pieces."""
+
     def render(purpose: str, index: int, cids: list[str]):
         rng = rng_for(seed, purpose, index)
         actors = [(identities[c], "concept", c) for c in cids] + bystanders(rng, int(rng.random() < 0.3))

@@ -24,14 +24,22 @@ def tok(cid: str) -> str:
 
 
 def join_words(words: list[str], conj: str = "and") -> str:
-    """"a", "a and b", "a, b and c"."""
+    """ "a", "a and b", "a, b and c"."""
     if len(words) <= 1:
         return "".join(words)
     return ", ".join(words[:-1]) + f" {conj} " + words[-1]
 
 
-def record(image: str | None, task: str, question: str, answer: str, concepts: list[str], present: list[str],
-           boxes: dict[str, list[int]] | None = None, options: dict[str, str] | None = None) -> dict[str, Any]:
+def record(
+    image: str | None,
+    task: str,
+    question: str,
+    answer: str,
+    concepts: list[str],
+    present: list[str],
+    boxes: dict[str, list[int]] | None = None,
+    options: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """One tests.jsonl record (options only for choice questions)."""
     rec: dict[str, Any] = {"image": image, "task": task, "question": question, "answer": answer}
     if options is not None:
@@ -51,12 +59,13 @@ def make_choice(rng: np.random.Generator, correct: str, pool: list[str], n: int 
 
 
 def position_phrase(scene: RenderedScene, index: int) -> str:
-    """"on the left, near the camera" from the visible box and the depth of actor `index`."""
+    """ "on the left, near the camera" from the visible box and the depth of actor `index`."""
     box = scene.box(index)
     if box is None:
         return "hidden"
     where = {"left": "on the left", "centre": "in the centre", "right": "on the right"}[
-        horizontal_word(box, scene.spec.size)]
+        horizontal_word(box, scene.spec.size)
+    ]
     depth = "near the camera" if scene.spec.actors[index].depth == "near" else "in the background"
     return f"{where}, {depth}"
 
@@ -80,7 +89,9 @@ class SceneFacts:
         return self.scene.spec.actors[self.index[cid]]
 
 
-def visual_records(rng: np.random.Generator, image: str, facts: SceneFacts, n_choice: int = 1, n_vqa: int = 2) -> list[dict]:
+def visual_records(
+    rng: np.random.Generator, image: str, facts: SceneFacts, n_choice: int = 1, n_vqa: int = 2
+) -> list[dict]:
     """Visual choice and VQA questions (attributes, actions, held objects, positions) about present concepts."""
     out: list[dict] = []
     present, boxes = facts.present, facts.boxes
@@ -157,17 +168,49 @@ def caption_and_grounding(image: str, facts: SceneFacts) -> list[dict]:
     out = [record(image, "caption", "Describe this photo.", caption(facts), facts.present, facts.present, facts.boxes)]
     for c in facts.present:
         where = position_phrase(facts.scene, facts.index[c])
-        out.append(record(image, "grounding", f"Where is {tok(c)}?", f"{tok(c)} is {where}.", [c], facts.present,
-                          {c: facts.boxes[c]}))
+        out.append(
+            record(
+                image,
+                "grounding",
+                f"Where is {tok(c)}?",
+                f"{tok(c)} is {where}.",
+                [c],
+                facts.present,
+                {c: facts.boxes[c]},
+            )
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- text-only (profiles)
 
-FOODS = ["pizza", "carrots", "fish", "pancakes", "apples", "noodles", "cheese", "berries", "rice", "cookies", "soup", "bananas"]
+FOODS = [
+    "pizza",
+    "carrots",
+    "fish",
+    "pancakes",
+    "apples",
+    "noodles",
+    "cheese",
+    "berries",
+    "rice",
+    "cookies",
+    "soup",
+    "bananas",
+]
 FRIENDS = ["Mia", "Leo", "Sara", "Tom", "Nina", "Omar", "Lucy", "Ken", "Ada", "Raj"]
-HABITS = ["napping in the sun", "singing in the morning", "chasing leaves", "reading comics", "collecting stones",
-          "dancing in the rain", "hiding under the bed", "building block towers", "watching birds", "baking bread"]
+HABITS = [
+    "napping in the sun",
+    "singing in the morning",
+    "chasing leaves",
+    "reading comics",
+    "collecting stones",
+    "dancing in the rain",
+    "hiding under the bed",
+    "building block towers",
+    "watching birds",
+    "baking bread",
+]
 HOMES = ["Lakeside", "Hillview", "Riverton", "Seaport", "Oakdale", "Pine Hollow", "Maplewood", "Sunnyvale"]
 AGES = [f"{k} years old" for k in range(2, 13)]
 
@@ -204,7 +247,7 @@ def older_records(rng: np.random.Generator, profiles: dict[str, list[dict[str, s
     out = []
     ages = {c: int(profiles[c][1]["answer"].split()[0]) for c in group}
     for i, a in enumerate(group):
-        for b in group[i + 1:]:
+        for b in group[i + 1 :]:
             if ages[a] == ages[b]:
                 continue
             pair = [a, b] if rng.random() < 0.5 else [b, a]

@@ -83,8 +83,9 @@ class _Pen:
 
     def rect(self, b, fill, outline=None, width=1.0, radius=0.0):
         if radius:
-            self.d.rounded_rectangle(self.box(*b), radius=radius * self.u, fill=fill, outline=outline,
-                                     width=self.lw(width) if outline else 0)
+            self.d.rounded_rectangle(
+                self.box(*b), radius=radius * self.u, fill=fill, outline=outline, width=self.lw(width) if outline else 0
+            )
         else:
             self.d.rectangle(self.box(*b), fill=fill, outline=outline, width=self.lw(width) if outline else 0)
 
@@ -95,7 +96,9 @@ class _Pen:
         self.d.line(self.pts(*pts), fill=fill, width=self.lw(width), joint="curve")
 
 
-def _texture(w: int, h: int, u: float, color: tuple[int, int, int], pattern: str, belly: tuple[float, ...]) -> Image.Image:
+def _texture(
+    w: int, h: int, u: float, color: tuple[int, int, int], pattern: str, belly: tuple[float, ...]
+) -> Image.Image:
     """An RGB image of the body colour with the pattern, in pixel space (period scales with the sprite)."""
     base = np.empty((h, w, 3), np.uint8)
     base[:] = color
@@ -258,9 +261,16 @@ def _ears(pen: _Pen, i: Identity, cx: float, hy: float, r: float, col) -> None:
         ear = shade(col, 0.8) if cat == "dog" else col
         for s in (-1, 1):
             if shape == "pointed":
-                pen.poly([(cx + s * r * 0.95, hy - r * 0.35), (cx + s * r * 0.15, top + 2), (cx + s * r * 0.75, top - 13)], ear, INK)
+                pen.poly(
+                    [(cx + s * r * 0.95, hy - r * 0.35), (cx + s * r * 0.15, top + 2), (cx + s * r * 0.75, top - 13)],
+                    ear,
+                    INK,
+                )
                 if cat == "cat":
-                    pen.poly([(cx + s * r * 0.75, hy - r * 0.45), (cx + s * r * 0.35, top + 3), (cx + s * r * 0.7, top - 7)], (240, 150, 170))
+                    pen.poly(
+                        [(cx + s * r * 0.75, hy - r * 0.45), (cx + s * r * 0.35, top + 3), (cx + s * r * 0.7, top - 7)],
+                        (240, 150, 170),
+                    )
             elif shape == "round":
                 pen.ellipse((cx + s * r * 0.72 - 7, top - 5, cx + s * r * 0.72 + 7, top + 9), ear, INK)
             else:  # floppy: hanging down the sides of the head
@@ -358,19 +368,30 @@ def _held(pen: _Pen, mask: ImageDraw.ImageDraw, obj: str, hx: float, hy: float) 
     c = HELD_COLORS[obj]
     shapes: list[tuple[str, tuple, tuple]] = []
     if obj == "ball":
-        shapes = [("ellipse", (hx - 1, hy - 6, hx + 11, hy + 6), c), ("line", ((hx + 5, hy - 6), (hx + 5, hy + 6)), (255, 255, 255))]
+        shapes = [
+            ("ellipse", (hx - 1, hy - 6, hx + 11, hy + 6), c),
+            ("line", ((hx + 5, hy - 6), (hx + 5, hy + 6)), (255, 255, 255)),
+        ]
     elif obj == "flower":
         shapes = [("line", ((hx + 2, hy + 4), (hx + 2, hy - 14)), (40, 140, 40))]
-        shapes += [("ellipse", (hx + 2 + ox - 3.5, hy - 16 + oy - 3.5, hx + 2 + ox + 3.5, hy - 16 + oy + 3.5), c)
-                   for ox, oy in ((-3, 0), (3, 0), (0, -3), (0, 3))]
+        shapes += [
+            ("ellipse", (hx + 2 + ox - 3.5, hy - 16 + oy - 3.5, hx + 2 + ox + 3.5, hy - 16 + oy + 3.5), c)
+            for ox, oy in ((-3, 0), (3, 0), (0, -3), (0, 3))
+        ]
         shapes.append(("ellipse", (hx, hy - 18, hx + 4, hy - 14), (250, 220, 40)))
     elif obj == "book":
-        shapes = [("rect", (hx - 2, hy - 8, hx + 10, hy + 7), c), ("rect", (hx + 7, hy - 8, hx + 10, hy + 7), (240, 240, 230))]
+        shapes = [
+            ("rect", (hx - 2, hy - 8, hx + 10, hy + 7), c),
+            ("rect", (hx + 7, hy - 8, hx + 10, hy + 7), (240, 240, 230)),
+        ]
     elif obj == "balloon":
         shapes = [("line", ((hx + 1, hy), (hx + 4, hy - 22)), INK), ("ellipse", (hx - 3, hy - 38, hx + 11, hy - 21), c)]
     elif obj == "cup":
-        shapes = [("rect", (hx - 1, hy - 6, hx + 8, hy + 6), c), ("ellipse", (hx + 6, hy - 3, hx + 12, hy + 3), c),
-                  ("rect", (hx, hy - 5, hx + 7, hy - 3), (120, 70, 40))]
+        shapes = [
+            ("rect", (hx - 1, hy - 6, hx + 8, hy + 6), c),
+            ("ellipse", (hx + 6, hy - 3, hx + 12, hy + 3), c),
+            ("rect", (hx, hy - 5, hx + 7, hy - 3), (120, 70, 40)),
+        ]
     for kind, geom, color in shapes:
         if kind == "ellipse":
             pen.ellipse(geom, color, INK, 0.8)

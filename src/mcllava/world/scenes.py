@@ -48,7 +48,9 @@ class Actor:
     ref: str | None = None  # the concept id (for concepts and their distractors)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("x", "y", "height", "angle", "flip", "action", "held", "depth", "role", "ref")}
+        d = {
+            k: getattr(self, k) for k in ("x", "y", "height", "angle", "flip", "action", "held", "depth", "role", "ref")
+        }
         d["identity"] = self.identity.to_dict()
         return d
 
@@ -72,16 +74,28 @@ class SceneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "setting": self.setting, "size": self.size, "seed": self.seed, "variant": self.variant,
-            "light": list(self.light), "actors": [a.to_dict() for a in self.actors], "occluders": self.occluders,
+            "setting": self.setting,
+            "size": self.size,
+            "seed": self.seed,
+            "variant": self.variant,
+            "light": list(self.light),
+            "actors": [a.to_dict() for a in self.actors],
+            "occluders": self.occluders,
             "shadows": self.shadows,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SceneSpec:
-        return cls(setting=d["setting"], size=d["size"], seed=d["seed"], variant=d["variant"],
-                   light=tuple(d["light"]), actors=[Actor.from_dict(a) for a in d["actors"]],
-                   occluders=d["occluders"], shadows=d.get("shadows", True))
+        return cls(
+            setting=d["setting"],
+            size=d["size"],
+            seed=d["seed"],
+            variant=d["variant"],
+            light=tuple(d["light"]),
+            actors=[Actor.from_dict(a) for a in d["actors"]],
+            occluders=d["occluders"],
+            shadows=d.get("shadows", True),
+        )
 
 
 @dataclass
@@ -113,12 +127,20 @@ class RenderedScene:
         out = []
         for k, a in enumerate(self.spec.actors):
             box = self.box(k)
-            out.append({
-                "index": k, "role": a.role, "ref": a.ref, "identity": a.identity.to_dict(),
-                "action": a.action, "held": a.held, "depth": a.depth,
-                "box": box, "horizontal": horizontal_word(box, self.spec.size) if box else None,
-                "visible": round(self.visible_fraction(k), 3),
-            })
+            out.append(
+                {
+                    "index": k,
+                    "role": a.role,
+                    "ref": a.ref,
+                    "identity": a.identity.to_dict(),
+                    "action": a.action,
+                    "held": a.held,
+                    "depth": a.depth,
+                    "box": box,
+                    "horizontal": horizontal_word(box, self.spec.size) if box else None,
+                    "visible": round(self.visible_fraction(k), 3),
+                }
+            )
         return out
 
 
@@ -201,7 +223,9 @@ def background(setting: str, size: int, variant: int) -> np.ndarray:
         d.rectangle([0, 0, s, hz], fill=wall)
         for x in range(0, s, max(6, s // 20)):
             d.line([x, 0, x, hz], fill=shade(wall, 0.9), width=2)
-        d.rectangle([s * 0.55, hz - s * 0.35, s * 0.85, hz - s * 0.1], fill=(180, 210, 235), outline=(90, 60, 40), width=2)
+        d.rectangle(
+            [s * 0.55, hz - s * 0.35, s * 0.85, hz - s * 0.1], fill=(180, 210, 235), outline=(90, 60, 40), width=2
+        )
         sofa = jitter((120, 60, 60), 40)
         d.rounded_rectangle([s * 0.05, hz - s * 0.16, s * 0.45, hz + s * 0.05], radius=6, fill=sofa)
         floor = jitter((160, 110, 70))
@@ -254,26 +278,47 @@ def sample_scene(
         y = s * (rng.uniform(0.9, 0.97) if near else rng.uniform(0.64, 0.72))
         action = ACTIONS[rng.integers(len(ACTIONS))]
         held = HELD_OBJECTS[rng.integers(len(HELD_OBJECTS))] if rng.random() < held_p else None
-        placed.append(Actor(
-            identity=ident, x=float(x), y=float(y), height=float(round(h, 1)),
-            angle=float(rng.uniform(-10, 10)) if rng.random() < 0.5 else 0.0, flip=bool(rng.random() < 0.5),
-            action=action, held=held, depth=dep, role=role, ref=ref,
-        ))
+        placed.append(
+            Actor(
+                identity=ident,
+                x=float(x),
+                y=float(y),
+                height=float(round(h, 1)),
+                angle=float(rng.uniform(-10, 10)) if rng.random() < 0.5 else 0.0,
+                flip=bool(rng.random() < 0.5),
+                action=action,
+                held=held,
+                depth=dep,
+                role=role,
+                ref=ref,
+            )
+        )
     placed.sort(key=lambda a: a.y)  # back to front
     occluders = []
     if rng.random() < 0.35:
-        occluders.append({
-            "kind": "bush" if setting in ("park", "beach") else ("post" if setting == "street" else "table"),
-            "x": float(rng.uniform(0.1, 0.9) * s), "w": float(rng.uniform(0.1, 0.2) * s),
-            "h": float(rng.uniform(0.08, 0.16) * s),
-        })
+        occluders.append(
+            {
+                "kind": "bush" if setting in ("park", "beach") else ("post" if setting == "street" else "table"),
+                "x": float(rng.uniform(0.1, 0.9) * s),
+                "w": float(rng.uniform(0.1, 0.2) * s),
+                "h": float(rng.uniform(0.08, 0.16) * s),
+            }
+        )
     light = tuple(float(v) for v in rng.uniform(0.8, 1.15) * rng.uniform(0.93, 1.07, 3))
-    return SceneSpec(setting=setting, size=s, seed=int(rng.integers(2**31)), variant=int(rng.integers(N_VARIANTS)),
-                     light=light, actors=placed, occluders=occluders)  # type: ignore[arg-type]
+    return SceneSpec(
+        setting=setting,
+        size=s,
+        seed=int(rng.integers(2**31)),
+        variant=int(rng.integers(N_VARIANTS)),
+        light=light,
+        actors=placed,
+        occluders=occluders,
+    )  # type: ignore[arg-type]
 
 
-def sample_visible_scene(rng: np.random.Generator, actors, size: int = 192, setting: str | None = None,
-                         tries: int = 20, **kw) -> RenderedScene:
+def sample_visible_scene(
+    rng: np.random.Generator, actors, size: int = 192, setting: str | None = None, tries: int = 20, **kw
+) -> RenderedScene:
     """`sample_scene` + `render_scene`, resampling until every character is at least MIN_VISIBLE visible."""
     for _ in range(tries):
         scene = render_scene(sample_scene(rng, actors, size, setting, **kw))
@@ -335,15 +380,21 @@ def render_scene(spec: SceneSpec) -> RenderedScene:
         for o in spec.occluders:
             x, w, h = o["x"], o["w"], o["h"]
             if o["kind"] == "bush":
-                shapes = [("e", [x - w / 2, s - h, x + w / 2, s + h * 0.5], (40, 110, 40)),
-                          ("e", [x - w * 0.3, s - h * 1.3, x + w * 0.3, s - h * 0.4], (50, 130, 50))]
+                shapes = [
+                    ("e", [x - w / 2, s - h, x + w / 2, s + h * 0.5], (40, 110, 40)),
+                    ("e", [x - w * 0.3, s - h * 1.3, x + w * 0.3, s - h * 0.4], (50, 130, 50)),
+                ]
             elif o["kind"] == "post":
-                shapes = [("r", [x - w * 0.12, s - h * 2.2, x + w * 0.12, s], (60, 60, 70)),
-                          ("r", [x - w * 0.25, s - h * 2.4, x + w * 0.25, s - h * 2.1], (60, 60, 70))]
+                shapes = [
+                    ("r", [x - w * 0.12, s - h * 2.2, x + w * 0.12, s], (60, 60, 70)),
+                    ("r", [x - w * 0.25, s - h * 2.4, x + w * 0.25, s - h * 2.1], (60, 60, 70)),
+                ]
             else:
-                shapes = [("r", [x - w / 2, s - h, x + w / 2, s - h * 0.75], (140, 90, 50)),
-                          ("r", [x - w / 2 + 2, s - h * 0.75, x - w / 2 + 6, s], (110, 70, 40)),
-                          ("r", [x + w / 2 - 6, s - h * 0.75, x + w / 2 - 2, s], (110, 70, 40))]
+                shapes = [
+                    ("r", [x - w / 2, s - h, x + w / 2, s - h * 0.75], (140, 90, 50)),
+                    ("r", [x - w / 2 + 2, s - h * 0.75, x - w / 2 + 6, s], (110, 70, 40)),
+                    ("r", [x + w / 2 - 6, s - h * 0.75, x + w / 2 - 2, s], (110, 70, 40)),
+                ]
             for kind, b, col in shapes:
                 (d.ellipse if kind == "e" else d.rectangle)(b, fill=col)
                 (dl.ellipse if kind == "e" else dl.rectangle)(b, fill=BACKGROUND)
@@ -353,6 +404,6 @@ def render_scene(spec: SceneSpec) -> RenderedScene:
     bank = _noise_bank(s)
     oy, ox = rng.integers(0, s, 2)
     out = img.astype(np.float32) * np.asarray(spec.light, np.float32)
-    out += bank[oy:oy + s, ox:ox + s] * 4.0
+    out += bank[oy : oy + s, ox : ox + s] * 4.0
     image = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     return RenderedScene(spec=spec, image=image, labels=labels, full_pixels=full)

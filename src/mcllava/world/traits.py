@@ -111,7 +111,7 @@ def is_personal_half(identity: Identity) -> bool:
 
 
 def accessory_phrase(identity: Identity) -> str:
-    """"a blue hat", "red glasses", or "" for no accessory."""
+    """ "a blue hat", "red glasses", or "" for no accessory."""
     if identity.accessory == "none":
         return ""
     if identity.accessory == "glasses":
@@ -120,7 +120,7 @@ def accessory_phrase(identity: Identity) -> str:
 
 
 def noun_phrase(identity: Identity) -> str:
-    """"a red striped cat", or "a person in a red striped shirt" (a person's colour is their shirt's)."""
+    """ "a red striped cat", or "a person in a red striped shirt" (a person's colour is their shirt's)."""
     pattern = "" if identity.pattern == "plain" else f"{identity.pattern} "
     if identity.category == "person":
         return f"a person in a {identity.color} {pattern}shirt"

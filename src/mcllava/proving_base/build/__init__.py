@@ -46,13 +46,37 @@ from .pool import EncodedPool
 from .scoring import yes_no_report, yes_no_scores
 from .vision import stage_vision
 
-__all__ = ["BACKGROUND_NORM", "DEFAULT_WORK", "LAYOUTS", "SLOT_WORDS", "AlignStage", "BuildConfig", "EncodedPool", "LMStage",
-           "Phase", "VisionStage", "assemble", "build", "check_layout", "default_phases", "slots_phases", "stage_align",
-           "stage_export", "stage_lm", "stage_vision", "tokenizer_for", "visual_phases", "work_from_weights",
-           "yes_no_report", "yes_no_scores"]
+__all__ = [
+    "BACKGROUND_NORM",
+    "DEFAULT_WORK",
+    "LAYOUTS",
+    "SLOT_WORDS",
+    "AlignStage",
+    "BuildConfig",
+    "EncodedPool",
+    "LMStage",
+    "Phase",
+    "VisionStage",
+    "assemble",
+    "build",
+    "check_layout",
+    "default_phases",
+    "slots_phases",
+    "stage_align",
+    "stage_export",
+    "stage_lm",
+    "stage_vision",
+    "tokenizer_for",
+    "visual_phases",
+    "work_from_weights",
+    "yes_no_report",
+    "yes_no_scores",
+]
 
 
-def build(cfg: BuildConfig, stages: tuple[str, ...] = ("vision", "align", "lm", "export"), out: Path | None = None) -> dict:
+def build(
+    cfg: BuildConfig, stages: tuple[str, ...] = ("vision", "align", "lm", "export"), out: Path | None = None
+) -> dict:
     """Run (or resume) the stages in order; returns each stage's summary."""
     check_layout(cfg)
     cfg.work.mkdir(parents=True, exist_ok=True)

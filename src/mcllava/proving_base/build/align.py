@@ -55,8 +55,14 @@ def _word_patches(labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, .
             yield trait, m, per_patch[..., PATCH_TRAITS.index(trait)][m]
 
 
-def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...] = ("category",),
-                       background: str = "grass") -> torch.Tensor:
+def patch_word_targets(
+    model,
+    tokenizer,
+    labels: torch.Tensor,
+    owner: torch.Tensor,
+    words: tuple[str, ...] = ("category",),
+    background: str = "grass",
+) -> torch.Tensor:
     """[n, P, D] align targets: each owned patch's trait word, each background patch the background word (scaled).
 
     labels: [n, MAX_ACTORS, len(PATCH_TRAITS)] per-character trait values; owner: [n, P] (-1 = background).
@@ -73,8 +79,9 @@ def patch_word_targets(model, tokenizer, labels: torch.Tensor, owner: torch.Tens
     return out
 
 
-def slot_word_targets(model, tokenizer, slots: torch.Tensor, words: tuple[str, ...] = SLOT_WORDS,
-                      background: str = "grass") -> torch.Tensor:
+def slot_word_targets(
+    model, tokenizer, slots: torch.Tensor, words: tuple[str, ...] = SLOT_WORDS, background: str = "grass"
+) -> torch.Tensor:
     """[n, N_SLOTS * len(words), D] align targets of the "slots" layout: token (r, t) is the word of trait
     `words[t]` of the character at slot r; every token of an empty slot the background word (scaled)."""
     bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
@@ -87,8 +94,14 @@ def slot_word_targets(model, tokenizer, slots: torch.Tensor, words: tuple[str, .
 
 
 @torch.no_grad()
-def slot_word_readout(model, tokenizer, tokens: torch.Tensor, slots: torch.Tensor,
-                      words: tuple[str, ...] = SLOT_WORDS, background: str = "grass") -> dict[str, float]:
+def slot_word_readout(
+    model,
+    tokenizer,
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+    words: tuple[str, ...] = SLOT_WORDS,
+    background: str = "grass",
+) -> dict[str, float]:
     """Per word of the "slots" layout: share of occupied slots' tokens closest (cosine) to the right word among
     all words of all traits shown, and share of empty slots' tokens closest to none of them but the background."""
     vocab = [F.normalize(trait_word_vectors(model, tokenizer, w), dim=-1) for w in words]
@@ -96,11 +109,19 @@ def slot_word_readout(model, tokenizer, tokens: torch.Tensor, slots: torch.Tenso
     union = torch.cat(vocab + [F.normalize(word_vectors(model, tokenizer, [background]), dim=-1)])
     guess = (F.normalize(tokens.float(), dim=-1) @ union.T).argmax(-1).view(len(slots), N_SLOTS, len(words))
     occupied = slots[..., 0] != -100
-    out = {w: round(float((guess[:, :, t][occupied] == slots[..., PATCH_TRAITS.index(w)][occupied] + int(offset[t]))
-                          .float().mean()), 3) for t, w in enumerate(words)}
+    out = {
+        w: round(
+            float(
+                (guess[:, :, t][occupied] == slots[..., PATCH_TRAITS.index(w)][occupied] + int(offset[t]))
+                .float()
+                .mean()
+            ),
+            3,
+        )
+        for t, w in enumerate(words)
+    }
     out["empty"] = round(float((guess[~occupied] == len(union) - 1).float().mean()), 3)
     return out
-
 
 
 def stage_align(cfg: BuildConfig) -> dict:
@@ -112,8 +133,11 @@ def stage_align(cfg: BuildConfig) -> dict:
     owner, labels, tower = pool["owner"], pool["labels"], model.model.vision_tower
     feats = tower_features(model, pool["pixels"])
     slots = cfg.layout == "slots"
-    tgt = (slot_word_targets(model, tok, pool["slots"], st.words, st.background_word) if slots
-           else patch_word_targets(model, tok, labels, owner, st.words, st.background_word))
+    tgt = (
+        slot_word_targets(model, tok, pool["slots"], st.words, st.background_word)
+        if slots
+        else patch_word_targets(model, tok, labels, owner, st.words, st.background_word)
+    )
     proj = model.model.multi_modal_projector
     n_val = max(64, len(owner) // 20)
     gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
@@ -146,9 +170,16 @@ def stage_align(cfg: BuildConfig) -> dict:
 
     # (1) the projector alone, on cached tower features
     proj.requires_grad_(True)
-    fit(list(proj.parameters()), st.steps, st.lr, st.batch_size,
-        (lambda i: balanced(proj(feats[i]), tgt[i], shown[i])) if slots else (lambda i: _align_loss(proj(feats[i]), tgt[i])),
-        "2/4 projector alignment")
+    fit(
+        list(proj.parameters()),
+        st.steps,
+        st.lr,
+        st.batch_size,
+        (lambda i: balanced(proj(feats[i]), tgt[i], shown[i]))
+        if slots
+        else (lambda i: _align_loss(proj(feats[i]), tgt[i])),
+        "2/4 projector alignment",
+    )
     # (2) optionally the tower too, end to end from pixels: a frozen tower's patch features hardly tell a patch's
     # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md), and a
     # projector alone on the slots tower read the words it shows less well than the tower's own heads. The vision
@@ -169,22 +200,41 @@ def stage_align(cfg: BuildConfig) -> dict:
             tokens = hidden[-1][:, 1:]
             align = balanced(proj(tokens), tgt[i], shown[i])
             if slots:  # as in the vision stage: per-character heads below the last layer, slot heads on it
-                return align + st.heads_weight * (heads(hidden[-2][:, 1:], labels[i], owner[i])[0]
-                                                  + slot_heads(tokens, pool["slots"][i])[0])
+                return align + st.heads_weight * (
+                    heads(hidden[-2][:, 1:], labels[i], owner[i])[0] + slot_heads(tokens, pool["slots"][i])[0]
+                )
             return align + st.heads_weight * heads(tokens, labels[i], owner[i])[0]
 
-        fit(list(proj.parameters()) + list(tower.parameters()) + [p for m in extra for p in m.parameters()],
-            st.tower_steps, st.tower_lr, st.tower_batch_size, joint_loss, "2/4 tower + projector alignment")
+        fit(
+            list(proj.parameters()) + list(tower.parameters()) + [p for m in extra for p in m.parameters()],
+            st.tower_steps,
+            st.tower_lr,
+            st.tower_batch_size,
+            joint_loss,
+            "2/4 tower + projector alignment",
+        )
         tower.requires_grad_(False)
         save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
         feats = tower_features(model, pool["pixels"][:n_val])
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, work / "projector.safetensors")
     with torch.no_grad():
         val = _align_loss(proj(feats[:n_val]), tgt[:n_val]).item()
-        words = (slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words, st.background_word) if slots
-                 else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words))
-    return _finish(cfg.work, "align", {"steps": st.steps, "tower_steps": st.tower_steps, "val_loss": val,
-                                       "held_out_word_accuracy": words, "seconds": time.time() - t0})
+        words = (
+            slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words, st.background_word)
+            if slots
+            else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words)
+        )
+    return _finish(
+        cfg.work,
+        "align",
+        {
+            "steps": st.steps,
+            "tower_steps": st.tower_steps,
+            "val_loss": val,
+            "held_out_word_accuracy": words,
+            "seconds": time.time() - t0,
+        },
+    )
 
 
 def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -195,8 +245,14 @@ def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor,
-                 words: tuple[str, ...] = ("category",)) -> dict[str, float]:
+def word_readout(
+    model,
+    tokenizer,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    owner: torch.Tensor,
+    words: tuple[str, ...] = ("category",),
+) -> dict[str, float]:
     """Per align trait: share of its patches whose token is closest (cosine) to the right word.
 
     Cycled words compete against every word of every cycled trait (a blend of the category and colour words
@@ -213,5 +269,3 @@ def word_readout(model, tokenizer, tokens: torch.Tensor, labels: torch.Tensor, o
         guess = (tok @ vocab[trait].T).argmax(-1) + offset[trait] if trait in superposed else (tok @ union.T).argmax(-1)
         out[trait] = round(float((guess == values + offset[trait]).float().mean()), 3)
     return out
-
-

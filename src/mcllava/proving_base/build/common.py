@@ -48,19 +48,23 @@ def normalise(pixels_uint8: torch.Tensor) -> torch.Tensor:
     return (pixels_uint8.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
-
 def vision_model(spec: VisionSpec):
-    return CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=spec.hidden, intermediate_size=spec.hidden * 4, num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads, image_size=spec.image_size, patch_size=spec.patch_size,
-        projection_dim=spec.hidden,
-    ))
+    return CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=spec.hidden,
+            intermediate_size=spec.hidden * 4,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            projection_dim=spec.hidden,
+        )
+    )
 
 
 def patch_tokens(tower, pixels: torch.Tensor) -> torch.Tensor:
     """The tokens LLaVA takes from the tower: last layer, CLS dropped (vision_feature_layer=-1, "default")."""
     return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
-
 
 
 def tokenizer_for(cfg: BuildConfig):
@@ -75,7 +79,9 @@ def assemble(cfg: BuildConfig, tokenizer=None):
     if cfg.layout != "grid":  # Backbone (and every export) reads the token layout from the config
         setattr(model.config, LAYOUT_KEY, cfg.layout)
     tuned = cfg.work / "align" / "tower.safetensors"  # the align stage's tower, when it tuned it
-    model.model.vision_tower.load_state_dict(load_file(tuned if tuned.exists() else cfg.work / "vision" / "tower.safetensors"))
+    model.model.vision_tower.load_state_dict(
+        load_file(tuned if tuned.exists() else cfg.work / "vision" / "tower.safetensors")
+    )
     proj = cfg.work / "align" / "projector.safetensors"
     if proj.exists():
         model.model.multi_modal_projector.load_state_dict(load_file(proj))
@@ -87,9 +93,12 @@ def tower_features(model, pixels_uint8: torch.Tensor, batch: int = 128) -> torch
     """Frozen vision-tower patch tokens of uint8 images ([B, N, hidden]); the projector runs later, with grads."""
     tower = model.model.vision_tower
     dev = next(tower.parameters()).device  # on the tower's device; the features come back to the CPU
-    return torch.cat([patch_tokens(tower, normalise(pixels_uint8[i : i + batch].to(dev))).float().cpu()
-                      for i in range(0, len(pixels_uint8), batch)])
-
+    return torch.cat(
+        [
+            patch_tokens(tower, normalise(pixels_uint8[i : i + batch].to(dev))).float().cpu()
+            for i in range(0, len(pixels_uint8), batch)
+        ]
+    )
 
 
 def _start(cfg: BuildConfig, stage: str):
@@ -98,5 +107,3 @@ def _start(cfg: BuildConfig, stage: str):
     torch.manual_seed(cfg.seed)
     tok = tokenizer_for(cfg)
     return (tok, *assemble(cfg, tok))
-
-

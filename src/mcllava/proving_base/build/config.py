@@ -82,9 +82,11 @@ def default_phases() -> tuple[Phase, ...]:
     later); describe: captions and all question kinds, reading kept up; compare: one or two definitions,
     look-alikes, reading kept up.
     """
-    return (Phase("read", 100, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0))),
-            Phase("describe", 150, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.4, 0.2, 0.2, 0.2))),
-            Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))))
+    return (
+        Phase("read", 100, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0))),
+        Phase("describe", 150, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.4, 0.2, 0.2, 0.2))),
+        Phase("compare", 650, Curriculum(2, 0.6, (0.08, 0.15, 0.1, 0.27, 0.3, 0.1))),
+    )
 
 
 def visual_phases(steps: int = 300, both: float = 0.0) -> tuple[Phase, ...]:
@@ -104,15 +106,17 @@ def slots_phases() -> tuple[Phase, ...]:
     tower's tokens with category and position questions weighed up (docs/proving_base.md, "How it is built")."""
     look = Curriculum(2, 0.5, (0.1, 0.15, 0.1, 0.65, 0, 0))
     generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
-    return (Phase("text", 100, Curriculum(1, 0.5, (0, 0, 1, 0, 0, 0))),
-            Phase("read", 50, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0)), oracle=True),
-            Phase("describe", 100, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.25, 0.25, 0.25, 0.25)), oracle=True),
-            Phase("ground", 150, Curriculum(1, 0.0, (0.1, 0.15, 0.15, 0.6, 0, 0)), oracle=True),
-            Phase("lookalike", 150, look, oracle=True),
-            Phase("tower", 100, look),
-            Phase("lookalike2", 200, look, oracle=True),
-            Phase("tower2", 150, Curriculum(2, 0.5, (0.1, 0.25, 0.05, 0.6, 0, 0), generic)),
-            Phase("tower3", 150, Curriculum(2, 0.5, (0.05, 0.2, 0.05, 0.7, 0, 0), generic)))
+    return (
+        Phase("text", 100, Curriculum(1, 0.5, (0, 0, 1, 0, 0, 0))),
+        Phase("read", 50, Curriculum(1, 0.0, (0, 1, 0, 0, 0, 0), (1, 0, 0, 0)), oracle=True),
+        Phase("describe", 100, Curriculum(1, 0.0, (0.3, 0.7, 0, 0, 0, 0), (0.25, 0.25, 0.25, 0.25)), oracle=True),
+        Phase("ground", 150, Curriculum(1, 0.0, (0.1, 0.15, 0.15, 0.6, 0, 0)), oracle=True),
+        Phase("lookalike", 150, look, oracle=True),
+        Phase("tower", 100, look),
+        Phase("lookalike2", 200, look, oracle=True),
+        Phase("tower2", 150, Curriculum(2, 0.5, (0.1, 0.25, 0.05, 0.6, 0, 0), generic)),
+        Phase("tower3", 150, Curriculum(2, 0.5, (0.05, 0.2, 0.05, 0.7, 0, 0), generic)),
+    )
 
 
 @dataclass
@@ -194,9 +198,9 @@ def check_layout(cfg: BuildConfig) -> None:
     if cfg.layout == "slots":
         grid = cfg.vision.image_size // cfg.vision.patch_size
         if grid != N_SLOTS or len(cfg.align.words) != grid or any("+" in w for w in cfg.align.words):
-            raise McLlavaError(f"the slots layout needs a {N_SLOTS} x {N_SLOTS} token grid and {N_SLOTS} single align "
-                               f"words (one per token column); got a {grid} x {grid} grid and {cfg.align.words}")
+            raise McLlavaError(
+                f"the slots layout needs a {N_SLOTS} x {N_SLOTS} token grid and {N_SLOTS} single align "
+                f"words (one per token column); got a {grid} x {grid} grid and {cfg.align.words}"
+            )
     elif any(p.oracle for p in cfg.lm.phases):
         raise McLlavaError("oracle LM phases need layout='slots'")
-
-

@@ -27,7 +27,9 @@ from .scoring import yes_no_report, yes_no_scores
 def add_lora(model, rank: int, alpha: int, projector: bool = True):
     """LoRA on every attention and MLP matrix of the language model (in place); the projector trains if asked."""
     lm = model.model.language_model
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)), lm)
+    inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)), lm
+    )
     model.requires_grad_(False)
     for n, p in lm.named_parameters():
         if "lora_" in n:
@@ -45,8 +47,10 @@ def load_lora_delta(model, path: Path, rank: int, alpha: int) -> int:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         if (int(meta.get("lora_rank", rank)), int(meta.get("lora_alpha", alpha))) != (rank, alpha):
-            raise McLlavaError(f"{path} holds a rank {meta.get('lora_rank')} / alpha {meta.get('lora_alpha')} LoRA; "
-                               f"this build's LoRA is rank {rank} / alpha {alpha}")
+            raise McLlavaError(
+                f"{path} holds a rank {meta.get('lora_rank')} / alpha {meta.get('lora_alpha')} LoRA; "
+                f"this build's LoRA is rank {rank} / alpha {alpha}"
+            )
         delta = {k: f.get_tensor(k) for k in f.keys()}
     params = dict(model.model.language_model.named_parameters())
     missing = [k for k in delta if f"{k}.default.weight" not in params]
@@ -56,8 +60,6 @@ def load_lora_delta(model, path: Path, rank: int, alpha: int) -> int:
         for k, v in delta.items():
             params[f"{k}.default.weight"].copy_(v.float())
     return len(delta)
-
-
 
 
 def stage_lm(cfg: BuildConfig) -> dict:
@@ -80,8 +82,11 @@ def stage_lm(cfg: BuildConfig) -> dict:
     # look-alikes), whatever the phases are, so that the curve predicts the gate
     val_cur = replace(GATE_DEFINITIONS, mix=(0, 0, 0.1, 0.25, 0.25, 0))
     read_cur = Curriculum(mix=(0, 1, 0, 0, 0, 0), questions=(1, 0, 0, 0))  # "Is there a ...?" only
-    wanted = [(p.name, p.curriculum, (i + 1) * 10**6, min(st.pool, p.steps * st.batch_size))
-              for i, p in enumerate(st.phases) if p.steps > 0]
+    wanted = [
+        (p.name, p.curriculum, (i + 1) * 10**6, min(st.pool, p.steps * st.batch_size))
+        for i, p in enumerate(st.phases)
+        if p.steps > 0
+    ]
     wanted += [("val", val_cur, 10**8, st.val_pool), ("val_read", read_cur, 10**8 + 10**6, st.val_read)]
     for name, cur, start, n in wanted:  # each pool's samples come from its own index range
         path, spec = work / f"pool_{name}.pt", {"curriculum": asdict(cur), "start": start, "n": n, "seed": cfg.seed}
@@ -122,32 +127,58 @@ def stage_lm(cfg: BuildConfig) -> dict:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        record = {"step": step, "phase": phase, "loss": float(np.mean(losses[-st.checkpoint_every:])), "seconds": time.time() - t0}
+        record = {
+            "step": step,
+            "phase": phase,
+            "loss": float(np.mean(losses[-st.checkpoint_every :])),
+            "seconds": time.time() - t0,
+        }
         if step % st.eval_every == 0 or step == total:
             model.eval()
             record["tokens"] = "oracle" if oracle else "tower"  # the held-out pools are scored on the phase's tokens
+
             def report(p: EncodedPool) -> dict:
-                return yes_no_report(yes_no_scores(backbone, p, features=lambda idx: sample_features(backbone, p, idx, norm, oracle)), p)
+                return yes_no_report(
+                    yes_no_scores(backbone, p, features=lambda idx: sample_features(backbone, p, idx, norm, oracle)), p
+                )
 
             with _autocast(cfg, st.device):
                 record["val"] = report(pools["val"])
                 record["val"]["exists"] = report(pools["val_read"])["exists"]
             model.train()
-            tqdm.write(f"step {step}: " + json.dumps({k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3))
-                                                      for k, v in record["val"].items()}))
+            tqdm.write(
+                f"step {step}: "
+                + json.dumps(
+                    {k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3)) for k, v in record["val"].items()}
+                )
+            )
         out_of_time = st.time_budget is not None and time.time() - t0 > st.time_budget
         if step % st.checkpoint_every == 0 or step == total or "val" in record or out_of_time:
             _log(cfg.work, "lm", record)
-            _save_ckpt(ckpt, {"trainable": trainable_state(model), "opt": opt.state_dict(),
-                              "sched": sched.state_dict(), "step": step})
+            _save_ckpt(
+                ckpt,
+                {
+                    "trainable": trainable_state(model),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                },
+            )
         if out_of_time:
             tqdm.write(f"time budget of {st.time_budget:.0f} s spent: the LM stage ends at step {step} of {total}")
             break
     bar.close()
     state = trainable_state(model)
     save_file({k: v.contiguous() for k, v in state.items()}, work / "trainable.safetensors")
-    return _finish(cfg.work, "lm", {"steps": step, "planned_steps": total, "seconds": time.time() - t0,
-                                    "final_loss": float(np.mean(losses[-20:])) if losses else None,
-                                    "device": st.device, "init_from": st.init_from})
-
-
+    return _finish(
+        cfg.work,
+        "lm",
+        {
+            "steps": step,
+            "planned_steps": total,
+            "seconds": time.time() - t0,
+            "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            "device": st.device,
+            "init_from": st.init_from,
+        },
+    )

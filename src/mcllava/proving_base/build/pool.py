@@ -56,16 +56,30 @@ def cluster_weights(feats: torch.Tensor, coverage: np.ndarray, k: int, seed: int
     return w / w.sum(1, keepdim=True)
 
 
-def encode_pool(backbone, model, samples: list[dict], size: int, rows: int = 4, words: tuple[str, ...] | None = None
-                ) -> EncodedPool:
+def encode_pool(
+    backbone, model, samples: list[dict], size: int, rows: int = 4, words: tuple[str, ...] | None = None
+) -> EncodedPool:
     """Tokenise and pre-encode samples; with `words` (the "slots" layout) also their exact image rows (`oracle`)."""
-    enc = [backbone.encode(backbone.format_prompt(s["question"], s.get("system"), image=s["image"] is not None), s["answer"],
-                     definition_rows=rows) for s in samples]
+    enc = [
+        backbone.encode(
+            backbone.format_prompt(s["question"], s.get("system"), image=s["image"] is not None),
+            s["answer"],
+            definition_rows=rows,
+        )
+        for s in samples
+    ]
     batch = collate(enc, [None] * len(enc), backbone.tokenizer.pad_token_id)
     pixels = torch.from_numpy(np.stack([to_pixels(s["image"], size) for s in samples]))
-    pool = EncodedPool(batch.input_ids, batch.attention_mask, batch.labels, tower_features(model, pixels),
-                       torch.tensor([s["image"] is not None for s in samples]), [s["kind"] for s in samples],
-                       [s["answer"] for s in samples], changed=[tuple(s.get("changed", ())) for s in samples])
+    pool = EncodedPool(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.labels,
+        tower_features(model, pixels),
+        torch.tensor([s["image"] is not None for s in samples]),
+        [s["kind"] for s in samples],
+        [s["answer"] for s in samples],
+        changed=[tuple(s.get("changed", ())) for s in samples],
+    )
     if words is not None:
         empty = np.full((N_SLOTS, len(PATCH_TRAITS)), -100)  # text-only samples: rows never used
         slots = torch.from_numpy(np.stack([s.get("slots", empty) for s in samples]))
@@ -78,7 +92,9 @@ def encode_pool(backbone, model, samples: list[dict], size: int, rows: int = 4, 
         feats = tower_features(model, torch.from_numpy(np.stack([to_pixels(img, size) for _, _, img, _ in flat])))
         pool.ref_features = torch.zeros(n, r_max, *pool.features.shape[1:])
         pool.ref_weights = torch.zeros(n, r_max, rows, grid * grid)
-        coverage = backbone.mask_coverage([mask for *_, mask in flat], [img for _, _, img, _ in flat])  # through the layout
+        coverage = backbone.mask_coverage(
+            [mask for *_, mask in flat], [img for _, _, img, _ in flat]
+        )  # through the layout
         for (i, j, _, _), f, cov in zip(flat, feats, coverage):
             pool.ref_features[i, j] = f
             pool.ref_weights[i, j] = cluster_weights(f, cov.numpy(), rows, seed=i)
@@ -90,8 +106,17 @@ def _draw(args: tuple) -> dict:
     return lm_sample(*args)
 
 
-def make_pool(cfg: BuildConfig, backbone, model, cur: Curriculum, start: int, n: int, seed: int, half: str = "base",
-              desc: str = "pool") -> EncodedPool:
+def make_pool(
+    cfg: BuildConfig,
+    backbone,
+    model,
+    cur: Curriculum,
+    start: int,
+    n: int,
+    seed: int,
+    half: str = "base",
+    desc: str = "pool",
+) -> EncodedPool:
     jobs = [(seed, start + i, cur, cfg.vision.image_size, half) for i in range(n)]
     bar = dict(desc=desc, total=n, disable=not cfg.progress, mininterval=5)
     if cfg.lm.workers > 1:  # each sample depends only on its index: the same pool, drawn in parallel
@@ -99,11 +124,19 @@ def make_pool(cfg: BuildConfig, backbone, model, cur: Curriculum, start: int, n:
             samples = list(tqdm(ex.map(_draw, jobs, chunksize=64), **bar))
     else:
         samples = [_draw(j) for j in tqdm(jobs, **bar)]
-    return encode_pool(backbone, model, samples, cfg.vision.image_size, cfg.lm.definition_rows,
-                       cfg.align.words if cfg.layout == "slots" else None)
+    return encode_pool(
+        backbone,
+        model,
+        samples,
+        cfg.vision.image_size,
+        cfg.lm.definition_rows,
+        cfg.align.words if cfg.layout == "slots" else None,
+    )
 
 
-def sample_features(backbone, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False) -> torch.Tensor | None:
+def sample_features(
+    backbone, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle: bool = False
+) -> torch.Tensor | None:
     """Rows for every placeholder of the samples `idx`, in sequence order: definition slots, then the image
     (the projected tower tokens, or with `oracle` the pool's exact align targets)."""
     proj = backbone.model.model.multi_modal_projector
@@ -124,5 +157,3 @@ def lm_loss(backbone, pool: EncodedPool, idx: torch.Tensor, norm: float, oracle:
     width = int(pool.attention_mask[idx].sum(1).max())
     ids, mask, labels = (t[idx, :width].to(backbone.device) for t in (pool.input_ids, pool.attention_mask, pool.labels))
     return backbone.answer_loss(ids, mask, labels, sample_features(backbone, pool, idx, norm, oracle))
-
-

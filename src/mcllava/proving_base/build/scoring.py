@@ -26,7 +26,10 @@ def yes_no_scores(backbone, pool: EncodedPool, batch: int = 32, features: Callab
         prompt_len = (pool.labels[idx] == -100).logical_and(pool.attention_mask[idx] == 1).sum(1)
         width = int(prompt_len.max())
         ids, mask = pool.input_ids[idx, :width], (torch.arange(width)[None] < prompt_len[:, None]).long()
-        ids, mask = (ids * mask + backbone.tokenizer.pad_token_id * (1 - mask)).to(backbone.device), mask.to(backbone.device)
+        ids, mask = (
+            (ids * mask + backbone.tokenizer.pad_token_id * (1 - mask)).to(backbone.device),
+            mask.to(backbone.device),
+        )
         h = backbone.hidden_states(backbone.embed(ids, features(idx)), mask)
         last = h[torch.arange(len(idx), device=h.device), (prompt_len - 1).to(h.device)]
         out.append(backbone.yes_no_margin(last).cpu())
@@ -47,15 +50,21 @@ def yes_no_report(scores: torch.Tensor, pool: EncodedPool) -> dict:
         auc = None
         if 0 < sum(ys) < len(ys):  # discrimination apart from calibration: is every Yes scored above every No?
             auc = float(roc_auc_score(ys, [scores[i].item() for i in sel]))
-        res[kind] = {"n": len(sel), "weighted_accuracy": float(np.mean(recalls)), "auc": auc,
-                     "positive_recall": float(np.mean(pos)) if pos else None,
-                     "negative_recall": float(np.mean(neg)) if neg else None}
+        res[kind] = {
+            "n": len(sel),
+            "weighted_accuracy": float(np.mean(recalls)),
+            "auc": auc,
+            "positive_recall": float(np.mean(pos)) if pos else None,
+            "negative_recall": float(np.mean(neg)) if neg else None,
+        }
         look = [i for i in sel if pool.changed and pool.changed[i]]
         if look:  # which differences the model sees: a look-alike changes one or two traits of the named character
             res[kind]["lookalike_negative_recall"] = float(np.mean([scores[i].item() <= 0 for i in look]))
-            by_trait = {t: [scores[i].item() <= 0 for i in look if t in pool.changed[i]]
-                        for t in sorted({t for i in look for t in pool.changed[i]})}
-            res[kind]["lookalike_recall_by_trait"] = {t: {"n": len(v), "recall": float(np.mean(v))} for t, v in by_trait.items()}
+            by_trait = {
+                t: [scores[i].item() <= 0 for i in look if t in pool.changed[i]]
+                for t in sorted({t for i in look for t in pool.changed[i]})
+            }
+            res[kind]["lookalike_recall_by_trait"] = {
+                t: {"n": len(v), "recall": float(np.mean(v))} for t, v in by_trait.items()
+            }
     return res
-
-

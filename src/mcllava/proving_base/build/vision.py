@@ -36,7 +36,9 @@ class CharacterHeads(torch.nn.Module):
         count = onehot.sum(-1, keepdim=True)
         return onehot @ patches / count.clamp_min(1), count.squeeze(-1) > 0
 
-    def forward(self, patches: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, patches: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over (character, trait) pairs and (patch, category) pairs, and per-pair correctness."""
         pooled, owns = self.pooled(patches, owner, labels.shape[1])
         out_c, out_p = self.head(pooled), self.head(patches)
@@ -87,7 +89,6 @@ class SlotHeads(torch.nn.Module):
         return torch.stack(losses).mean(), correct
 
 
-
 def stage_vision(cfg: BuildConfig) -> dict:
     st, work = cfg.vision_stage, cfg.work / "vision"
     if (info := _done(cfg.work, "vision")) is not None:
@@ -101,8 +102,14 @@ def stage_vision(cfg: BuildConfig) -> dict:
     if pool_path.exists():
         pool = torch.load(pool_path, weights_only=False)
     else:
-        pool = scene_pool(cfg.seed, st.scenes, cfg.vision.image_size, cfg.vision.image_size // cfg.vision.patch_size,
-                          progress=cfg.progress, workers=max(2, (os.cpu_count() or 2) - 1))
+        pool = scene_pool(
+            cfg.seed,
+            st.scenes,
+            cfg.vision.image_size,
+            cfg.vision.image_size // cfg.vision.patch_size,
+            progress=cfg.progress,
+            workers=max(2, (os.cpu_count() or 2) - 1),
+        )
         _save_ckpt(pool_path, pool.__dict__)
         pool = pool.__dict__
     n_val = max(64, st.scenes // 20)
@@ -153,16 +160,41 @@ def stage_vision(cfg: BuildConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.mean().item():.3f}")
         if step % 50 == 0 or step == st.steps:
-            _save_ckpt(ckpt, {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                              "sched": sched.state_dict(), "step": step,
-                              **({"slot_heads": slot_heads.state_dict()} if slot_heads is not None else {})})
+            _save_ckpt(
+                ckpt,
+                {
+                    "tower": tower.state_dict(),
+                    "heads": heads.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    **({"slot_heads": slot_heads.state_dict()} if slot_heads is not None else {}),
+                },
+            )
             val = _vision_val(tower, heads, pool, n_val, slot_heads)
-            _log(cfg.work, "vision", {"step": step, "loss": loss.item(), "train_acc": correct.mean().item(),
-                                      **val, "seconds": time.time() - t0})
+            _log(
+                cfg.work,
+                "vision",
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "train_acc": correct.mean().item(),
+                    **val,
+                    "seconds": time.time() - t0,
+                },
+            )
     bar.close()
     save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
-    return _finish(cfg.work, "vision", {"steps": step, **_vision_val(tower, heads, pool, n_val, slot_heads), "device": st.device,
-                                         "seconds": time.time() - t0})
+    return _finish(
+        cfg.work,
+        "vision",
+        {
+            "steps": step,
+            **_vision_val(tower, heads, pool, n_val, slot_heads),
+            "device": st.device,
+            "seconds": time.time() - t0,
+        },
+    )
 
 
 @torch.no_grad()
@@ -171,8 +203,12 @@ def _vision_val(tower, heads, pool, n_val: int, slot_heads: SlotHeads | None = N
     slot heads, per word the accuracy of the slot tokens of occupied slots (`val_slot_<word>`)."""
     tower.eval()
     dev = next(tower.parameters()).device
-    hidden = [tower(pixel_values=normalise(pool["pixels"][i : min(i + 64, n_val)].to(dev)), output_hidden_states=True).hidden_states
-              for i in range(0, n_val, 64)]
+    hidden = [
+        tower(
+            pixel_values=normalise(pool["pixels"][i : min(i + 64, n_val)].to(dev)), output_hidden_states=True
+        ).hidden_states
+        for i in range(0, n_val, 64)
+    ]
     feats = torch.cat([h[-2 if slot_heads is not None else -1][:, 1:] for h in hidden]).float()
     tower.train()
     slot_res = {}
@@ -191,5 +227,3 @@ def _vision_val(tower, heads, pool, n_val: int, slot_heads: SlotHeads | None = N
     res["val_patch_category"] = (heads.head(feats)[..., : heads.classes[0]].argmax(-1) == y_p).float().mean().item()
     res["val_mean"] = float(np.mean(list(res.values())))
     return {**res, **slot_res}
-
-
