@@ -80,8 +80,11 @@ def test_eval_method_retrieval(base_dir, world, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["retrieval"]["thresholds"] == arm["thresholds"]
 
 
-def test_retrieval_needs_a_base_and_a_concept_folder(world, tmp_path):
+def test_retrieval_needs_a_base_and_a_concept_folder(world, tmp_path, base_dir):
     concepts, tests = world
+    (tmp_path / "manifest.json").write_text("{}")  # a bank folder
+    res = runner.invoke(app, ["eval", str(tmp_path), str(tests), "--method", "retrieval", "--base", str(base_dir)])
+    assert res.exit_code == 2 and "concept folder" in res.output
     res = runner.invoke(app, ["eval", str(concepts), str(tests), "--method", "retrieval", "--quiet"])
     assert res.exit_code == 2 and "--base" in res.output
     res = runner.invoke(app, ["eval", str(concepts), str(tests), "--method", "magic", "--quiet"])

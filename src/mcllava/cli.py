@@ -266,7 +266,7 @@ def _answerer(target: Path, method: str, base: str | None, negatives: Path | Non
     if method == "retrieval":
         if base is None:
             raise McLlavaError("--method retrieval needs --base (the model whose visual tokens it compares)")
-        if not (target / "concept.yaml").exists() and (target / "manifest.json").exists():
+        if (target / "manifest.json").is_file():
             raise McLlavaError(f"{target} is a bank; --method retrieval takes the concept folder instead")
         return RetrievalArm.fit(Backbone.load(base), ConceptSet.load(target), negatives)
     if method != "bank":
