@@ -14,8 +14,8 @@ from mcllava.cli import app
 from mcllava.concepts import ConceptSet
 from mcllava.errors import BankError, McLlavaError
 from mcllava.extend import OLD_PREFIX, old_catalog
-from mcllava.testing import make_base
 from mcllava.presets import tiny as tiny_train_config
+from mcllava.testing import make_base
 from mcllava.tiny import make_shape_concepts
 from mcllava.train import build_catalog, personalize
 from mcllava.training_data import ConceptFacts, DataOptions, build_epoch
