@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mcllava.datasets import read_mcllava
-from mcllava.datasets.readers import choice_answer, split_options
+from mcllava.datasets.mcllava import choice_answer, split_options
 from mcllava.evaluate import evaluate
 
 

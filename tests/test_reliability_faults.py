@@ -72,7 +72,7 @@ def test_a_really_read_only_mount_keeps_the_old_bank(tiny_disk):
 
 
 def test_a_training_checkpoint_on_a_full_disk_is_a_clear_error(tiny_disk):
-    from mcllava.train import save_checkpoint
+    from mcllava.checkpoint import save_checkpoint
 
     p = torch.nn.Parameter(torch.zeros(40_000))  # 160 KB
     with pytest.raises(McLlavaError, match="could not write the training checkpoint .*the disk is full"):

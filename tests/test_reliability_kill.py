@@ -1,7 +1,7 @@
 """Interrupted training: `mcllava personalize` killed with SIGKILL, then `--resume`, ends with the same bank.
 
 A real subprocess trains an untrained tiny base on shape concepts. It is killed at named points inside a step
-or a checkpoint write (the `MCLLAVA_KILL_AT` hook in train.py) and, in the long run, at random moments after an
+or a checkpoint write (the `MCLLAVA_KILL_AT` hook in checkpoint.py) and, in the long run, at random moments after an
 epoch's log line. Each kill is followed by `--resume`; the last resume must finish, and its bank must be
 tensor-equal to the bank of an uninterrupted run, with no checkpoint or temporary folder left behind.
 
@@ -163,7 +163,7 @@ def test_killed_mid_step_and_mid_checkpoint_resumes_to_the_same_bank(setup, refe
 
 def test_a_stale_old_checkpoint_does_not_block_the_next_save(tmp_path):
     """Killed after the swap (ckpt:N:swapped), a run leaves bank.ckpt.old; the next save and the cleanup cope."""
-    from mcllava.train import latest_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
+    from mcllava.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p])

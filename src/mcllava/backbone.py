@@ -7,13 +7,9 @@ can never disagree about where the image tokens sit or how a turn is closed.
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
 import pickle
 import re
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,32 +21,16 @@ from transformers import (
     AutoProcessor,
     DynamicCache,
     LlavaForConditionalGeneration,
-    LogitsProcessor,
     LogitsProcessorList,
 )
 
+from .bases import CUSTOM_BASES, is_custom_base, register_base  # noqa: F401  (the last two: importable here too)
 from .errors import McLlavaError
+from .generation import PromptCache, SuppressIds, cache_kwarg
 from .layout import layout_for
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 MAX_ASPECT = 4.0  # longer side / shorter side handed to the image processor (see `Backbone.pixel_values`)
-
-# Bases that are not Hugging Face checkpoints: (claims(name), load(name) -> (model, processor)) pairs that
-# `Backbone.load` asks first. The proving ground registers itself when `mcllava` is imported; the core never
-# imports it.
-CUSTOM_BASES: list[tuple[Callable[[str], bool], Callable[[str], tuple]]] = []
-
-
-def register_base(claims: Callable[[str], bool], load: Callable[[str], tuple]) -> None:
-    """Make `Backbone.load(name)` call `load(name)` for every name that `claims(name)` accepts."""
-    if (claims, load) not in CUSTOM_BASES:
-        CUSTOM_BASES.append((claims, load))
-
-
-def is_custom_base(name: str) -> bool:
-    """Whether a registered non-Hugging-Face base (e.g. `proving-ground`) loads `name`."""
-    return any(claims(str(name)) for claims, _ in CUSTOM_BASES)
-
 
 # Used when a processor carries no chat template: the LLaVA-1.5 conversation format.
 FALLBACK_FORMAT = "{system}USER: <image>\n{question} ASSISTANT:"
@@ -109,16 +89,6 @@ def _check_architecture(config) -> None:
     )
 
 
-def _cache_kwarg(model) -> str:
-    """The model's key-value cache argument: `cache` in recent transformers, `past_key_values` before."""
-    return _cache_kwarg_of(type(model))
-
-
-@functools.cache
-def _cache_kwarg_of(model_class: type) -> str:  # once per class: it is asked on every training step and answer
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (where bf16 matmuls are slow on many chips)."""
     if device.type == "cuda":
@@ -134,65 +104,6 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-class PromptCache:
-    """The key-value cache of the prefix that successive prompts share, for `Backbone.generate`.
-
-    With a bank loaded, every question starts with the same chat-template start and system text introducing
-    every concept: with 50 concepts that is most of the prompt. The cache keeps the longest prefix (in input
-    embeddings, so concept rows written since cannot be reused stale) that the last two prompts shared, runs it
-    once, and hands each later prompt that starts with it a copy, so only the rest of the prompt is computed.
-    Greedy answers are the same as without it (up to float rounding); `enabled = False` turns it off. It holds
-    the prefix's keys and values and copies them for each answer (per prefix token: layers x 2 x KV width, in the
-    model's dtype; ~0.5 MB on LLaVA-1.5-7B in bf16, so ~0.9 GB for 50 concepts' system text).
-    """
-
-    min_tokens = 32  # shorter shared prefixes are not worth a cache
-
-    def __init__(self) -> None:
-        self.enabled = True
-        self.prefix: torch.Tensor | None = None  # [P, D] input embeddings of the cached prefix
-        self.cache = None  # its key-value cache (a transformers DynamicCache)
-        self.last: torch.Tensor | None = None  # the last prompt's embeddings, to find a new shared prefix
-        self._lock = threading.Lock()
-
-    def lookup(self, backbone: Backbone, embeds: torch.Tensor):
-        """A private copy of the cache if `embeds` ([L, D]) starts with the cached prefix, else None; learns a
-        new prefix from the last prompt when this one shares enough of it."""
-        if not self.enabled:
-            return None
-        with self._lock:
-            last, self.last = self.last, embeds
-            if self.prefix is None or not _starts_with(embeds, self.prefix):
-                shared = _shared_rows(embeds, last) if last is not None else 0
-                if shared < self.min_tokens:
-                    return None
-                self.prefix, self.cache = embeds[:shared].clone(), _prefill(backbone, embeds[:shared])
-            return copy.deepcopy(self.cache)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.prefix = self.cache = self.last = None
-
-
-def _shared_rows(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Leading rows two [L, D] embeddings have in common, leaving at least one row of `a` uncovered."""
-    n = min(len(a), len(b), len(a) - 1)
-    same = (a[:n] == b[:n]).all(-1)
-    return int(same.long().cumprod(0).sum())
-
-
-def _starts_with(embeds: torch.Tensor, prefix: torch.Tensor) -> bool:
-    return len(embeds) > len(prefix) and torch.equal(embeds[: len(prefix)], prefix)
-
-
-@torch.no_grad()
-def _prefill(backbone: Backbone, prefix: torch.Tensor):
-    lm = backbone.model.model.language_model
-    cache = DynamicCache(config=lm.config)
-    lm(inputs_embeds=prefix[None], use_cache=True, **{_cache_kwarg(lm): cache})
-    return cache
-
-
 def bounded_aspect(image: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
     """`image`, or its centred middle part of aspect `ratio` where it is longer than that (see `pixel_values`)."""
     w, h = image.size
@@ -203,18 +114,6 @@ def bounded_aspect(image: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image
         return image.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
     keep = max(1, round(ratio * w))
     return image.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
-
-
-class SuppressIds(LogitsProcessor):
-    """Never generate the given token ids (their scores become -inf): what `generate(suppress_tokens=...)` does,
-    without its per-step `isin` over the whole vocabulary, which costs milliseconds a token on a CPU and grows with
-    the number of ids (thousands with many banks on one base)."""
-
-    def __init__(self, ids: Sequence[int], device: torch.device | str = "cpu"):
-        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores.index_fill(-1, self.ids.to(scores.device), float("-inf"))
 
 
 class Backbone:
@@ -451,13 +350,13 @@ class Backbone:
         if shared_prefix <= 0 or rows == 1:
             return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         cache = DynamicCache(config=lm.config)
-        head = lm(inputs_embeds=inputs_embeds[:1, :shared_prefix], use_cache=True, **{_cache_kwarg(lm): cache})
+        head = lm(inputs_embeds=inputs_embeds[:1, :shared_prefix], use_cache=True, **{cache_kwarg(lm): cache})
         cache.batch_repeat_interleave(rows)
         tail = lm(
             inputs_embeds=inputs_embeds[:, shared_prefix:],
             attention_mask=attention_mask,
             use_cache=True,
-            **{_cache_kwarg(lm): cache},
+            **{cache_kwarg(lm): cache},
         )
         return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
 
@@ -522,11 +421,11 @@ class Backbone:
         ids = torch.tensor([enc.input_ids], device=self.device)
         feats = image_features[None] if enc.has_image else None
         embeds = self.embed(ids, feats)
-        cache = self.prompt_cache.lookup(self, embeds[0])
+        cache = self.prompt_cache.lookup(self.model.model.language_model, embeds[0])
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones_like(ids),
-            **({_cache_kwarg(self.model): cache} if cache is not None else {}),
+            **({cache_kwarg(self.model): cache} if cache is not None else {}),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,

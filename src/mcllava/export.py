@@ -19,8 +19,9 @@ import torch
 from transformers import AutoConfig
 
 from .assistant import PersonalAssistant
-from .backbone import Backbone, is_custom_base
+from .backbone import Backbone
 from .bank import ConceptBank
+from .bases import is_custom_base
 from .errors import McLlavaError
 from .files import permissions_of_new_files
 from .version import __version__

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .assistant import PersonalAssistant
-from .backbone import Backbone, PromptCache
+from .backbone import Backbone
 from .bank import MANIFEST, ConceptBank, config_hash
 from .errors import BankError
+from .generation import PromptCache
 from .tokens import ConceptTokens, grow_embeddings, write_rows
 
 

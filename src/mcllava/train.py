@@ -10,10 +10,7 @@ after each step, vision tower run at every step) so that speed and memory can be
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,17 +19,22 @@ from typing import Literal
 
 import torch
 from PIL import Image, ImageOps
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .bank import ConceptBank, config_hash
 from .captions import distil_captions
+from .checkpoint import (
+    checkpoint_dir,
+    fault_point,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_concept_id
 from .errors import McLlavaError
 from .extend import check_extension, extended_bank, old_catalog
-from .files import os_error_text
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
 from .tokens import (
     ConceptTokens,
@@ -168,90 +170,6 @@ def hard_negative_keys(
     return out
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-KILL_AT_ENV = "MCLLAVA_KILL_AT"
-
-
-def _fault_point(name: str) -> None:
-    """Test hook: with MCLLAVA_KILL_AT=<name> the process SIGKILLs itself here (tests/test_reliability_kill.py).
-
-    Names: ``step:<epoch>:<n>`` after the n-th optimizer step of an epoch; ``ckpt:<epoch>:written`` (new
-    checkpoint complete beside the old one), ``ckpt:<epoch>:moved-aside`` (old one renamed away, new not yet in
-    place), ``ckpt:<epoch>:swapped`` (new in place, old not yet deleted); ``bank:saved`` (before the checkpoint
-    is removed).
-    """
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _ckpt_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".ckpt")
-
-
-def save_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Trainable tensors + AdamW moments (safetensors) and progress (JSON), swapped in atomically."""
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    steps = {}
-    for i, p in enumerate(params):
-        state = optimizer.state.get(p, {})
-        if state:
-            tensors[f"exp_avg.{i}"] = state["exp_avg"].cpu().contiguous()
-            tensors[f"exp_avg_sq.{i}"] = state["exp_avg_sq"].cpu().contiguous()
-            steps[i] = float(state["step"])
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**meta, "steps": steps}))
-    except (OSError, SafetensorError) as exc:  # disk full, read-only folder: no partial checkpoint stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise McLlavaError(
-            f"could not write the training checkpoint {path}: {os_error_text(exc)}; the previous checkpoint is unchanged"
-        ) from None
-    point = f"ckpt:{meta.get('epoch')}"
-    _fault_point(f"{point}:written")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)  # left over when a run was killed before deleting it
-    if path.exists():
-        os.replace(path, old)
-        _fault_point(f"{point}:moved-aside")
-    os.replace(tmp, path)
-    _fault_point(f"{point}:swapped")
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(path: Path) -> Path | None:
-    """The newest complete checkpoint: `path`, or `path.old` if a run was killed between `save_checkpoint`'s renames."""
-    for folder in (path, path.with_name(path.name + ".old")):
-        if (folder / "state.json").exists():
-            return folder
-    return None
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a run's checkpoint folders; `state.json` goes first so a half-deleted checkpoint is never resumed."""
-    for folder in (path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp"), path):
-        (folder / "state.json").unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    tensors = load_file(str(path / "state.safetensors"))
-    meta = json.loads((path / "state.json").read_text())
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
-    for i, p in enumerate(params):
-        if f"exp_avg.{i}" in tensors:
-            optimizer.state[p] = {
-                "step": torch.tensor(meta["steps"][str(i)]),
-                "exp_avg": tensors[f"exp_avg.{i}"].to(p.device),
-                "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device),
-            }
-    return meta
-
-
 # ------------------------------------------------------------------------------------------------ probe
 @torch.no_grad()
 def yes_no_margin(backbone: Backbone, system: str, question: str, features: torch.Tensor) -> float:
@@ -355,7 +273,7 @@ def personalize(
         frozen = list(extend.concept_ids)
         train_entries += old_catalog(old_set)
     store = ImageStore(backbone, train_entries + probe, limits)
-    ckpt = _ckpt_dir(out)
+    ckpt = checkpoint_dir(out)
     found = latest_checkpoint(ckpt) if resume else None
     new_entries = [e for e in train_entries if not e.present & set(frozen)]  # the bank's photos need no captions
     captions = _captions(backbone, concepts, store, new_entries, config, found, progress, log)
@@ -471,7 +389,7 @@ def personalize(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _fault_point(f"step:{epoch + 1}:{len(losses) + 1}")
+            fault_point(f"step:{epoch + 1}:{len(losses) + 1}")
             if config.recipe == "paper":  # only concept rows may change: put every other row back
                 with torch.no_grad():
                     for p, orig in zip(params, originals):
@@ -502,6 +420,6 @@ def personalize(
 
     bank = current_bank()
     bank.save(out)
-    _fault_point("bank:saved")
+    fault_point("bank:saved")
     remove_checkpoint(ckpt)
     return TrainResult(bank=bank, history=history)

@@ -6,7 +6,7 @@ ships; importing this package registers it with `Backbone.load` under the name `
 the weights (`mcllava base build`, the `build` subpackage) is apart from loading them (see docs/proving_base.md).
 """
 
-from ..backbone import register_base
+from ..bases import register_base
 from .loader import FILES, NAME, WEIGHTS, MissingWeightsError, is_proving_ground, load, load_by_name, merge_delta
 
 __all__ = [
