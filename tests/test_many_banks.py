@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from mcllava.assistant import PersonalAssistant
 from mcllava.errors import BankError, McLlavaError
 from mcllava.multibank import SharedBase, bank_folders
-from mcllava.server import ServerLimits, create_app
+from mcllava.server import Server, ServerLimits, create_app
 from mcllava.server.keys import KeyRing
 from mcllava.testing import data_url, make_bank, make_base, red_photo
 
@@ -40,11 +40,11 @@ def banks(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def shared(banks):
-    return SharedBase.load([banks["alice"].parent])  # a folder of banks
+    return SharedBase.load([banks["alice"].parent], str(banks["alice"].parent.parent / "base"))  # a folder of banks
 
 
 def alone(path) -> PersonalAssistant:
-    return PersonalAssistant.load(path)
+    return PersonalAssistant.load(path, str(path.parent.parent / "base"))
 
 
 def test_each_bank_answers_as_it_does_alone_in_any_order(shared, banks):
@@ -116,9 +116,12 @@ def openai_error(response, status: int) -> dict:
 
 
 def test_model_picks_the_bank_and_answers_as_its_own_server(shared, banks):
-    client = TestClient(create_app(shared, limits=LIMITS))
+    client = TestClient(create_app(shared, limits=LIMITS), base_url="http://localhost")
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["alice", "bob"]
-    singles = {name: TestClient(create_app(alone(path), limits=LIMITS)) for name, path in banks.items()}
+    singles = {
+        name: TestClient(create_app(alone(path), limits=LIMITS), base_url="http://localhost")
+        for name, path in banks.items()
+    }
     for name in ("bob", "alice", "bob"):
         for question in ("Is <bo> in this photo?", "Describe this photo."):
             got = client.post("/v1/chat/completions", json=ask(name, question)).json()
@@ -189,6 +192,8 @@ def test_cli_serves_a_folder_of_banks_with_keys_per_bank(banks, tmp_path, tokeni
         [
             "serve",
             str(banks["alice"].parent),
+            "--base",
+            str(banks["alice"].parent.parent / "base"),
             "--api-key",
             "admin-key-0123456789",
             "--api-keys",
@@ -207,3 +212,10 @@ def test_cli_serves_a_folder_of_banks_with_keys_per_bank(banks, tmp_path, tokeni
     other = make_bank(make_base(tokenizer_dir, tmp_path / "base2", tied=True), tmp_path / "carol")
     result = CliRunner().invoke(app, ["serve", str(banks["alice"]), str(other)])
     assert result.exit_code == 2 and "carol" in result.output and "Traceback" not in result.output
+
+
+def test_errors_name_no_served_banks_path(shared, banks):
+    server = Server(shared, LIMITS)
+    message = server.scrub(f"cannot read {banks['alice']}/x and {banks['bob']}/y")
+    assert str(banks["alice"]) not in message and str(banks["bob"]) not in message
+    assert message.count("<server path>") == 2

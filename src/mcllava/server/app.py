@@ -243,16 +243,14 @@ def _install_error_handlers(app: FastAPI, server: Server) -> None:
         if isinstance(exc, ModelError):
             return reply(
                 exc.status_code,
-                server.bank.scrub(str(exc.detail)),
+                server.scrub(str(exc.detail)),
                 exc.kind,
                 exc.headers,
                 param=exc.param,
                 code=exc.code,
             )
         if isinstance(exc, ApiError):
-            return reply(
-                exc.status_code, server.bank.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code
-            )
+            return reply(exc.status_code, server.scrub(str(exc.detail)), exc.kind, exc.headers, exc.param, exc.code)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
         return reply(exc.status_code, str(exc.detail), kind, exc.headers)
 

@@ -65,6 +65,12 @@ class Server:
         )
         self.bank = next(iter(self.banks.values()))
 
+    def scrub(self, message: str) -> str:
+        """Remove every served bank's server paths from a message meant for a client."""
+        for bank in self.banks.values():
+            message = bank.scrub(message)
+        return message
+
     def pick(self, model: str | None, allowed: frozenset[str] | None = None) -> ServedBank:
         """The bank a request names (see `banks.pick`): 404 for an unknown model, 403 for one the key may not use."""
         return pick(self.banks, model, allowed)
@@ -171,9 +177,9 @@ class Server:
     def describe(self, exc: BaseException) -> tuple[int, str, str]:
         """(status, client message, type) of an exception; unexpected ones are logged and named only generically."""
         if isinstance(exc, ApiError):
-            return exc.status_code, self.bank.scrub(str(exc.detail)), exc.kind
+            return exc.status_code, self.scrub(str(exc.detail)), exc.kind
         if isinstance(exc, McLlavaError):
-            return 400, self.bank.scrub(str(exc)), "invalid_request_error"
+            return 400, self.scrub(str(exc)), "invalid_request_error"
         log.error("internal error while serving a request", exc_info=exc)
         return 500, "internal server error (the details are in the server's log)", "server_error"
 
