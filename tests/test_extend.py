@@ -33,30 +33,30 @@ def world(tmp_path_factory, tokenizer_dir):
     base = make_base(tokenizer_dir, root / "base")
     old_dir, _ = make_shape_concepts(root / "old", OLD, n_train=3, n_test=0, seed=1)
     new_dir, _ = make_shape_concepts(root / "new", NEW, n_train=3, n_test=0, seed=2)
-    bb = Backbone.load(base)
-    personalize(ConceptSet.load(old_dir, tokenizer=bb.tokenizer), bb, root / "bank", QUICK, **QUIET)
+    backbone = Backbone.load(base)
+    personalize(ConceptSet.load(old_dir, tokenizer=backbone.tokenizer), backbone, root / "bank", QUICK, **QUIET)
     return {"root": root, "base": base, "old": old_dir, "new": new_dir, "bank": root / "bank"}
 
 
 def extend(world, out_name="extended", new=None, old=None, bank=None, config=QUICK):
-    bb = Backbone.load(world["base"])
-    new_set = ConceptSet.load(new or world["new"], tokenizer=bb.tokenizer)
-    old_set = ConceptSet.load(old or world["old"], tokenizer=bb.tokenizer)
+    backbone = Backbone.load(world["base"])
+    new_set = ConceptSet.load(new or world["new"], tokenizer=backbone.tokenizer)
+    old_set = ConceptSet.load(old or world["old"], tokenizer=backbone.tokenizer)
     result = personalize(
         new_set,
-        bb,
+        backbone,
         world["root"] / out_name,
         config,
         extend=ConceptBank.load(bank or world["bank"]),
         extend_concepts=old_set,
         **QUIET,
     )
-    return result, bb
+    return result, backbone
 
 
 def test_extension_keeps_old_rows_bit_identical_and_trains_only_new_rows(world):
     old = ConceptBank.load(world["bank"])
-    result, bb = extend(world)
+    result, backbone = extend(world)
     ext = ConceptBank.load(world["root"] / "extended")
     assert ext.concept_ids == old.concept_ids + ["kiki"]
     n = len(old.concept_ids)
@@ -65,15 +65,15 @@ def test_extension_keeps_old_rows_bit_identical_and_trains_only_new_rows(world):
     assert all(torch.equal(ext.locator_refs[c], old.locator_refs[c]) for c in old.concept_ids)
     assert ext.display["bo"] == old.display["bo"] and ext.recipe["extends"]["concepts"] == old.concept_ids
     # the new concept's rows did train (the first epoch moved them), and only they were trainable
-    trainable = [p for name, p in bb.model.named_parameters() if "trainable_tokens_delta" in name]
+    trainable = [p for name, p in backbone.model.named_parameters() if "trainable_tokens_delta" in name]
     assert [p.shape[0] for p in trainable] == [QUICK.k + 1] * 2  # embedding and head rows of one concept
     assert not torch.equal(ext.input_rows[n], torch.zeros_like(ext.input_rows[n]))
 
 
 def test_old_concepts_are_negatives_and_cost_follows_new_concepts(world):
-    bb = Backbone.load(world["base"])
-    old_set = ConceptSet.load(world["old"], tokenizer=bb.tokenizer)
-    new_set = ConceptSet.load(world["new"], tokenizer=bb.tokenizer)
+    backbone = Backbone.load(world["base"])
+    old_set = ConceptSet.load(world["old"], tokenizer=backbone.tokenizer)
+    new_set = ConceptSet.load(world["new"], tokenizer=backbone.tokenizer)
     new_entries, _ = build_catalog(new_set, None, holdout=0)
     old_entries = old_catalog(old_set)
     assert all(e.key.startswith(OLD_PREFIX) for e in old_entries)
@@ -105,11 +105,11 @@ def test_extension_refuses_bad_input(world, tokenizer_dir):
         extend(world, "x3", config=tiny_train_config(epochs=1, holdout=0, k=3))
     # a bank made on another base
     other = make_base(tokenizer_dir, root / "other-base", tied=True)
-    bb = Backbone.load(other)
+    backbone = Backbone.load(other)
     with pytest.raises(BankError, match="trained on base"):
         personalize(
-            ConceptSet.load(world["new"], tokenizer=bb.tokenizer),
-            bb,
+            ConceptSet.load(world["new"], tokenizer=backbone.tokenizer),
+            backbone,
             root / "x4",
             QUICK,
             extend=ConceptBank.load(world["bank"]),
@@ -163,7 +163,9 @@ def test_cli_extend(world):
         ],
     )
     assert stray.exit_code == 2 and "--extend" in stray.output
-    done = runner.invoke(app, args)
+    local = runner.invoke(app, args)  # the bank names its base by a local path: followed only with --base
+    assert local.exit_code == 2 and "--base" in local.output
+    done = runner.invoke(app, [*args, "--base", str(world["base"])])
     assert done.exit_code == 0, done.output
     ext, old = ConceptBank.load(out), ConceptBank.load(world["bank"])
     assert ext.concept_ids == old.concept_ids + ["kiki"] and torch.equal(ext.input_rows[:2], old.input_rows)

@@ -83,9 +83,9 @@ def test_a_thin_image_is_refused_by_its_aspect_ratio(client):
 def test_the_image_processor_never_gets_a_thin_strip(assistant, monkeypatch):
     """The CLIP processor stretches the short side to the model's input size; a strip must be cut first, so that
     the work is bounded by the input size, not by the strip's length (8x150000 took gigabytes)."""
-    bb = assistant.backbone
+    backbone = assistant.backbone
     seen: list[tuple[int, int]] = []
-    processor = bb.processor.image_processor
+    processor = backbone.processor.image_processor
 
     class Spy:
         def __call__(self, images, **kwargs):
@@ -95,15 +95,15 @@ def test_the_image_processor_never_gets_a_thin_strip(assistant, monkeypatch):
         def __getattr__(self, name):
             return getattr(processor, name)
 
-    monkeypatch.setattr(bb.processor, "image_processor", Spy())
+    monkeypatch.setattr(backbone.processor, "image_processor", Spy())
     strip = Image.new("RGB", (30_000, 6), (200, 30, 30))
     strip.paste((10, 200, 10), (14_997, 0, 15_003, 6))  # a green middle, the only part the centre crop keeps
     tall = strip.transpose(Image.Transpose.ROTATE_90)
-    px = bb.pixel_values([strip, tall, red_photo()])
+    px = backbone.pixel_values([strip, tall, red_photo()])
     assert seen[:2] == [(24, 6), (6, 24)] and seen[2] == red_photo().size  # a normal photo goes in as it is
     assert all(max(w, h) <= MAX_ASPECT * min(w, h) for w, h in seen)
-    assert px.shape[0] == 3 and px.shape[-2:] == (bb.image_size, bb.image_size)
-    mid = px[0, :, bb.image_size // 2, bb.image_size // 2]
+    assert px.shape[0] == 3 and px.shape[-2:] == (backbone.image_size, backbone.image_size)
+    mid = px[0, :, backbone.image_size // 2, backbone.image_size // 2]
     assert mid[1] > mid[0]  # the middle of the strip is what the model sees, as without the cut
 
 

@@ -122,8 +122,8 @@ def test_page_picks_a_bank_from_the_models_list(tmp_path, tokenizer_dir):
         seed=3,
     )
     make_bank(base, tmp_path / "banks" / "alice", seed=1)
-    app = create_app(SharedBase.load([tmp_path / "banks"]), limits=ServerLimits(max_new_tokens=8))
-    expected = PersonalAssistant.load(bob).respond(None, "Who is <kit>?", max_new_tokens=8).text
+    app = create_app(SharedBase.load([tmp_path / "banks"], str(base)), limits=ServerLimits(max_new_tokens=8))
+    expected = PersonalAssistant.load(bob, str(base)).respond(None, "Who is <kit>?", max_new_tokens=8).text
 
     problems: list[str] = []
     with browsing(app, problems) as page:

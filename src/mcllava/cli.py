@@ -159,10 +159,10 @@ def personalize(
         _fail(ValueError("--concepts-of-bank goes with --extend BANK"))
     try:
         old = ConceptBank.load(extend) if extend is not None else None
+        if old is not None:  # the bank decides what its new rows must match (a local base path only with --base)
+            base, k, introduce = old.base_to_load(base), k or old.k, introduce or old.recipe.get("introduce", "all")
     except McLlavaError as exc:
         _fail(exc)
-    if old is not None:  # the bank decides what its new rows must match
-        base, k, introduce = base or old.base_model, k or old.k, introduce or old.recipe.get("introduce", "all")
     if base is None:
         _fail(ValueError("--base is required (or --extend BANK, whose base is used)"))
     introduce = _introduce(introduce) or "all"
