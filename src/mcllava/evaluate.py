@@ -19,6 +19,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from . import scoring_official as official
+from .scoring_official import recognition_metrics
 
 SPLITS = ("single", "multi_one", "multi_all")
 COLUMNS = ("official", "lenient")
@@ -119,23 +120,6 @@ def recognition_split(record: dict) -> str:
     if len(record.get("present") or []) >= 2:
         return "multi_one"
     return "single"
-
-
-def recognition_metrics(truths: list[bool], preds: list[bool | None]) -> dict:
-    """Positive recall, negative recall and their mean; an unparseable prediction (None) is wrong."""
-    pos = [p is True for t, p in zip(truths, preds) if t]
-    neg = [p is False for t, p in zip(truths, preds) if not t]
-    pr = sum(pos) / len(pos) if pos else None
-    nr = sum(neg) / len(neg) if neg else None
-    parts = [x for x in (pr, nr) if x is not None]
-    return {
-        "weighted_accuracy": sum(parts) / len(parts) if parts else None,
-        "positive_recall": pr,
-        "negative_recall": nr,
-        "n": len(truths),
-        "n_positive": len(pos),
-        "n_negative": len(neg),
-    }
 
 
 def accuracy(correct: list[bool]) -> dict:

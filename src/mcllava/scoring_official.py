@@ -75,15 +75,11 @@ def caption_score(caption: str, present: list[str]) -> float | None:
     return sum(c in caption for c in present) / len(present)
 
 
-def recognition(truths: list[bool], preds: list[str], skip_unparseable: bool = False) -> dict:
-    """Official recognition figures from raw answers: positive recall (exact "Yes"), negative recall (exact "No")
-    and their mean. With `skip_unparseable` (Yo'LLaVA), answers other than "Yes"/"No" are left out."""
-    pairs = [(t, yes_no_exact(p)) for t, p in zip(truths, preds)]
-    skipped = sum(p is None for _, p in pairs) if skip_unparseable else 0
-    if skip_unparseable:
-        pairs = [(t, p) for t, p in pairs if p is not None]
-    pos = [p is True for t, p in pairs if t]
-    neg = [p is False for t, p in pairs if not t]
+def recognition_metrics(truths: list[bool], preds: list[bool | None]) -> dict:
+    """Positive recall, negative recall and their mean; an unparseable prediction (None) is wrong. Both columns
+    count this way; they differ in what makes an answer Yes or No."""
+    pos = [p is True for t, p in zip(truths, preds) if t]
+    neg = [p is False for t, p in zip(truths, preds) if not t]
     pr = sum(pos) / len(pos) if pos else None
     nr = sum(neg) / len(neg) if neg else None
     parts = [x for x in (pr, nr) if x is not None]
@@ -94,5 +90,15 @@ def recognition(truths: list[bool], preds: list[str], skip_unparseable: bool = F
         "n": len(truths),
         "n_positive": len(pos),
         "n_negative": len(neg),
-        "skipped": skipped,
     }
+
+
+def recognition(truths: list[bool], preds: list[str], skip_unparseable: bool = False) -> dict:
+    """Official recognition figures from raw answers: positive recall (exact "Yes"), negative recall (exact "No")
+    and their mean. With `skip_unparseable` (Yo'LLaVA), answers other than "Yes"/"No" are left out."""
+    pairs = [(t, yes_no_exact(p)) for t, p in zip(truths, preds)]
+    skipped = sum(p is None for _, p in pairs) if skip_unparseable else 0
+    if skip_unparseable:
+        pairs = [(t, p) for t, p in pairs if p is not None]
+    kept = recognition_metrics([t for t, _ in pairs], [p for _, p in pairs])
+    return {**kept, "n": len(truths), "skipped": skipped}
