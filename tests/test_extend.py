@@ -147,7 +147,8 @@ def test_cli_extend(world):
         "--concepts-of-bank",
         str(world["old"]),
     ]
-    clash = runner.invoke(app, ["personalize", str(world["old"]), *args[2:]])
+    with_base = [*args, "--base", str(world["base"])]
+    clash = runner.invoke(app, ["personalize", str(world["old"]), *with_base[2:]])
     assert clash.exit_code == 2 and "already in bank" in clash.output
     stray = runner.invoke(
         app,
@@ -165,7 +166,7 @@ def test_cli_extend(world):
     assert stray.exit_code == 2 and "--extend" in stray.output
     local = runner.invoke(app, args)  # the bank names its base by a local path: followed only with --base
     assert local.exit_code == 2 and "--base" in local.output
-    done = runner.invoke(app, [*args, "--base", str(world["base"])])
+    done = runner.invoke(app, with_base)
     assert done.exit_code == 0, done.output
     ext, old = ConceptBank.load(out), ConceptBank.load(world["bank"])
     assert ext.concept_ids == old.concept_ids + ["kiki"] and torch.equal(ext.input_rows[:2], old.input_rows)
