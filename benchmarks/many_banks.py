@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,14 +55,9 @@ def make_banks(template: Path, folder: Path, n: int) -> list[Path]:
         ids = [f"{cid}{i:03d}" for cid in bank.concept_ids]
         scale = bank.input_rows.float().std().item() * 0.01
         moved = lambda t: None if t is None else t + torch.randn(t.shape, generator=g) * scale  # noqa: E731
-        copy = ConceptBank(
-            base_model=bank.base_model,
-            base_config_hash=bank.base_config_hash,
-            tokenizer_len_before=bank.tokenizer_len_before,
+        copy = replace(  # the template's base, k and recipe; renamed concepts, moved rows, no metrics
+            bank,
             concept_ids=ids,
-            k=bank.k,
-            hidden_size=bank.hidden_size,
-            tied_head=bank.tied_head,
             input_rows=moved(bank.input_rows),
             head_rows=moved(bank.head_rows),
             locator_refs={
@@ -72,6 +68,8 @@ def make_banks(template: Path, folder: Path, n: int) -> list[Path]:
                 for old, new in zip(bank.concept_ids, ids)
             },
             recipe=dict(bank.recipe),
+            metrics={},
+            path=None,
         )
         paths.append(copy.save(folder / f"bank{i:03d}"))
     return paths
