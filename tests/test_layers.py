@@ -29,6 +29,7 @@ CORE = (
     "layout",
     "locate",
     "presets",
+    "question_forms",
     "report",
     "retrieval",
     "tokens",

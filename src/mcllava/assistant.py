@@ -9,11 +9,14 @@ one concept at a time on the same visual tokens, and answered Yes only when ever
 A request for a caption ("Describe this photo.") is answered the same way round (unless `free_captions`): each concept
 is asked about on its own, the caption starts with the names of those found and the model writes the rest, with
 no name in it; small models name one concept of a group photo at most when left to choose the names themselves.
+A question that offers lettered options is answered by ranking them (unless `generate_choices`): each option's text
+is scored as the answer to the question (`Backbone.answer_scores`) and the reply is the best one's letter. An
+answer-format instruction ("Answer ... using a single word Yes or No.") is taken off the question and obeyed: a
+yes/no answer is then the bare word (`question_forms`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,50 +31,12 @@ from .datasets.records import recognition_question
 from .errors import McLlavaError
 from .evaluate import parse_yes_no
 from .locate import LocateConfig, Location, draw_marks, locate, mark_prompt
+from .question_forms import asked_together, asks_caption, choice_question, split_format
 from .tokens import ConceptTokens, add_concept_tokens, word_embedding_norm, write_rows
-from .training_data import GROUP_QUESTIONS, join_names
+from .training_data import join_names
 
 CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
 MAX_QUESTION_CHARS = 4000
-# "Are they all here?" questions: the test sets' form (datasets.records.recognition_question) and training's
-TOGETHER_FORMS = ("Are {cs} both in this photo?", "Are {cs} all in this photo?", *GROUP_QUESTIONS)
-_TOGETHER = [
-    re.compile(
-        r"\s+".join(re.escape(w) for w in form.rstrip("?").split()).replace(re.escape("{cs}"), "(?P<cs>.+?)")
-        + r"\s*\??",
-        re.IGNORECASE,
-    )
-    for form in TOGETHER_FORMS
-]
-
-
-# Requests for a caption: "Describe this photo." (the test sets' and training's form) and its close variants
-_CAPTION = re.compile(
-    r"(?:please\s+)?(?:describe|write\s+a\s+caption\s+for|caption)\s+(?:this|the)\s+(?:photo|picture|image)"
-    r"(?:\s*[.!]?\s*name\s+everyone\s+you\s+recogni[sz]e)?\s*[.!?]?",
-    re.IGNORECASE,
-)
-
-
-def asks_caption(question: str) -> bool:
-    """Whether a question asks for a caption of its photo ("Describe this photo.", `CAPTION_QUESTION`, and close
-    variants such as "Write a caption for this image."), case and spacing aside; no other question."""
-    return _CAPTION.fullmatch(question.strip()) is not None
-
-
-def asked_together(question: str, concept_ids: Iterable[str]) -> list[str] | None:
-    """The concepts a question asks about together, in its order, when it has one of `TOGETHER_FORMS` (case and
-    spacing aside) and lists two or more distinct concepts as `<id>`; None for any other question."""
-    known = set(concept_ids)
-    for pattern in _TOGETHER:
-        m = pattern.fullmatch(question.strip())
-        if not m:
-            continue
-        items = [x.strip() for x in re.split(r",|\band\b", m.group("cs")) if x.strip()]
-        ids = [x[1:-1] for x in items]
-        if all(re.fullmatch(r"<[^<>\s]+>", x) for x in items) and len(set(ids)) == len(ids) >= 2 and set(ids) <= known:
-            return ids
-    return None
 
 
 @dataclass
@@ -83,9 +48,8 @@ class Answer:
     locations: list[Location] = field(default_factory=list)
     marks: dict[int, str] = field(default_factory=dict)
     marked_image: Image.Image | None = None
-    parts: dict[str, str] = field(
-        default_factory=dict
-    )  # concept id -> its own answer, for a split question or a caption
+    # concept id -> its own answer, for a split question or a caption; option letter -> its score, for a choice
+    parts: dict[str, str] = field(default_factory=dict)
 
 
 def together_answer(parts: dict[str, str], token=lambda c: f"<{c}>") -> str:
@@ -108,6 +72,7 @@ class PersonalAssistant:
         introduce: Literal["all", "relevant"] | None = None,
         joint: bool = False,
         free_captions: bool = False,
+        generate_choices: bool = False,
         tokens: ConceptTokens | None = None,
         never_say: Iterable[int] = (),
     ):
@@ -132,6 +97,7 @@ class PersonalAssistant:
         self.reference = reference
         self.joint = joint  # ask "are A and B both here?" as one question (`--joint`)
         self.free_captions = free_captions  # let the model choose a caption's names (`--free-captions`)
+        self.generate_choices = generate_choices  # let the model write an option's letter (`--generate-choices`)
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
@@ -193,48 +159,58 @@ class PersonalAssistant:
             raise McLlavaError("the question is empty")
         if len(question) > MAX_QUESTION_CHARS:
             raise McLlavaError(f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
-        if image is None:
-            system = self.tokens.system_text(self.introduced(question, []))
-            prompt = self.backbone.format_prompt(question, system, image=False)
-            text = self.backbone.generate(prompt, None, max_new_tokens, suppress=self.never_say)
-            return Answer(text=text, system=system)
-        image = image.convert("RGB")
-        features = self.backbone.visual_tokens([image]).features[0]
-        locations, marks, marked = [], {}, None
-        if visual_prompt or locate or self.introduce == "relevant":
-            locations = self.locations(image, features)
-        if visual_prompt:
-            if any(loc.present for loc in locations):
+        # a format instruction is taken off where the assistant puts the answer in that form itself
+        stripped, form = split_format(question)
+        choice = None if self.generate_choices else choice_question(stripped)
+        if form == "word" or choice:
+            question = stripped
+        features, locations, marks, marked = None, [], {}, None
+        if image is not None:
+            image = image.convert("RGB")
+            features = self.backbone.visual_tokens([image]).features[0]
+            if visual_prompt or locate or self.introduce == "relevant":
+                locations = self.locations(image, features)
+            if visual_prompt and any(loc.present for loc in locations):
                 marked, marks = draw_marks(image, locations, max_marks=self.locate_config.max_marks)
                 features = self.backbone.visual_tokens([marked]).features[0]
 
         def system_for(q: str) -> str:
             return self.tokens.system_text(self.introduced(q, locations), extra=mark_prompt(marks, self.tokens.token))
 
+        def prompt(q: str, system: str) -> str:
+            return self.backbone.format_prompt(q, system, image=features is not None)
+
         def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
             return self.backbone.generate(
-                self.backbone.format_prompt(q, system),
-                features,
-                max_new_tokens,
-                suppress=[*self.never_say, *suppress],
-                prefix=prefix,
+                prompt(q, system), features, max_new_tokens, suppress=[*self.never_say, *suppress], prefix=prefix
             )
 
         def recognise(cids: list[str]) -> dict[str, str]:  # each concept asked about on its own, same visual tokens
             return {c: reply(q, system_for(q)) for c in cids for q in [recognition_question([c])]}
 
+        parts: dict[str, str] = {}
         system = system_for(question)
-        together = self.asked_together(question)
-        if together:  # Yes only if all are there
+        together = self.asked_together(question) if image is not None else None
+        if choice:  # the options ranked by the model, the reply the best one's letter
+            stem, options = choice
+            system = system_for(stem)
+            scores = self.backbone.answer_scores(prompt(stem, system), list(options.values()), features)
+            parts = {letter: f"{score:.4f}" for letter, score in zip(options, scores)}
+            text = max(zip(scores, options))[1]
+        elif together:  # Yes only if all are there
             parts = recognise(together)
             text = together_answer(parts, self.tokens.token)
-        elif self.asks_caption(question):  # the names are the recognition's, the words the model's
+        elif image is not None and self.asks_caption(
+            question
+        ):  # the names are the recognition's, the words the model's
             parts = recognise(self.introduced(question, locations))
             found = [self.tokens.token(c) for c, t in parts.items() if parse_yes_no(t) is True]
             # every name is said once, at the start, or never
             text = reply(question, system, prefix=join_names(found) if found else "", suppress=self.tokens.name_ids)
         else:
-            parts, text = {}, reply(question, system)
+            text = reply(question, system)
+        if form == "word" and (yes := parse_yes_no(text)) is not None:
+            text = "Yes" if yes else "No"
         return Answer(
             text=text,
             system=system,

@@ -390,6 +390,34 @@ class Backbone:
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
         return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
+    @torch.no_grad()
+    def answer_scores(
+        self, prompt: str, answers: Sequence[str], image_features: torch.Tensor | None = None
+    ) -> list[float]:
+        """Mean log-probability per token of each given answer (closed by the end of turn) after one formatted
+        prompt, as `encode` tokenises training answers: how the model ranks answers it is offered (multiple
+        choice) without generating. The prompt runs once for all answers (`hidden_states`' shared prefix)."""
+        encoded = [self.encode(prompt, a) for a in answers]
+        if encoded[0].has_image and image_features is None:
+            raise McLlavaError("prompt has an image placeholder but no image was given")
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+            mask[row, : len(e.input_ids)] = 1
+        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        feats = image_features[None].expand(len(encoded), -1, -1) if encoded[0].has_image else None
+        hidden = self.hidden_states(self.embed(ids, feats), mask, self.shared_prefix_length(ids, mask))
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logp = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float().log_softmax(-1)
+        picked = torch.zeros(targets.shape, device=logp.device)
+        picked[keep] = logp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        return (picked.sum(1) / keep.sum(1).clamp_min(1)).tolist()
+
     def image_features_with_grad(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Visual tokens with gradients flowing into the vision tower (for building base models, not personalising)."""
         return self.image_features_with_grad_from_pixels(self.pixel_values(images))

@@ -82,6 +82,10 @@ FREE_CAPTIONS_HELP = (
     "Let the model choose which names a caption says ('Describe this photo.'); by default each concept "
     "is asked about on its own first and the caption starts with the names of those found."
 )
+GENERATE_CHOICES_HELP = (
+    "Let the model write a multiple-choice answer itself; by default it ranks the offered options (each one's "
+    "text scored as the answer) and the reply is the best one's letter."
+)
 
 
 def _introduce(value: str | None) -> str | None:
@@ -217,6 +221,7 @@ def ask(
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
+    generate_choices: bool = typer.Option(False, "--generate-choices", help=GENERATE_CHOICES_HELP),
     marks: Optional[Path] = typer.Option(None, "--marks", help="Save the marked photo here (PNG)."),
     base: Optional[str] = typer.Option(None, "--base", help="Override the base model the bank remembers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON with the answer, marks and locations."),
@@ -225,7 +230,12 @@ def ask(
     try:
         pil = load_image(image) if image else None
         assistant = PersonalAssistant.load(
-            bank, base, introduce=_introduce(introduce), joint=joint, free_captions=free_captions
+            bank,
+            base,
+            introduce=_introduce(introduce),
+            joint=joint,
+            free_captions=free_captions,
+            generate_choices=generate_choices,
         )
         result = assistant.respond(pil, question, visual_prompt=not no_visual_prompt)
     except (McLlavaError, OSError) as exc:
@@ -272,7 +282,12 @@ def _answerer(target: Path, method: str, base: str | None, negatives: Path | Non
     if method != "bank":
         raise McLlavaError(f"--method must be bank or retrieval, not {method!r}")
     assistant = PersonalAssistant.load(
-        target, base, introduce=_introduce(opts["introduce"]), joint=opts["joint"], free_captions=opts["free_captions"]
+        target,
+        base,
+        introduce=_introduce(opts["introduce"]),
+        joint=opts["joint"],
+        free_captions=opts["free_captions"],
+        generate_choices=opts["generate_choices"],
     )
     return AssistantAnswerer(assistant, visual_prompt=not opts["no_visual_prompt"], keep_marks=opts["html"])
 
@@ -299,6 +314,7 @@ def evaluate_cmd(
     introduce: Optional[str] = typer.Option(None, "--introduce", help=INTRODUCE_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
+    generate_choices: bool = typer.Option(False, "--generate-choices", help=GENERATE_CHOICES_HELP),
     base: Optional[str] = typer.Option(None, "--base"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N questions."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -317,6 +333,7 @@ def evaluate_cmd(
             "introduce": introduce,
             "joint": joint,
             "free_captions": free_captions,
+            "generate_choices": generate_choices,
             "no_visual_prompt": no_visual_prompt,
             "html": html is not None,
         }
@@ -394,6 +411,7 @@ def serve(
     prompt_caches: int = typer.Option(8, "--prompt-caches", min=0, help=PROMPT_CACHES_HELP),
     joint: bool = typer.Option(False, "--joint", help=JOINT_HELP),
     free_captions: bool = typer.Option(False, "--free-captions", help=FREE_CAPTIONS_HELP),
+    generate_choices: bool = typer.Option(False, "--generate-choices", help=GENERATE_CHOICES_HELP),
 ) -> None:
     """Serve the personalised model: OpenAI-compatible HTTP API and a web page (see docs/server.md). Several banks
     share one copy of the base model; a request's `model` (a bank's folder name) picks its bank."""
@@ -404,7 +422,7 @@ def serve(
         from .server.keys import KeyRing
     except ImportError as exc:
         _fail(McLlavaError(f"{exc.name} is missing: pip install 'mcllava[serve]'"))
-    options = dict(joint=joint, free_captions=free_captions)
+    options = dict(joint=joint, free_captions=free_captions, generate_choices=generate_choices)
     try:
         keys = KeyRing.parse([*(api_key or []), *(KeyRing.read(api_keys) if api_keys else [])])
         folders = bank_folders(banks)
