@@ -9,6 +9,7 @@ from mcllava.evaluate import (
     Answerer,
     bleu_mcllava,
     evaluate,
+    headline,
     named_concepts,
     parse_choice,
     parse_yes_no,
@@ -174,6 +175,23 @@ def test_recognition_uneven(img):
     assert r["negative_recall"] == 1.0
     assert r["weighted_accuracy"] == pytest.approx(5 / 6)
     assert set(r["splits"]) == {"single"}
+
+
+def test_lookalikes_rejected_is_reported_where_the_test_set_marks_them(img):
+    records = [
+        {**rec("recognition", f"q{i}", "No", img, ["bo"], []), **({"lookalike": True} if i < 3 else {})}
+        for i in range(4)
+    ] + [rec("recognition", "q4", "Yes", img, ["bo"], ["bo"])]
+    ans = Scripted(by_question={"q0": "No", "q1": "No, it is a look-alike.", "q2": "Yes", "q3": "No", "q4": "Yes"})
+    rep = evaluate(records, ans, progress=False)
+    look = rep["recognition"]["lookalikes_rejected"]
+    assert (look["n"], look["accuracy"], look["official"]["accuracy"]) == (
+        3,
+        pytest.approx(2 / 3),
+        pytest.approx(1 / 3),
+    )
+    assert ("recognition", "look-alikes", "accuracy", pytest.approx(1 / 3), pytest.approx(2 / 3), 3) in headline(rep)
+    assert "lookalikes_rejected" not in evaluate(records[3:], ans, progress=False)["recognition"]
 
 
 # ----------------------------------------------------------------------------- choice, vqa

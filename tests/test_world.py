@@ -258,6 +258,8 @@ def test_lookalike_negatives_present(world, truth):
         and look.get("scenes/" + Path(r["image"]).name) in r["concepts"]
     ]
     assert hard
+    # exactly those records say so, for the report's "look-alikes rejected" figure
+    assert [r for r in records if r.get("lookalike")] == hard
 
 
 def test_mcllava_layout_round_trips(world):

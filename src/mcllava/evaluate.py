@@ -288,10 +288,14 @@ def _both(lenient: dict, off: dict) -> dict:
 def _recognition(rows: list[dict]) -> dict:
     skip = any(r.get("protocol") == "yollava" for r in rows)
     truths = [r["truth"] for r in rows]
-    return _both(
+    out = _both(
         recognition_metrics(truths, [r["parsed"] for r in rows]),
         official.recognition(truths, [r["prediction"] for r in rows], skip_unparseable=skip),
     )
+    # negatives whose photo shows a look-alike of the concept asked about (test sets that mark them: world make)
+    if look := [r for r in rows if r.get("lookalike") and not r["truth"]]:
+        out["lookalikes_rejected"] = _accuracy(look)
+    return out
 
 
 def _accuracy(rows: list[dict]) -> dict:
@@ -378,6 +382,8 @@ def headline(report: dict) -> list[Line]:
             for key in metrics:
                 if key in m:
                     out.append((task, split, key, m["official"].get(key), m[key], m["n"]))
+        if look := r.get("lookalikes_rejected"):
+            out.append((task, "look-alikes", "accuracy", look["official"]["accuracy"], look["accuracy"], look["n"]))
     if r := report.get("grounding"):
         out.append(("grounding", "all", "hit_rate", None, r["hit_rate"], r["n_concepts"]))
     return out

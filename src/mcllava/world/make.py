@@ -384,6 +384,8 @@ def _recognition(
         asked += [rest[j] for j in rng.choice(len(rest), size=min(len(rest), 1), replace=False)]
     for c in asked:
         out.append(record(image, "recognition", recognition_question([c]), "No", [c], present, boxes))
+        if c == lookalike_of:  # the photo shows a look-alike of the concept asked about
+            out[-1]["lookalike"] = True
     if len(present) >= 2:
         out.append(record(image, "recognition", recognition_question(present), "Yes", present, present, boxes))
         if absent:
