@@ -150,6 +150,24 @@ def test_an_answer_built_from_one_question_per_concept_streams_whole(client, que
     assert plain["usage"]["completion_tokens"] >= 2  # both questions' answers are counted
 
 
+@pytest.mark.parametrize("image", [True, False])
+def test_a_ranked_choice_and_a_single_word_stream_whole(client, image):
+    """A lettered choice is answered by ranking its options and "Answer ... with a single word" by the bare word:
+    the assistant writes the final text, so it is sent whole."""
+    choice = "What colour is <bo>?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."
+    plain = client.post("/v1/chat/completions", json=ask(choice, image=image)).json()
+    content = plain["choices"][0]["message"]["content"]
+    scores = {k: float(v) for k, v in plain["mcllava"]["parts"].items()}
+    assert set(scores) == {"A", "B"} and content == max(scores, key=scores.get)
+    chunks = stream_chunks(client, ask(choice, image=image, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+    if image:
+        word = "Is <bo> in this photo? Answer the question using a single word Yes or No."
+        plain = client.post("/v1/chat/completions", json=ask(word)).json()["choices"][0]["message"]["content"]
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream_chunks(client, ask(word, stream=True)))
+        assert streamed == plain and (plain in ("Yes", "No") or not plain.lower().startswith(("yes", "no")))
+
+
 # --------------------------------------------------------------------------------------- locate, concepts
 
 

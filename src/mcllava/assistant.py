@@ -224,10 +224,14 @@ class PersonalAssistant:
         """Whether `respond` answers this question about a photo as a caption built on per-concept recognition."""
         return not self.free_captions and asks_caption(question)
 
-    def asks_per_concept(self, question: str) -> bool:
-        """Whether `respond` puts its answer to this question about a photo together from one question per concept
-        (a "both" question or a caption), so that the model's own output is not the final text."""
-        return bool(self.asked_together(question)) or self.asks_caption(question)
+    def answers_whole(self, question: str, with_image: bool) -> bool:
+        """Whether `respond` puts its answer together itself, so that the model's own output is not the final text
+        (a server cannot stream it token by token): a ranked choice, a yes/no answer reduced to the word asked
+        for, and about a photo a "both" question or a caption (one question per concept first)."""
+        stripped, form = split_format(question)
+        if form == "word" or (not self.generate_choices and choice_question(stripped)):
+            return True
+        return with_image and (bool(self.asked_together(stripped)) or self.asks_caption(stripped))
 
     def asked_together(self, question: str) -> list[str] | None:
         """The concepts `respond` will ask about one at a time for this question about a photo (None: asked as is)."""

@@ -112,7 +112,7 @@ class Server:
         together from one question per concept ("are <a> and <b> both here?", a caption) is sent whole when it is ready."""
         bank.gate.admit()  # a full queue is a 503 now, not an error inside the stream
         streamer = TextIteratorStreamer(bank.assistant.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        whole = plan.image is not None and bank.assistant.asks_per_concept(plan.question)
+        whole = bank.assistant.answers_whole(plan.question, plan.image is not None)
         outcome: dict[str, Any] = {}
 
         def work() -> None:
