@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from mcllava.errors import McLlavaError
 from mcllava.proving_base import WEIGHTS, MissingWeightsError, load
 from mcllava.proving_base.build import AlignStage, BuildConfig, LMStage, Phase, VisionStage, build
-from mcllava.proving_base.data import MAX_ACTORS, PATCH_TRAITS, Curriculum, lm_sample, scene_pool
+from mcllava.proving_base.data import MAX_ACTORS, PATCH_TRAITS, Curriculum, scene_pool
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
+from mcllava.proving_base.tasks import lm_sample
 
 
 @pytest.fixture(scope="module")
