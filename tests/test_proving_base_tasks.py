@@ -226,3 +226,42 @@ def test_gate_task_checks_run_end_to_end(tiny):
     assert res["choice"]["n"] == 3 and len(res["facts"]["examples"]) == 3
     with pytest.raises(McLlavaError, match="unknown gate check"):
         GateConfig(checks=("chioce",))
+
+
+def test_lm_stage_trains_the_tasks_and_scores_them_held_out(tmp_path, monkeypatch):
+    """A phase with task weights trains on them (pools with refs and letters) and logs a held-out curve per task;
+    a pool drawn before task weights existed keeps its spec, so a work folder is not drawn again."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mcllava.proving_base.build import BuildConfig, Phase, build
+    from mcllava.proving_base.build.common import vision_model
+    from mcllava.proving_base.build import lm as lm_module
+    from mcllava.proving_base.build.lm import pool_spec
+
+    monkeypatch.setattr(lm_module, "VAL_TASKS_N", 10)
+    spec = VisionSpec(image_size=SIZE, patch_size=16, hidden=32, layers=1, heads=2)
+    (tmp_path / "vision").mkdir()
+    (tmp_path / "tokenizer").mkdir()
+    save_file(vision_model(spec).state_dict(), tmp_path / "vision" / "tower.safetensors")
+    cur = Curriculum(2, 0.5, (0, 0, 0, 0.5, 0.5, 0), tasks={k: 1.0 for k in TASK_KINDS})
+    lm = LMStage(
+        phases=(Phase("tasks", 2, cur),),
+        pool=8,
+        val_pool=4,
+        val_read=4,
+        batch_size=2,
+        lora_rank=2,
+        lora_alpha=2,
+        eval_every=2,
+        checkpoint_every=1,
+    )
+    cfg = BuildConfig(work=tmp_path, vision=spec, lm=lm, progress=False, text_model=lambda t: tiny_text_model(t))
+    assert build(cfg, stages=("lm",))["lm"]["steps"] == 2
+    log = [json.loads(x) for x in (tmp_path / "lm" / "log.jsonl").read_text().splitlines()]
+    tasks = log[-1]["val_tasks"]
+    assert set(tasks) == set(TASK_KINDS)
+    assert all(0 <= v["token_accuracy"] <= 1 and v["answer_loss"] > 0 for v in tasks.values())
+    assert "tasks" not in pool_spec(Curriculum(2, 0.5), 0, 1, 0)["curriculum"]
+    assert pool_spec(cur, 0, 1, 0)["curriculum"]["tasks"]["choice"] == 1.0
