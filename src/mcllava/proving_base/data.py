@@ -4,9 +4,9 @@ Three streams, all drawn from one identity half ("base" for training, "personal"
 characters):
 - `scene_pool`: rendered scenes with per-character trait labels and, per patch, the character that owns it
   (vision tower pretraining: every patch names its owner's traits; projector alignment).
-- the language-model stage's samples (`tasks.lm_sample` mixes them with the evaluation's tasks): short generic captions,
-  colour / category / position questions, and recognition with in-context word definitions of made-up
-  names ("<dax> is a red striped cat with round ears. Is <dax> in this photo?"), balanced Yes/No, with a
+- the language-model stage's first six kinds (`tasks.lm_sample` mixes them with the evaluation's tasks): short
+  generic captions, colour / category / position questions, and recognition with in-context word definitions of
+  made-up names ("<dax> is a red striped cat with round ears. Is <dax> in this photo?"), balanced Yes/No, with a
   curriculum knob (number of definitions, share of look-alike negatives) and a text-only twin of the same
   task (the photo written out as descriptions), which small models learn first and transfer to images.
 """
