@@ -155,8 +155,8 @@ def test_samples_are_fixed_by_seed_and_index_and_old_mixes_unchanged():
 
 
 def test_v3_phases_keep_recognition_and_add_every_task():
-    phases = v3_phases(800)
-    assert LMStage(phases=phases).steps == 800 and not any(p.oracle for p in phases)
+    phases = v3_phases()
+    assert LMStage(phases=phases).steps == 700 and [p.steps for p in v3_phases(800)] == [240, 560] and not any(p.oracle for p in phases)
     for p in phases:
         assert set(p.curriculum.tasks) == set(TASK_KINDS) and min(p.curriculum.tasks.values()) > 0
         assert p.curriculum.mix[3] + p.curriculum.mix[4] > 0  # recognition kept up

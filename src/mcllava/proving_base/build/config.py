@@ -99,7 +99,7 @@ def visual_phases(steps: int = 300, both: float = 0.0) -> tuple[Phase, ...]:
     return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5), both=both)),)
 
 
-def v3_phases(steps: int = 800, both: float = 0.1) -> tuple[Phase, ...]:
+def v3_phases(steps: int = 700, both: float = 0.1) -> tuple[Phase, ...]:
     """Teach every task of the MC-LLaVA evaluation (`tasks.py`: lettered choice, open answers, "Where is <x>?",
     captions naming the defined characters, text-only facts) to a base that already reads its image tokens and
     recognises defined names: append it to the phases that taught those, or continue an export with it.
@@ -109,8 +109,8 @@ def v3_phases(steps: int = 800, both: float = 0.1) -> tuple[Phase, ...]:
     lr's cosine decay falls): back to about half recognition (word and visual definitions, look-alikes half of the
     negatives, `both` of them asking about two names, as the evaluation's multi-concept questions do) and generic
     questions, so that the Yes/No calibration, which the evaluation's recognition figures need most, settles
-    last. 800 steps of batch 16 is about as much work as `visual_phases(900)`, about 5 minutes of one H100
-    (docs/proving_base.md)."""
+    last. Its samples are longer (109 tokens on average against 85), so 700 steps of batch 16 hold as many tokens as
+    `visual_phases(900)`, about 5 minutes of one H100 (docs/proving_base.md)."""
     generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
     first = int(round(steps * 0.3))
     formats = Curriculum(
