@@ -74,6 +74,11 @@ def main() -> None:
             "seconds_per_step": sum(times[1:]) / args.steps,
             "tokens_per_sample": sum(len(e.input_ids) for e in enc) / len(enc),
             "answer_tokens_per_sample": sum(sum(x != -100 for x in e.labels) for e in enc) / len(enc),
+            # what a step pays for: every sample of a batch padded to its longest
+            "padded_width_per_batch": sum(
+                max(len(e.input_ids) for e in enc[i : i + args.batch]) for i in range(0, len(enc), args.batch)
+            )
+            / -(-len(enc) // args.batch),
             "draw_seconds_per_sample": drawn / len(samples),
             "kinds": {k: pool.kinds.count(k) for k in sorted(set(pool.kinds))},
         }

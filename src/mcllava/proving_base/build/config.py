@@ -109,8 +109,9 @@ def v3_phases(steps: int = 700, both: float = 0.1) -> tuple[Phase, ...]:
     lr's cosine decay falls): back to about half recognition (word and visual definitions, look-alikes half of the
     negatives, `both` of them asking about two names, as the evaluation's multi-concept questions do) and generic
     questions, so that the Yes/No calibration, which the evaluation's recognition figures need most, settles
-    last. Its samples are longer (109 tokens on average against 85), so 700 steps of batch 16 hold as many tokens as
-    `visual_phases(900)`, about 5 minutes of one H100 (docs/proving_base.md)."""
+    last. Its samples are longer (110 tokens on average against 85), so 700 steps of batch 16 hold as many tokens
+    as `visual_phases(900)`, which took 300 s of one H100 (docs/proving_base.md: its padded batches are wider,
+    which a CPU step pays for in full)."""
     generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
     first = int(round(steps * 0.3))
     formats = Curriculum(
