@@ -156,7 +156,11 @@ def test_samples_are_fixed_by_seed_and_index_and_old_mixes_unchanged():
 
 def test_v3_phases_keep_recognition_and_add_every_task():
     phases = v3_phases()
-    assert LMStage(phases=phases).steps == 700 and [p.steps for p in v3_phases(800)] == [240, 560] and not any(p.oracle for p in phases)
+    assert (
+        LMStage(phases=phases).steps == 700
+        and [p.steps for p in v3_phases(800)] == [240, 560]
+        and not any(p.oracle for p in phases)
+    )
     for p in phases:
         assert set(p.curriculum.tasks) == set(TASK_KINDS) and min(p.curriculum.tasks.values()) > 0
         assert p.curriculum.mix[3] + p.curriculum.mix[4] > 0  # recognition kept up
@@ -265,3 +269,12 @@ def test_lm_stage_trains_the_tasks_and_scores_them_held_out(tmp_path, monkeypatc
     assert all(0 <= v["token_accuracy"] <= 1 and v["answer_loss"] > 0 for v in tasks.values())
     assert "tasks" not in pool_spec(Curriculum(2, 0.5), 0, 1, 0)["curriculum"]
     assert pool_spec(cur, 0, 1, 0)["curriculum"]["tasks"]["choice"] == 1.0
+
+
+def test_gate_cli_refuses_an_unknown_check(tmp_path):
+    from typer.testing import CliRunner
+
+    from mcllava.cli import app
+
+    res = CliRunner().invoke(app, ["base", "gate", "--weights", str(tmp_path), "--checks", "choice,nope"])
+    assert res.exit_code == 2 and "--checks takes some of" in res.output, res.output
