@@ -32,11 +32,11 @@ from mcllava.proving_base.data import (
     Curriculum,
     _identities,
     _slot,
-    lm_sample,
     rng_for,
     slot_labels,
 )
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
+from mcllava.proving_base.tasks import lm_sample
 from mcllava.world.scenes import render_scene, sample_scene
 
 TOY_VISION = VisionSpec(image_size=96, patch_size=16, hidden=32, layers=2, heads=2)  # 6 x 6 tokens, as the base

@@ -21,7 +21,7 @@ from .build import (
     visual_phases,
     work_from_weights,
 )
-from .gate import GateConfig, gate
+from .gate import CHECKS, GateConfig, gate
 from .model import VisionSpec
 
 base_app = typer.Typer(help="Build and check the small offline proving-ground base VLM.", no_args_is_help=True)
@@ -128,8 +128,19 @@ def gate_cmd(
     named: int = typer.Option(100, help="named recognition samples without definitions"),
     visual: int = typer.Option(100, help="recognition samples with visual definitions (reported)"),
     both: int = typer.Option(100, help='"are <x> and <y> both here?" samples with visual definitions (reported)'),
+    choice: int = typer.Option(60, help="multiple-choice questions answered with a letter (reported)"),
+    open_answers: int = typer.Option(60, "--open", help="short open answers about a defined character (reported)"),
+    where: int = typer.Option(40, help='"Where is <x>?" questions (reported)'),
+    named_caption: int = typer.Option(30, help="captions naming the defined characters (reported)"),
+    facts: int = typer.Option(60, help="text-only questions about introduced facts (reported)"),
+    checks: str = typer.Option(",".join(CHECKS), help="comma-separated checks to run (a subset passes nothing)"),
 ) -> None:
-    """Measure the quality gate (captions, generic questions, definition recognition, named recognition)."""
+    """Measure the quality gate (captions, generic questions, definition recognition, named recognition) and the
+    evaluation's tasks (choice, open answers, where, named captions, facts)."""
+    wanted = tuple(c.strip() for c in checks.split(",") if c.strip())
+    if not set(wanted) <= set(CHECKS):
+        raise typer.BadParameter(f"--checks takes some of {','.join(CHECKS)}, not {checks!r}")
+    counts = dict(choice=choice, open=open_answers, where=where, named_caption=named_caption, facts=facts)
     res = gate(
         weights,
         out,
@@ -141,8 +152,10 @@ def gate_cmd(
             named=named,
             visual=visual,
             both=both,
+            checks=wanted,
+            **counts,
         ),
     )
     typer.echo(json.dumps(res["summary"], indent=1))
     typer.echo(f"passed: {res['passed']}  (report: {out})")
-    raise typer.Exit(0 if res["passed"] else 1)
+    raise typer.Exit(1 if res["passed"] is False else 0)

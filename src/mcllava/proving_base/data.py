@@ -4,9 +4,9 @@ Three streams, all drawn from one identity half ("base" for training, "personal"
 characters):
 - `scene_pool`: rendered scenes with per-character trait labels and, per patch, the character that owns it
   (vision tower pretraining: every patch names its owner's traits; projector alignment).
-- `lm_sample`: one (image, question, answer, kind) for the language-model stage: short generic captions,
-  colour / category / position questions, and recognition with in-context word definitions of made-up
-  names ("<dax> is a red striped cat with round ears. Is <dax> in this photo?"), balanced Yes/No, with a
+- the language-model stage's first six kinds (`tasks.lm_sample` mixes them with the evaluation's tasks): short
+  generic captions, colour / category / position questions, and recognition with in-context word definitions of
+  made-up names ("<dax> is a red striped cat with round ears. Is <dax> in this photo?"), balanced Yes/No, with a
   curriculum knob (number of definitions, share of look-alike negatives) and a text-only twin of the same
   task (the photo written out as descriptions), which small models learn first and transfer to images.
 """
@@ -14,7 +14,7 @@ characters):
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..datasets.records import recognition_question
+from ..errors import McLlavaError
 from ..world.corpus import nonce_name
 from ..world.questions import join_words
 from ..world.scenes import SETTING_PHRASES, RenderedScene, sample_visible_scene
@@ -175,6 +176,8 @@ def scene_pool(
 
 # ------------------------------------------------------------------------------------------------ LM samples
 KINDS = ("caption", "vqa", "text_compare", "defined", "visual_defined", "visual_caption")
+# the tasks of the MC-LLaVA evaluation (`tasks.py`), weighed by `Curriculum.tasks` next to the six kinds of `mix`
+TASK_KINDS = ("choice", "open", "where", "named_caption", "facts")
 
 
 @dataclass
@@ -195,6 +198,14 @@ class Curriculum:
     # share of recognition samples (word or visual definitions) that define two names and ask "are <x> and <y>
     # both in this photo?": Yes when both are there, No when only one is (the other absent, or its look-alike)
     both: float = 0.0
+    # weights of `TASK_KINDS` beside `mix` (missing: 0): multiple choice answered with a letter, short open answers,
+    # "Where is <x>?", captions naming the defined characters, text-only facts (`tasks.py`)
+    tasks: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASK_KINDS))
+        if unknown:
+            raise McLlavaError(f"Curriculum.tasks: unknown kind(s) {unknown}; the kinds are {', '.join(TASK_KINDS)}")
 
 
 # How the quality gate draws recognition with definitions (1-2 names defined, half of the negatives look-alikes);
@@ -370,29 +381,6 @@ def visual_defined(
         "answer": "Yes" if c.positive else "No",
         "kind": "visual_defined",
     }
-
-
-def lm_sample(seed: int, index: int, cur: Curriculum, size: int = 192, half: str = "base") -> dict[str, Any]:
-    """Sample `index` of the language-model stage: image (PIL or None), question, answer, kind (+ system, refs,
-    and with an image its `slot_labels`)."""
-    rng = rng_for(seed, "lm", index)
-    kind = KINDS[rng.choice(len(KINDS), p=np.array(cur.mix) / sum(cur.mix))]
-    if kind in ("text_compare", "defined"):
-        return defined_recognition(rng, size, cur, half, text_only=kind == "text_compare")
-    if kind in ("visual_defined", "visual_caption"):
-        return visual_defined(rng, size, cur, half, caption=kind == "visual_caption")
-    scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, 4)), half), size)
-    if kind == "caption":
-        return {
-            "image": scene.image,
-            "question": "Describe this photo.",
-            "answer": short_caption(scene),
-            "kind": "caption",
-            "categories": sorted({a.identity.category for a in scene.spec.actors}),
-            "slots": slot_labels(scene),
-        }
-    q, a, kind = generic_question(rng, scene, cur.questions)
-    return {"image": scene.image, "question": q, "answer": a, "kind": kind, "slots": slot_labels(scene)}
 
 
 def named_recognition(seed: int, index: int, size: int = 192, half: str = "personal") -> dict[str, Any]:

@@ -99,6 +99,40 @@ def visual_phases(steps: int = 300, both: float = 0.0) -> tuple[Phase, ...]:
     return (Phase("visual", steps, Curriculum(2, 0.5, mix, (0.5, 1, 1.5, 1.5), both=both)),)
 
 
+def v3_phases(steps: int = 700, both: float = 0.1) -> tuple[Phase, ...]:
+    """Teach every task of the MC-LLaVA evaluation (`tasks.py`: lettered choice, open answers, "Where is <x>?",
+    captions naming the defined characters, text-only facts) to a base that already reads its image tokens and
+    recognises defined names: append it to the phases that taught those, or continue an export with it.
+
+    Two phases on the tower's tokens. "tasks" (30% of the steps): the new answer formats weigh 0.65 of the mix,
+    since a format the model has never produced costs the most loss at first. "tasks_mix" (the rest, where the
+    lr's cosine decay falls): back to about half recognition (word and visual definitions, look-alikes half of the
+    negatives, `both` of them asking about two names, as the evaluation's multi-concept questions do) and generic
+    questions, so that the Yes/No calibration, which the evaluation's recognition figures need most, settles
+    last. Its samples are longer (110 tokens on average against 85), so 700 steps of batch 16 hold as many tokens
+    as `visual_phases(900)`, which took 300 s of one H100 (docs/proving_base.md: its padded batches are wider,
+    which a CPU step pays for in full)."""
+    generic = (0.5, 1, 1.5, 1.5)  # exists, colour, category, position
+    first = int(round(steps * 0.3))
+    formats = Curriculum(
+        2,
+        0.5,
+        (0.02, 0.05, 0.02, 0.08, 0.15, 0.03),  # caption, vqa, text, defined, visual_defined, visual_caption
+        generic,
+        both=both,
+        tasks={"choice": 0.18, "open": 0.18, "where": 0.1, "named_caption": 0.11, "facts": 0.08},
+    )
+    mixed = Curriculum(
+        2,
+        0.5,
+        (0.03, 0.07, 0.03, 0.12, 0.25, 0.02),
+        generic,
+        both=both,
+        tasks={"choice": 0.13, "open": 0.13, "where": 0.08, "named_caption": 0.08, "facts": 0.06},
+    )
+    return (Phase("tasks", first, formats), Phase("tasks_mix", steps - first, mixed))
+
+
 def slots_phases() -> tuple[Phase, ...]:
     """The "slots" layout's curriculum: compare in text first, then read, describe, ground one definition against
     easy negatives and compare 1-2 definitions against look-alikes, all on the exact slot words (oracle), then the

@@ -17,11 +17,25 @@ from tqdm.auto import tqdm
 from ...backbone import Backbone
 from ...errors import McLlavaError
 from ...tokens import word_embedding_norm
-from ..data import GATE_DEFINITIONS, Curriculum
+from ..data import GATE_DEFINITIONS, TASK_KINDS, Curriculum
 from .common import _autocast, _done, _finish, _log, _save_ckpt, _start
 from .config import LORA_TARGETS, BuildConfig
 from .pool import EncodedPool, lm_loss, make_pool, sample_features
-from .scoring import yes_no_report, yes_no_scores
+from .scoring import answer_report, yes_no_report, yes_no_scores
+
+# held out when the phases train the evaluation's tasks: every task kind, scored by teacher-forced answer loss and
+# token accuracy at each eval (the gate generates; this is the cheap curve)
+VAL_TASKS = Curriculum(2, 0.5, (0, 0, 0, 0, 0, 0), tasks={k: 1.0 for k in TASK_KINDS})
+VAL_TASKS_N = 100
+
+
+def pool_spec(cur: Curriculum, start: int, n: int, seed: int) -> dict:
+    """What a saved pool was drawn from; a curriculum without task weights reads as before they existed, so that a
+    work folder's pools are not drawn again."""
+    c = asdict(cur)
+    if not any(c["tasks"].values()):
+        del c["tasks"]
+    return {"curriculum": c, "start": start, "n": n, "seed": seed}
 
 
 def add_lora(model, rank: int, alpha: int, projector: bool = True):
@@ -88,8 +102,10 @@ def stage_lm(cfg: BuildConfig) -> dict:
         if p.steps > 0
     ]
     wanted += [("val", val_cur, 10**8, st.val_pool), ("val_read", read_cur, 10**8 + 10**6, st.val_read)]
+    if any(any(p.curriculum.tasks.values()) for p in st.phases):
+        wanted.append(("val_tasks", VAL_TASKS, 10**8 + 2 * 10**6, VAL_TASKS_N))
     for name, cur, start, n in wanted:  # each pool's samples come from its own index range
-        path, spec = work / f"pool_{name}.pt", {"curriculum": asdict(cur), "start": start, "n": n, "seed": cfg.seed}
+        path, spec = work / f"pool_{name}.pt", pool_spec(cur, start, n, cfg.seed)
         saved = torch.load(path, weights_only=False) if path.exists() else {}
         if saved.pop("spec", None) == spec:
             pools[name] = EncodedPool(**saved)
@@ -145,11 +161,22 @@ def stage_lm(cfg: BuildConfig) -> dict:
             with _autocast(cfg, st.device):
                 record["val"] = report(pools["val"])
                 record["val"]["exists"] = report(pools["val_read"])["exists"]
+                if "val_tasks" in pools:
+                    p = pools["val_tasks"]
+                    record["val_tasks"] = answer_report(
+                        backbone, p, features=lambda idx: sample_features(backbone, p, idx, norm, oracle)
+                    )
             model.train()
             tqdm.write(
                 f"step {step}: "
                 + json.dumps(
                     {k: (round(v["weighted_accuracy"], 3), round(v["auc"] or 0, 3)) for k, v in record["val"].items()}
+                )
+                + (
+                    " tasks (token accuracy): "
+                    + json.dumps({k: round(v["token_accuracy"], 3) for k, v in record["val_tasks"].items()})
+                    if "val_tasks" in record
+                    else ""
                 )
             )
         out_of_time = st.time_budget is not None and time.time() - t0 > st.time_budget

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from ...kmeans_init import covered_patches, rescale
 from ...training_data import collate
-from ..data import N_SLOTS, PATCH_TRAITS, Curriculum, lm_sample, to_pixels
+from ..data import N_SLOTS, PATCH_TRAITS, Curriculum, to_pixels
+from ..tasks import lm_sample
 from .align import slot_word_targets
 from .common import tower_features
 from .config import BuildConfig

@@ -68,3 +68,36 @@ def yes_no_report(scores: torch.Tensor, pool: EncodedPool) -> dict:
                 t: {"n": len(v), "recall": float(np.mean(v))} for t, v in by_trait.items()
             }
     return res
+
+
+@torch.no_grad()
+def answer_report(backbone, pool: EncodedPool, batch: int = 16, features: Callable | None = None) -> dict:
+    """Teacher-forced answer loss and next-token accuracy per kind of sample (open answers, letters, captions),
+    and the share of answers whose every token is predicted: the held-out curve of the evaluation's tasks."""
+    norm = word_embedding_norm(backbone.model, len(backbone.tokenizer))
+    features = features or (lambda idx: sample_features(backbone, pool, idx, norm))
+    head = backbone.model.get_output_embeddings()
+    per: dict[str, list[tuple[float, float, bool]]] = {}
+    for i in range(0, len(pool.kinds), batch):
+        idx = torch.arange(i, min(i + batch, len(pool.kinds)))
+        width = int(pool.attention_mask[idx].sum(1).max())
+        ids, mask, labels = (
+            t[idx, :width].to(backbone.device) for t in (pool.input_ids, pool.attention_mask, pool.labels)
+        )
+        hidden = backbone.hidden_states(backbone.embed(ids, features(idx)), mask)
+        targets = labels[:, 1:]
+        for r, j in enumerate(idx.tolist()):
+            keep = targets[r] != -100
+            logits = head(hidden[r, :-1][keep]).float()
+            right = logits.argmax(-1) == targets[r][keep]
+            loss = torch.nn.functional.cross_entropy(logits, targets[r][keep]).item()
+            per.setdefault(pool.kinds[j], []).append((loss, right.float().mean().item(), bool(right.all())))
+    return {
+        k: {
+            "n": len(v),
+            "answer_loss": float(np.mean([x[0] for x in v])),
+            "token_accuracy": float(np.mean([x[1] for x in v])),
+            "exact": float(np.mean([x[2] for x in v])),
+        }
+        for k, v in sorted(per.items())
+    }
