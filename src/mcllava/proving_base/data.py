@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from ..datasets.records import recognition_question
 from ..world.corpus import nonce_name
 from ..world.questions import join_words
-from ..world.scenes import SETTING_PHRASES, RenderedScene, sample_visible_scene
+from ..world.render import ACTIONS, HELD_OBJECTS
+from ..world.scenes import SETTING_PHRASES, SETTINGS, RenderedScene, sample_visible_scene
 from ..world.traits import VALUES, Identity, describe, make_lookalike, noun_phrase, random_identity
 
 PURPOSES = {"scenes": 101, "lm": 102, "named": 103}
@@ -44,8 +45,16 @@ N_SLOTS = 6  # (left, centre, right) x (near, far): positions named in generic q
 MAX_ACTORS = 4
 
 
-def trait_classes() -> list[int]:
-    return [len(VALUES[t]) + (1 if t in ("category", "accessory_color") else 0) for t in PATCH_TRAITS]
+# What a character is doing, read from its patches like its traits by the version-3 tower (`VisionStage.v3`)
+ACT_TRAITS = ("action", "held")
+LABEL_TRAITS = PATCH_TRAITS + ACT_TRAITS  # the columns of a pool's labels joined with its `acts`
+LABEL_VALUES: dict[str, tuple[str, ...]] = {**VALUES, "action": ACTIONS, "held": HELD_OBJECTS}
+OPTIONAL_TRAITS = ("accessory_color", "held")  # a missing value (no accessory, empty hands) is its own last class
+
+
+def trait_classes(traits: tuple[str, ...] = PATCH_TRAITS) -> list[int]:
+    """Classes per trait: its values, + "background" for category, + "none" for an optional trait."""
+    return [len(LABEL_VALUES[t]) + (1 if t == "category" or t in OPTIONAL_TRAITS else 0) for t in traits]
 
 
 def _slot(scene: RenderedScene, k: int) -> int:
@@ -91,6 +100,16 @@ def trait_labels(identity: Identity) -> np.ndarray:
     )
 
 
+def act_labels(scene: RenderedScene) -> np.ndarray:
+    """Per-actor [MAX_ACTORS, len(ACT_TRAITS)]: action index and held-object index (empty hands: the last class);
+    -100 = no actor."""
+    out = np.full((MAX_ACTORS, len(ACT_TRAITS)), -100, dtype=np.int64)
+    for k, a in enumerate(scene.spec.actors):
+        held = len(HELD_OBJECTS) if a.held is None else HELD_OBJECTS.index(a.held)
+        out[k] = (ACTIONS.index(a.action), held)
+    return out
+
+
 def slot_labels(scene: RenderedScene) -> np.ndarray:
     """Trait labels per scene position [N_SLOTS, len(PATCH_TRAITS)] (-100 = nobody there).
 
@@ -122,24 +141,36 @@ class ScenePool:
     owner: torch.Tensor  # [n, grid*grid] actor index or -1
     descs: list[list[str]]  # per scene, per actor: short description (the projector alignment target)
     slots: torch.Tensor | None = None  # [n, N_SLOTS, len(PATCH_TRAITS)]: who stands where (`slot_labels`)
+    acts: torch.Tensor | None = None  # [n, MAX_ACTORS, len(ACT_TRAITS)]: what each character does (`act_labels`)
+    setting: torch.Tensor | None = None  # [n]: index of the scene's setting in SETTINGS
 
 
-def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+def full_labels(pool: dict) -> torch.Tensor:
+    """A pool's per-actor labels with the LABEL_TRAITS columns ([n, MAX_ACTORS, 11]), or only PATCH_TRAITS' for
+    a pool rendered before `acts` existed."""
+    acts = pool.get("acts")
+    return pool["labels"] if acts is None else torch.cat([pool["labels"], acts], -1)
+
+
+def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple:
     seed, start, stop, size, grid, half = args
     n = stop - start
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, MAX_ACTORS, len(PATCH_TRAITS)), dtype=np.int64)
     owner = np.zeros((n, grid * grid), dtype=np.int64)
     slots = np.zeros((n, N_SLOTS, len(PATCH_TRAITS)), dtype=np.int64)
+    acts = np.zeros((n, MAX_ACTORS, len(ACT_TRAITS)), dtype=np.int64)
+    setting = np.zeros(n, dtype=np.int64)
     descs = []
     for j, i in enumerate(range(start, stop)):
         rng = rng_for(seed, "scenes", i)
         scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), half), size)
         pixels[j] = np.asarray(scene.image.convert("RGB"))
         labels[j], owner[j] = scene_labels(scene, grid)
-        slots[j] = slot_labels(scene)
+        slots[j], acts[j] = slot_labels(scene), act_labels(scene)
+        setting[j] = SETTINGS.index(scene.spec.setting)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
-    return pixels, labels, owner, descs, slots
+    return pixels, labels, owner, descs, slots, acts, setting
 
 
 def scene_pool(
@@ -169,7 +200,7 @@ def scene_pool(
         torch.from_numpy(np.concatenate([p[1] for p in parts])),
         torch.from_numpy(np.concatenate([p[2] for p in parts])),
         [d for p in parts for d in p[3]],
-        torch.from_numpy(np.concatenate([p[4] for p in parts])),
+        *(torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in (4, 5, 6)),
     )
 
 

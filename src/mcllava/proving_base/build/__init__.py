@@ -38,6 +38,8 @@ from .config import (
     check_layout,
     default_phases,
     slots_phases,
+    v3_config,
+    v3_lm_phases,
     visual_phases,
 )
 from .export import stage_export, work_from_weights
@@ -67,6 +69,8 @@ __all__ = [
     "stage_lm",
     "stage_vision",
     "tokenizer_for",
+    "v3_config",
+    "v3_lm_phases",
     "visual_phases",
     "work_from_weights",
     "yes_no_report",
