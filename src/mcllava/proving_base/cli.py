@@ -35,6 +35,8 @@ def build_cmd(
     stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
     vision_scenes: int = typer.Option(None, help="scenes rendered for the vision and align stages"),
+    align_steps: int = typer.Option(None, help="align steps of the projector alone"),
+    align_tower_steps: int = typer.Option(None, help="align steps of tower and projector together (0: none)"),
     gpu_vision: bool = typer.Option(
         False,
         help="train the vision tower on the GPU with its larger recipe "
@@ -111,6 +113,10 @@ def build_cmd(
         cfg.vision_stage.steps = vision_steps
     if vision_scenes is not None:
         cfg.vision_stage.scenes = vision_scenes
+    if align_steps is not None:
+        cfg.align.steps = align_steps
+    if align_tower_steps is not None:
+        cfg.align.tower_steps = align_tower_steps
     phases = {p.name: p for p in cfg.lm.phases}
     if phase_steps is not None:
         steps = [int(s) for s in phase_steps.split(",")]
