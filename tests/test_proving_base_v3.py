@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -31,12 +32,15 @@ from mcllava.proving_base.data import (
     LABEL_VALUES,
     MAX_ACTORS,
     _identities,
+    held_masks,
+    patch_coverage,
     rng_for,
+    scene_labels,
     scene_pool,
 )
 from mcllava.proving_base.model import VisionSpec, tiny_text_model
 from mcllava.world.render import HELD_OBJECTS
-from mcllava.world.scenes import SETTINGS, sample_visible_scene
+from mcllava.world.scenes import PROP, SETTINGS, sample_visible_scene
 
 TOY = VisionSpec(image_size=64, patch_size=8, hidden=32, layers=1, heads=2)  # an 8 x 8 grid, as v3's
 
@@ -167,3 +171,24 @@ def test_a_v3_build_reports_every_trait_and_word_kind(v3_build):
     model, processor = load(cfg.work / "export", text_model=tiny_text_model(tokenizer_for(cfg)))
     backbone = Backbone(model, processor, "v3-toy")
     assert backbone.grid == (8, 8) and isinstance(backbone.layout, GridLayout) and backbone.num_image_tokens == 64
+
+
+def test_held_objects_count_towards_their_holders_patches():
+    """`scene_labels(..., held=True)`: every held-object pixel goes to a character that holds something, and the
+    patches its holder owns then cover more of the object (most of it lies outside the body's patches)."""
+    gained = []
+    for i in range(12):
+        rng = rng_for(5, "scenes", i)
+        scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), "base"), 64)
+        objects = held_masks(scene)
+        assert np.array_equal(np.logical_or.reduce(objects), scene.labels == PROP)
+        for k, a in enumerate(scene.spec.actors):
+            if a.held is None:
+                assert not objects[k].any()
+            elif objects[k].any():
+                in_owned = [
+                    (patch_coverage(objects[k], 8) * (scene_labels(scene, 8, held)[1] == k)).sum() for held in (0, 1)
+                ]
+                gained.append(in_owned[1] - in_owned[0])
+        assert np.array_equal(scene_labels(scene, 8)[1], scene_labels(scene, 8, False)[1])
+    assert gained and min(gained) >= 0 and max(gained) > 0

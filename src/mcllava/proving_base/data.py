@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ..datasets.records import recognition_question
 from ..world.corpus import nonce_name
 from ..world.questions import join_words
 from ..world.render import ACTIONS, HELD_OBJECTS
-from ..world.scenes import SETTING_PHRASES, SETTINGS, RenderedScene, sample_visible_scene
+from ..world.scenes import PROP, SETTING_PHRASES, SETTINGS, RenderedScene, sample_visible_scene
 from ..world.traits import VALUES, Identity, describe, make_lookalike, noun_phrase, random_identity
 
 PURPOSES = {"scenes": 101, "lm": 102, "named": 103}
@@ -78,14 +79,40 @@ def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
     return mask.reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3)).reshape(-1)
 
 
-def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-actor trait labels [MAX_ACTORS, len(PATCH_TRAITS)] (-100 = no actor) and per-patch owner [grid*grid]."""
+HELD_WEIGHT = 3.0  # with `held`, a held object's pixels count this much towards its holder's patch coverage
+
+
+def held_masks(scene: RenderedScene) -> list[np.ndarray]:
+    """Per actor, a bool mask of the object it holds (empty when it holds nothing): each connected piece of the
+    scene's held-object pixels goes to the holder whose visible body is nearest on average."""
+    out = [np.zeros(scene.labels.shape, bool) for _ in scene.spec.actors]
+    holders = [k for k, a in enumerate(scene.spec.actors) if a.held is not None]
+    pieces, n = ndimage.label(scene.labels == PROP)
+    if not holders or n == 0:
+        return out
+    dist = np.stack([ndimage.distance_transform_edt(~scene.mask(k)) for k in holders])
+    for c in range(1, n + 1):
+        m = pieces == c
+        out[holders[int(dist[:, m].mean(1).argmin())]] |= m
+    return out
+
+
+def scene_labels(scene: RenderedScene, grid: int, held: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-actor trait labels [MAX_ACTORS, len(PATCH_TRAITS)] (-100 = no actor) and per-patch owner [grid*grid].
+
+    With `held`, what a character holds counts towards the patches it owns (`HELD_WEIGHT` per pixel: the objects
+    are small, and most of their pixels fall in patches the body does not own), so that the patches of a
+    character show its held object too.
+    """
     labels = np.full((MAX_ACTORS, len(PATCH_TRAITS)), -100, dtype=np.int64)
     cover = np.zeros((len(scene.spec.actors) + 1, grid * grid), dtype=np.float32)
     cover[0] = 0.35  # background wins unless a character covers more than 35% of the patch
+    objects = held_masks(scene) if held else None
     for k, a in enumerate(scene.spec.actors):
         labels[k] = trait_labels(a.identity)
         cover[k + 1] = patch_coverage(scene.mask(k), grid)
+        if objects is not None:
+            cover[k + 1] += HELD_WEIGHT * patch_coverage(objects[k], grid)
     return labels, cover.argmax(0) - 1
 
 
@@ -152,8 +179,8 @@ def full_labels(pool: dict) -> torch.Tensor:
     return pool["labels"] if acts is None else torch.cat([pool["labels"], acts], -1)
 
 
-def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple:
-    seed, start, stop, size, grid, half = args
+def _render_chunk(args: tuple[int, int, int, int, int, str, bool]) -> tuple:
+    seed, start, stop, size, grid, half, held = args
     n = stop - start
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, MAX_ACTORS, len(PATCH_TRAITS)), dtype=np.int64)
@@ -166,7 +193,7 @@ def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple:
         rng = rng_for(seed, "scenes", i)
         scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), half), size)
         pixels[j] = np.asarray(scene.image.convert("RGB"))
-        labels[j], owner[j] = scene_labels(scene, grid)
+        labels[j], owner[j] = scene_labels(scene, grid, held)
         slots[j], acts[j] = slot_labels(scene), act_labels(scene)
         setting[j] = SETTINGS.index(scene.spec.setting)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
@@ -174,15 +201,23 @@ def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple:
 
 
 def scene_pool(
-    seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False, workers: int = 2
+    seed: int,
+    n: int,
+    size: int = 192,
+    grid: int = 6,
+    half: str = "base",
+    progress: bool = False,
+    workers: int = 2,
+    held: bool = False,
 ) -> ScenePool:
-    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment.
+    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment
+    (`held`: held objects count towards their holders' patches, `scene_labels`).
 
     Scene i depends only on (seed, i), so the pool is the same however many processes render it.
     """
 
     step = 500
-    jobs = [(seed, a, min(a + step, n), size, grid, half) for a in range(0, n, step)]
+    jobs = [(seed, a, min(a + step, n), size, grid, half, held) for a in range(0, n, step)]
     bar = tqdm(total=n, desc="render scenes", disable=not progress, mininterval=5)
     parts = []
     if workers > 1 and len(jobs) > 1:

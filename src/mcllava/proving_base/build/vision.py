@@ -148,6 +148,7 @@ def stage_vision(cfg: BuildConfig) -> dict:
             cfg.vision.image_size // cfg.vision.patch_size,
             progress=cfg.progress,
             workers=max(2, (os.cpu_count() or 2) - 1),
+            held="held" in st.traits,  # a character's patches then include what it holds
         )
         _save_ckpt(pool_path, pool.__dict__)
         pool = pool.__dict__
