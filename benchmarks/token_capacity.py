@@ -1,13 +1,15 @@
 """What can the image tokens show? The gate's ceiling for a design of the proving-ground base's image tokens.
 
 The align stage makes each image token one word (or a sum of words, "a+b") of the character that owns its patch,
-cycled over the grid by (row + col) % len(words). A look-alike negative differs from the defined character in one
+cycled over the grid by (stride * row + col) % len(words). A look-alike negative differs from the defined character in one
 or two traits; the language model can only reject it if a changed trait is among the words on the distractor's
 own patches, and it can only accept a positive if the character owns a patch at all. For each design this
 renders `--scenes` pool scenes (base half) at the design's grid, draws the gate's look-alikes (personal half,
 `make_lookalike`), and reports the median patches per character, the share that own a patch, the share of
 look-alikes whose change the tokens show, and the weighted-accuracy ceiling of the gate's definition check (half
-of the negatives look-alikes) with every shown word read perfectly. The "slots" design (36 tokens, row r the
+of the negatives look-alikes) with every shown word read perfectly, and how many of its words a character
+shows on average. The version-3 designs cycle all eleven words (`data.LABEL_TRAITS`: nine traits, action, held
+object) with stride 2 (`AlignStage.v3`) at 8x8 (its 64 tokens), 12x12 and 16x16. The "slots" design (36 tokens, row r the
 character at scene slot r, one word of `SLOT_WORDS` per token) gives every character its own row whatever its
 size. Written to benchmarks/out/token_capacity.json.
 
@@ -24,19 +26,23 @@ import numpy as np
 
 from mcllava.proving_base.build import SLOT_WORDS
 from mcllava.proving_base.build.align import patch_word_trait
+from mcllava.proving_base.data import LABEL_TRAITS
 from mcllava.proving_base.data import PATCH_TRAITS as ALL
 
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")
-DESIGNS = [  # (grid at 192 px, words): 6 = patches of 32 px (the base's 36 tokens), 12 = 16 px (144 tokens)
-    (6, ("category", "color")),
-    (6, ("category", "color", "pattern")),
-    (6, ALL),
-    (6, GROUPS),
-    (6, ("+".join(ALL),)),
-    (12, ("category", "color", "pattern")),
-    (12, ALL),
-    (12, GROUPS),
-    ("slots", SLOT_WORDS),
+DESIGNS = [  # (grid at 192 px, words, stride): 6 = patches of 32 px (36 tokens), 8 = 24 px (v3), 12 = 16 px (144)
+    (6, ("category", "color"), 1),
+    (6, ("category", "color", "pattern"), 1),
+    (6, ALL, 1),
+    (6, GROUPS, 1),
+    (6, ("+".join(ALL),), 1),
+    (12, ("category", "color", "pattern"), 1),
+    (12, ALL, 1),
+    (12, GROUPS, 1),
+    ("slots", SLOT_WORDS, 1),
+    (8, LABEL_TRAITS, 2),
+    (12, LABEL_TRAITS, 2),
+    (16, LABEL_TRAITS, 2),
 ]
 
 
@@ -65,7 +71,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     changes = [set(make_lookalike(_identities(rng, 1, "personal")[0], rng)[1]) for _ in range(args.lookalikes)]
     results, pools = [], {}
-    for grid, words in DESIGNS:
+    for grid, words, stride in DESIGNS:
         if grid == "slots":  # every visible character has its slot's row, whatever patches it covers
             owned = [set(words)] * len(changes)
             res = {
@@ -74,6 +80,7 @@ def main() -> None:
                 "words": list(words),
                 "characters": None,
                 "median_patches": None,
+                "mean_traits_shown": len(words),  # every character has its row
                 **ceiling(owned, changes),
             }
             results.append(res)
@@ -85,7 +92,8 @@ def main() -> None:
         if grid not in pools:
             pools[grid] = scene_pool(1, args.scenes, 192, grid, workers=1)
         pool = pools[grid]
-        which = patch_word_trait(grid, len(words)).numpy()
+        which = patch_word_trait(grid, len(words), stride).numpy()
+        n_traits = len({t for w in words for t in w.split("+")})
         owned, n_patches = [], []
         for s in range(len(pool.owner)):
             own = pool.owner[s].numpy()
@@ -97,14 +105,17 @@ def main() -> None:
             "grid": grid,
             "tokens": grid * grid,
             "words": list(words),
+            "stride": stride,
             "characters": len(owned),
             "median_patches": float(np.median(n_patches)),
+            "mean_traits_shown": float(np.mean([len(s) for s in owned])),
             **ceiling(owned, changes),
         }
         results.append(res)
         print(
             f"{grid * grid:4d} tokens, {'/'.join(words)[:60]:60s} median {res['median_patches']:.0f} patches, "
-            f"owns one {res['owns_a_patch']:.2f}, look-alikes shown {res['lookalikes_shown']:.2f}, "
+            f"owns one {res['owns_a_patch']:.2f}, shows {res['mean_traits_shown']:.1f} of {n_traits} traits, "
+            f"look-alikes shown {res['lookalikes_shown']:.2f}, "
             f"ceiling {res['weighted_ceiling']:.3f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -240,8 +240,8 @@ def test_lm_stage_trains_the_tasks_and_scores_them_held_out(tmp_path, monkeypatc
     from safetensors.torch import save_file
 
     from mcllava.proving_base.build import BuildConfig, Phase, build
-    from mcllava.proving_base.build.common import vision_model
     from mcllava.proving_base.build import lm as lm_module
+    from mcllava.proving_base.build.common import vision_model
     from mcllava.proving_base.build.lm import pool_spec
 
     monkeypatch.setattr(lm_module, "VAL_TASKS_N", 10)

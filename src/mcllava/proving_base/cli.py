@@ -18,6 +18,7 @@ from .build import (
     VisionStage,
     build,
     slots_phases,
+    v3_config,
     visual_phases,
     work_from_weights,
 )
@@ -33,10 +34,18 @@ def build_cmd(
     out: Optional[Path] = typer.Option(None, help="where to export the weights (default WORK/export)"),
     stages: str = typer.Option("vision,align,lm,export", help="comma-separated stages to run (each resumes)"),
     vision_steps: int = typer.Option(None, help="vision tower pretraining steps"),
+    vision_scenes: int = typer.Option(None, help="scenes rendered for the vision and align stages"),
+    align_steps: int = typer.Option(None, help="align steps of the projector alone"),
+    align_tower_steps: int = typer.Option(None, help="align steps of tower and projector together (0: none)"),
     gpu_vision: bool = typer.Option(
         False,
         help="train the vision tower on the GPU with its larger recipe "
         "(VisionSpec.gpu(), VisionStage.gpu(): ~2 min on an H100)",
+    ),
+    preset: Optional[str] = typer.Option(
+        None,
+        help="v3: the version-3 base (8x8 patch grid, heads and align words for every trait, action, held "
+        "object and setting; layout grid); --gpu-vision picks its GPU recipe",
     ),
     layout: str = typer.Option(
         "grid",
@@ -74,6 +83,10 @@ def build_cmd(
     """Build (or resume building) the proving-ground base: vision -> align -> lm -> export."""
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout is grid or slots, not {layout!r}")
+    if preset not in (None, "v3"):
+        raise typer.BadParameter(f"--preset is v3, not {preset!r}")
+    if preset is not None and (layout != "grid" or continue_from is not None):
+        raise typer.BadParameter("--preset v3 is a grid build from nothing: drop --layout slots / --continue-from")
     if continue_from is not None:
         layout = json.loads((continue_from / "config.json").read_text()).get("mcllava_token_layout", "grid")
         if layout != "slots":
@@ -81,6 +94,8 @@ def build_cmd(
         # the vision and align stages come from the weights
         stages = ",".join(s for s in stages.split(",") if s.strip() not in ("vision", "align"))
     cfg = BuildConfig(work=Path(work or DEFAULT_WORK).expanduser(), seed=seed, layout=layout)
+    if preset == "v3":
+        cfg = v3_config(gpu_vision, work=cfg.work, seed=seed)
     if layout == "slots":
         cfg.align, cfg.lm = AlignStage(words=SLOT_WORDS, steps=1000), LMStage(phases=slots_phases())
     if continue_from is not None:
@@ -92,10 +107,16 @@ def build_cmd(
     cfg.lm.device, cfg.lm.workers, cfg.lm.time_budget = device, workers, time_budget
     if lr is not None:
         cfg.lm.lr_lora = lr
-    if gpu_vision:
+    if gpu_vision and preset is None:
         cfg.vision, cfg.vision_stage = VisionSpec.gpu(), VisionStage.gpu()
     if vision_steps is not None:
         cfg.vision_stage.steps = vision_steps
+    if vision_scenes is not None:
+        cfg.vision_stage.scenes = vision_scenes
+    if align_steps is not None:
+        cfg.align.steps = align_steps
+    if align_tower_steps is not None:
+        cfg.align.tower_steps = align_tower_steps
     phases = {p.name: p for p in cfg.lm.phases}
     if phase_steps is not None:
         steps = [int(s) for s in phase_steps.split(",")]

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ..datasets.records import recognition_question
 from ..errors import McLlavaError
 from ..world.corpus import nonce_name
 from ..world.questions import join_words
-from ..world.scenes import SETTING_PHRASES, RenderedScene, sample_visible_scene
+from ..world.render import ACTIONS, HELD_OBJECTS
+from ..world.scenes import PROP, SETTING_PHRASES, SETTINGS, RenderedScene, sample_visible_scene
 from ..world.traits import VALUES, Identity, describe, make_lookalike, noun_phrase, random_identity
 
 PURPOSES = {"scenes": 101, "lm": 102, "named": 103}
@@ -45,8 +47,16 @@ N_SLOTS = 6  # (left, centre, right) x (near, far): positions named in generic q
 MAX_ACTORS = 4
 
 
-def trait_classes() -> list[int]:
-    return [len(VALUES[t]) + (1 if t in ("category", "accessory_color") else 0) for t in PATCH_TRAITS]
+# What a character is doing, read from its patches like its traits by the version-3 tower (`VisionStage.v3`)
+ACT_TRAITS = ("action", "held")
+LABEL_TRAITS = PATCH_TRAITS + ACT_TRAITS  # the columns of a pool's labels joined with its `acts`
+LABEL_VALUES: dict[str, tuple[str, ...]] = {**VALUES, "action": ACTIONS, "held": HELD_OBJECTS}
+OPTIONAL_TRAITS = ("accessory_color", "held")  # a missing value (no accessory, empty hands) is its own last class
+
+
+def trait_classes(traits: tuple[str, ...] = PATCH_TRAITS) -> list[int]:
+    """Classes per trait: its values, + "background" for category, + "none" for an optional trait."""
+    return [len(LABEL_VALUES[t]) + (1 if t == "category" or t in OPTIONAL_TRAITS else 0) for t in traits]
 
 
 def _slot(scene: RenderedScene, k: int) -> int:
@@ -70,14 +80,40 @@ def patch_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
     return mask.reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3)).reshape(-1)
 
 
-def scene_labels(scene: RenderedScene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-actor trait labels [MAX_ACTORS, len(PATCH_TRAITS)] (-100 = no actor) and per-patch owner [grid*grid]."""
+HELD_WEIGHT = 3.0  # with `held`, a held object's pixels count this much towards its holder's patch coverage
+
+
+def held_masks(scene: RenderedScene) -> list[np.ndarray]:
+    """Per actor, a bool mask of the object it holds (empty when it holds nothing): each connected piece of the
+    scene's held-object pixels goes to the holder whose visible body is nearest on average."""
+    out = [np.zeros(scene.labels.shape, bool) for _ in scene.spec.actors]
+    holders = [k for k, a in enumerate(scene.spec.actors) if a.held is not None]
+    pieces, n = ndimage.label(scene.labels == PROP)
+    if not holders or n == 0:
+        return out
+    dist = np.stack([ndimage.distance_transform_edt(~scene.mask(k)) for k in holders])
+    for c in range(1, n + 1):
+        m = pieces == c
+        out[holders[int(dist[:, m].mean(1).argmin())]] |= m
+    return out
+
+
+def scene_labels(scene: RenderedScene, grid: int, held: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-actor trait labels [MAX_ACTORS, len(PATCH_TRAITS)] (-100 = no actor) and per-patch owner [grid*grid].
+
+    With `held`, what a character holds counts towards the patches it owns (`HELD_WEIGHT` per pixel: the objects
+    are small, and most of their pixels fall in patches the body does not own), so that the patches of a
+    character show its held object too.
+    """
     labels = np.full((MAX_ACTORS, len(PATCH_TRAITS)), -100, dtype=np.int64)
     cover = np.zeros((len(scene.spec.actors) + 1, grid * grid), dtype=np.float32)
     cover[0] = 0.35  # background wins unless a character covers more than 35% of the patch
+    objects = held_masks(scene) if held else None
     for k, a in enumerate(scene.spec.actors):
         labels[k] = trait_labels(a.identity)
         cover[k + 1] = patch_coverage(scene.mask(k), grid)
+        if objects is not None:
+            cover[k + 1] += HELD_WEIGHT * patch_coverage(objects[k], grid)
     return labels, cover.argmax(0) - 1
 
 
@@ -90,6 +126,16 @@ def trait_labels(identity: Identity) -> np.ndarray:
         ],
         dtype=np.int64,
     )
+
+
+def act_labels(scene: RenderedScene) -> np.ndarray:
+    """Per-actor [MAX_ACTORS, len(ACT_TRAITS)]: action index and held-object index (empty hands: the last class);
+    -100 = no actor."""
+    out = np.full((MAX_ACTORS, len(ACT_TRAITS)), -100, dtype=np.int64)
+    for k, a in enumerate(scene.spec.actors):
+        held = len(HELD_OBJECTS) if a.held is None else HELD_OBJECTS.index(a.held)
+        out[k] = (ACTIONS.index(a.action), held)
+    return out
 
 
 def slot_labels(scene: RenderedScene) -> np.ndarray:
@@ -123,36 +169,56 @@ class ScenePool:
     owner: torch.Tensor  # [n, grid*grid] actor index or -1
     descs: list[list[str]]  # per scene, per actor: short description (the projector alignment target)
     slots: torch.Tensor | None = None  # [n, N_SLOTS, len(PATCH_TRAITS)]: who stands where (`slot_labels`)
+    acts: torch.Tensor | None = None  # [n, MAX_ACTORS, len(ACT_TRAITS)]: what each character does (`act_labels`)
+    setting: torch.Tensor | None = None  # [n]: index of the scene's setting in SETTINGS
 
 
-def _render_chunk(args: tuple[int, int, int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    seed, start, stop, size, grid, half = args
+def full_labels(pool: dict) -> torch.Tensor:
+    """A pool's per-actor labels with the LABEL_TRAITS columns ([n, MAX_ACTORS, 11]), or only PATCH_TRAITS' for
+    a pool rendered before `acts` existed."""
+    acts = pool.get("acts")
+    return pool["labels"] if acts is None else torch.cat([pool["labels"], acts], -1)
+
+
+def _render_chunk(args: tuple[int, int, int, int, int, str, bool]) -> tuple:
+    seed, start, stop, size, grid, half, held = args
     n = stop - start
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, MAX_ACTORS, len(PATCH_TRAITS)), dtype=np.int64)
     owner = np.zeros((n, grid * grid), dtype=np.int64)
     slots = np.zeros((n, N_SLOTS, len(PATCH_TRAITS)), dtype=np.int64)
+    acts = np.zeros((n, MAX_ACTORS, len(ACT_TRAITS)), dtype=np.int64)
+    setting = np.zeros(n, dtype=np.int64)
     descs = []
     for j, i in enumerate(range(start, stop)):
         rng = rng_for(seed, "scenes", i)
         scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), half), size)
         pixels[j] = np.asarray(scene.image.convert("RGB"))
-        labels[j], owner[j] = scene_labels(scene, grid)
-        slots[j] = slot_labels(scene)
+        labels[j], owner[j] = scene_labels(scene, grid, held)
+        slots[j], acts[j] = slot_labels(scene), act_labels(scene)
+        setting[j] = SETTINGS.index(scene.spec.setting)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
-    return pixels, labels, owner, descs, slots
+    return pixels, labels, owner, descs, slots, acts, setting
 
 
 def scene_pool(
-    seed: int, n: int, size: int = 192, grid: int = 6, half: str = "base", progress: bool = False, workers: int = 2
+    seed: int,
+    n: int,
+    size: int = 192,
+    grid: int = 6,
+    half: str = "base",
+    progress: bool = False,
+    workers: int = 2,
+    held: bool = False,
 ) -> ScenePool:
-    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment.
+    """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment
+    (`held`: held objects count towards their holders' patches, `scene_labels`).
 
     Scene i depends only on (seed, i), so the pool is the same however many processes render it.
     """
 
     step = 500
-    jobs = [(seed, a, min(a + step, n), size, grid, half) for a in range(0, n, step)]
+    jobs = [(seed, a, min(a + step, n), size, grid, half, held) for a in range(0, n, step)]
     bar = tqdm(total=n, desc="render scenes", disable=not progress, mininterval=5)
     parts = []
     if workers > 1 and len(jobs) > 1:
@@ -170,7 +236,7 @@ def scene_pool(
         torch.from_numpy(np.concatenate([p[1] for p in parts])),
         torch.from_numpy(np.concatenate([p[2] for p in parts])),
         [d for p in parts for d in p[3]],
-        torch.from_numpy(np.concatenate([p[4] for p in parts])),
+        *(torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in (4, 5, 6)),
     )
 
 

@@ -14,6 +14,10 @@
 4. export  - vision tower + projector + the LoRA factors (the language-model delta) as fp16 safetensors, and
              the processor, into a folder that `proving_base.load()` reads.
 
+`v3_config()` (`mcllava base build --preset v3`) builds the version-3 base: an 8x8 patch grid whose heads read
+every trait, the action and held object of each character and the scene's setting, with each owned patch aligned
+to one of its owner's eleven words and the background to the setting word.
+
 Each stage checkpoints into `work/<stage>/` and is skipped once its `done.json` exists; an interrupted stage
 resumes from its last checkpoint.
 """
@@ -38,6 +42,8 @@ from .config import (
     check_layout,
     default_phases,
     slots_phases,
+    v3_config,
+    v3_lm_phases,
     v3_phases,
     visual_phases,
 )
@@ -68,6 +74,8 @@ __all__ = [
     "stage_lm",
     "stage_vision",
     "tokenizer_for",
+    "v3_config",
+    "v3_lm_phases",
     "v3_phases",
     "visual_phases",
     "work_from_weights",

@@ -11,22 +11,26 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ...errors import McLlavaError
 from ...tokens import word_embedding_norm
-from ..data import N_SLOTS, PATCH_TRAITS, VALUES, patch_labels
+from ...world.scenes import SETTINGS
+from ..data import LABEL_TRAITS, LABEL_VALUES, N_SLOTS, OPTIONAL_TRAITS, PATCH_TRAITS, full_labels, patch_labels
 from .common import _done, _finish, _log, _start, normalise, tower_features
 from .config import SLOT_WORDS, BuildConfig
-from .vision import CharacterHeads, SlotHeads
+from .vision import SlotHeads, character_heads
 
 # Each patch is aligned to ONE word embedding: an owned patch to its owner's trait word (`AlignStage.words`,
 # cycled over the grid), a background patch to one fixed word at half a word's norm. The language model reads
 # exact single words within a few LoRA steps, blends and mixtures far more slowly (docs/proving_base.md).
 BACKGROUND_NORM = 0.5
+SETTING_BACKGROUND = "setting"  # `AlignStage.background_word`: each scene's own setting word
+MISSING_WORDS = {"accessory_color": "none", "held": "nothing"}  # the word of an optional trait's missing value
 
 
-def patch_word_trait(grid: int, n_words: int) -> torch.Tensor:
-    """[grid*grid] index into the align words of the trait each patch position shows ((row + col) % n_words)."""
+def patch_word_trait(grid: int, n_words: int, stride: int = 1) -> torch.Tensor:
+    """[grid*grid] index into the align words of the trait each patch position shows ((stride*row + col) % n)."""
     r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    return ((r + c) % n_words).reshape(-1)
+    return ((stride * r + c) % n_words).reshape(-1)
 
 
 def word_vectors(model, tokenizer, words: list[str]) -> torch.Tensor:
@@ -37,22 +41,30 @@ def word_vectors(model, tokenizer, words: list[str]) -> torch.Tensor:
     return torch.stack([v / v.norm() * norm for v in vecs])
 
 
+def trait_words(trait: str) -> list[str]:
+    """The word of each class of a trait ("plush toy" -> "toy", "living room" -> "room"; an optional trait's
+    missing value last: "none", "nothing")."""
+    values = SETTINGS if trait == "setting" else LABEL_VALUES[trait]
+    return [v.split()[-1] for v in values] + ([MISSING_WORDS[trait]] if trait in OPTIONAL_TRAITS else [])
+
+
 def trait_word_vectors(model, tokenizer, trait: str) -> torch.Tensor:
-    """[n_values, D]: the word of each value of a trait ("plush toy" -> " toy")."""
-    return word_vectors(model, tokenizer, [v.split()[-1] for v in VALUES[trait]])
+    """[n_classes, D]: the word of each class of a trait (`trait_words`), or of each setting."""
+    return word_vectors(model, tokenizer, trait_words(trait))
 
 
-def _word_patches(labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...]):
+def _word_patches(labels: torch.Tensor, owner: torch.Tensor, words: tuple[str, ...], stride: int = 1):
     """Per align word and trait in it: (trait, bool [n, P] owned patches that show it, their owners' values).
 
-    A word "category+color" is a superposition: the same patches yield once per trait.
+    labels' columns are `LABEL_TRAITS` (or its first ones). A word "category+color" is a superposition: the
+    same patches yield once per trait.
     """
-    which = patch_word_trait(int(round(owner.shape[1] ** 0.5)), len(words))
+    which = patch_word_trait(int(round(owner.shape[1] ** 0.5)), len(words), stride)
     per_patch = patch_labels(labels, owner)  # [n, P, T]
     for j, word in enumerate(words):
         m = (owner >= 0) & (which[None] == j)
         for trait in word.split("+"):
-            yield trait, m, per_patch[..., PATCH_TRAITS.index(trait)][m]
+            yield trait, m, per_patch[..., LABEL_TRAITS.index(trait)][m]
 
 
 def patch_word_targets(
@@ -62,17 +74,26 @@ def patch_word_targets(
     owner: torch.Tensor,
     words: tuple[str, ...] = ("category",),
     background: str = "grass",
+    setting: torch.Tensor | None = None,
+    stride: int = 1,
 ) -> torch.Tensor:
     """[n, P, D] align targets: each owned patch's trait word, each background patch the background word (scaled).
 
-    labels: [n, MAX_ACTORS, len(PATCH_TRAITS)] per-character trait values; owner: [n, P] (-1 = background).
-    A superposed word ("category+color") is the sum of its traits' words, rescaled to a word's norm.
+    labels: [n, MAX_ACTORS, T] per-character values of the first T of `LABEL_TRAITS`; owner: [n, P] (-1 =
+    background). A superposed word ("category+color") is the sum of its traits' words, rescaled to a word's norm.
+    background "setting": each scene's setting word (`setting`: [n] indices into SETTINGS).
     """
     norm = word_embedding_norm(model, len(tokenizer))
-    bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
-    out = bg.expand(*owner.shape, -1).clone()
+    if background == SETTING_BACKGROUND:
+        if setting is None:
+            raise McLlavaError("background 'setting' needs each scene's setting: render the scene pool again")
+        out = (trait_word_vectors(model, tokenizer, "setting")[setting] * BACKGROUND_NORM)[:, None]
+        out = out.expand(-1, owner.shape[1], -1).clone()
+    else:
+        bg = word_vectors(model, tokenizer, [background])[0] * BACKGROUND_NORM
+        out = bg.expand(*owner.shape, -1).clone()
     owned = torch.zeros_like(out)
-    for trait, m, values in _word_patches(labels, owner, words):
+    for trait, m, values in _word_patches(labels, owner, words, stride):
         owned[m] += trait_word_vectors(model, tokenizer, trait)[values]
     m = owner >= 0
     out[m] = owned[m] / owned[m].norm(dim=-1, keepdim=True) * norm
@@ -130,13 +151,14 @@ def stage_align(cfg: BuildConfig) -> dict:
         return info
     tok, model, _ = _start(cfg, "align")
     pool = torch.load(cfg.work / "vision" / "pool.pt", weights_only=False)
-    owner, labels, tower = pool["owner"], pool["labels"], model.model.vision_tower
+    owner, labels, tower = pool["owner"], full_labels(pool), model.model.vision_tower
+    setting = pool.get("setting")
     feats = tower_features(model, pool["pixels"])
     slots = cfg.layout == "slots"
     tgt = (
         slot_word_targets(model, tok, pool["slots"], st.words, st.background_word)
         if slots
-        else patch_word_targets(model, tok, labels, owner, st.words, st.background_word)
+        else patch_word_targets(model, tok, labels, owner, st.words, st.background_word, setting, st.stride)
     )
     proj = model.model.multi_modal_projector
     n_val = max(64, len(owner) // 20)
@@ -186,8 +208,9 @@ def stage_align(cfg: BuildConfig) -> dict:
     # stage's heads stay on as a second loss so that the tower keeps every trait.
     if st.tower_steps > 0:
         vis = torch.load(cfg.work / "vision" / "ckpt.pt", weights_only=False)
-        heads = CharacterHeads(cfg.vision.hidden)
+        heads = character_heads(cfg)
         heads.load_state_dict(vis["heads"])
+        head_labels = heads.labels(pool)
         extra = [heads]
         if slots:
             slot_heads = SlotHeads(cfg.vision.hidden, st.words)
@@ -201,9 +224,10 @@ def stage_align(cfg: BuildConfig) -> dict:
             align = balanced(proj(tokens), tgt[i], shown[i])
             if slots:  # as in the vision stage: per-character heads below the last layer, slot heads on it
                 return align + st.heads_weight * (
-                    heads(hidden[-2][:, 1:], labels[i], owner[i])[0] + slot_heads(tokens, pool["slots"][i])[0]
+                    heads(hidden[-2][:, 1:], head_labels[i], owner[i])[0] + slot_heads(tokens, pool["slots"][i])[0]
                 )
-            return align + st.heads_weight * heads(tokens, labels[i], owner[i])[0]
+            scene = None if heads.setting is None else setting[i]
+            return align + st.heads_weight * heads(tokens, head_labels[i], owner[i], scene)[0]
 
         fit(
             list(proj.parameters()) + list(tower.parameters()) + [p for m in extra for p in m.parameters()],
@@ -222,7 +246,16 @@ def stage_align(cfg: BuildConfig) -> dict:
         words = (
             slot_word_readout(model, tok, proj(feats[:n_val]), pool["slots"][:n_val], st.words, st.background_word)
             if slots
-            else word_readout(model, tok, proj(feats[:n_val]), labels[:n_val], owner[:n_val], st.words)
+            else word_readout(
+                model,
+                tok,
+                proj(feats[:n_val]),
+                labels[:n_val],
+                owner[:n_val],
+                st.words,
+                st.stride,
+                None if st.background_word != SETTING_BACKGROUND else setting[:n_val],
+            )
         )
     return _finish(
         cfg.work,
@@ -252,20 +285,30 @@ def word_readout(
     labels: torch.Tensor,
     owner: torch.Tensor,
     words: tuple[str, ...] = ("category",),
+    stride: int = 1,
+    setting: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Per align trait: share of its patches whose token is closest (cosine) to the right word.
 
     Cycled words compete against every word of every cycled trait (a blend of the category and colour words
-    is wrong on both); a superposed word's traits are each read among their own words.
+    is wrong on both); a superposed word's traits are each read among their own words. With `setting` ([n]
+    indices into SETTINGS), also the share of background patches closest to their scene's setting word among
+    all of these words and the setting words.
     """
-    traits = [t for w in words for t in w.split("+")]
-    vocab = {t: F.normalize(trait_word_vectors(model, tokenizer, t), dim=-1) for t in traits}
-    offset = {t: sum(len(vocab[u]) for u in traits[:j]) for j, t in enumerate(traits)}
-    union = torch.cat([vocab[t] for t in traits])
+    traits = [t for w in words for t in w.split("+")] + (["setting"] if setting is not None else [])
+    # one row per distinct word: traits share words ("red" is a colour and an accessory colour, "round" ears and
+    # a head), and a token is read as a word, whichever trait put it there
+    union_words = list(dict.fromkeys(w for t in traits for w in trait_words(t)))
+    union = F.normalize(word_vectors(model, tokenizer, union_words), dim=-1)
+    index = {t: torch.tensor([union_words.index(w) for w in trait_words(t)]) for t in traits}
     superposed = {t for w in words if "+" in w for t in w.split("+")}
+    found = list(_word_patches(labels, owner, words, stride))
+    if setting is not None:
+        bg = owner < 0
+        found.append(("setting", bg, setting[:, None].expand_as(owner)[bg]))
     out = {}
-    for trait, m, values in _word_patches(labels, owner, words):
-        tok = F.normalize(tokens[m].float(), dim=-1)
-        guess = (tok @ vocab[trait].T).argmax(-1) + offset[trait] if trait in superposed else (tok @ union.T).argmax(-1)
-        out[trait] = round(float((guess == values + offset[trait]).float().mean()), 3)
+    for trait, m, values in found:
+        rows = index[trait] if trait in superposed else torch.arange(len(union_words))
+        guess = rows[(F.normalize(tokens[m].float(), dim=-1) @ union[rows].T).argmax(-1)]
+        out[trait] = round(float((guess == index[trait][values]).float().mean()), 3)
     return out

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import McLlavaError
-from ..data import N_SLOTS, Curriculum
+from ..data import LABEL_TRAITS, N_SLOTS, PATCH_TRAITS, Curriculum
 from ..model import VisionSpec
 
 DEFAULT_WORK = Path("~/.cache/mcllava/proving-base-build").expanduser()
@@ -27,12 +27,22 @@ class VisionStage:
     batch_size: int = 64
     lr: float = 2e-3
     device: str = "cpu"  # "cuda": the tower trains there, in bf16 autocast (align stays on the CPU; see LMStage.device)
+    traits: tuple[str, ...] = PATCH_TRAITS  # what the heads read from a character's patches (`data.LABEL_TRAITS`)
+    setting: bool = False  # a head reads the scene's setting from the mean of the background patches
 
     @classmethod
     def gpu(cls) -> VisionStage:
         """The recipe of the committed tower, about 2 minutes of one H100 after rendering (with `VisionSpec.gpu()`):
         every trait of held-out characters reads better than with the CPU default (docs/proving_base.md)."""
         return cls(scenes=48000, steps=3000, batch_size=256, device="cuda")
+
+    @classmethod
+    def v3(cls, gpu: bool = False) -> VisionStage:
+        """The version-3 tower's heads: every trait the world varies, the character's action and held object,
+        and the scene's setting; the schedule of `gpu()` on a GPU, the CPU default otherwise."""
+        base = cls.gpu() if gpu else cls()
+        base.traits, base.setting = LABEL_TRAITS, True
+        return base
 
 
 # The "slots" layout: image-token row r shows the character at scene slot r (`data._slot`: left / centre / right
@@ -53,13 +63,23 @@ class AlignStage:
     # the word(s) each owned patch is aligned to, cycled over the grid by (row + col) % len(words), or superposed
     # ("category+color"): exact cycled words are read far sooner than superposed ones
     words: tuple[str, ...] = ("category", "color")
-    background_word: str = "grass"  # every background patch: this word at BACKGROUND_NORM of a word's norm
+    # every background patch: this word at BACKGROUND_NORM of a word's norm; "setting": the scene's setting word
+    background_word: str = "grass"
     # then tower and projector together from pixels (0: the tower stays as the vision stage left it): a projector
     # on the frozen tower blends the words cycled over the grid, a tuned tower shows each position's own word
     tower_steps: int = 1500
     tower_lr: float = 1e-3
     tower_batch_size: int = 64
     heads_weight: float = 0.1  # the vision stage's trait-head loss, kept on while the tower is tuned
+    # patch (r, c) shows word (stride * r + c) % len(words): with stride 2 the two patches of a row and the rows
+    # below step through consecutive words, so a character two patches wide and four tall shows eight of them
+    stride: int = 1
+
+    @classmethod
+    def v3(cls) -> AlignStage:
+        """Every trait the vision heads read, cycled over the grid (stride 2), background patches as the setting
+        word: each character's owned patches spell its traits, action and held object as exact single words."""
+        return cls(words=LABEL_TRAITS, background_word="setting", stride=2)
 
 
 @dataclass
@@ -216,6 +236,25 @@ class BuildConfig:
     autocast: bool = True  # bf16 autocast on CPU: several times faster steps through SmolLM2
     progress: bool = True
     text_model: Callable | None = None  # tests: a factory (tokenizer -> small Llama) instead of SmolLM2
+
+
+def v3_lm_phases() -> tuple[Phase, ...]:
+    """The LM curriculum of the version-3 preset: the one place to switch to the version-3 curriculum."""
+    return default_phases()
+
+
+def v3_config(gpu: bool = False, **kw) -> BuildConfig:
+    """The version-3 build: an 8x8 patch grid (`VisionSpec.v3`), heads for every trait, action, held object and
+    setting (`VisionStage.v3`), every trait's word cycled over a character's patches and the setting word on the
+    background (`AlignStage.v3`), `layout="grid"`. `gpu`: the vision stage's larger recipe, on CUDA."""
+    return BuildConfig(
+        vision=VisionSpec.v3(gpu),
+        vision_stage=VisionStage.v3(gpu),
+        align=AlignStage.v3(),
+        lm=LMStage(phases=v3_lm_phases()),
+        layout="grid",
+        **kw,
+    )
 
 
 def _jsonable(cfg: BuildConfig) -> dict:

@@ -12,7 +12,18 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ...errors import McLlavaError
-from ..data import MIRROR_SLOTS, N_SLOTS, PATCH_TRAITS, VALUES, patch_labels, scene_pool, trait_classes
+from ...world.scenes import SETTINGS
+from ..data import (
+    LABEL_TRAITS,
+    MIRROR_SLOTS,
+    N_SLOTS,
+    PATCH_TRAITS,
+    VALUES,
+    full_labels,
+    patch_labels,
+    scene_pool,
+    trait_classes,
+)
 from .common import _done, _finish, _log, _save_ckpt, normalise, vision_model
 from .config import BuildConfig
 
@@ -22,13 +33,25 @@ class CharacterHeads(torch.nn.Module):
 
     A character's traits are spread over its patches (the hat in one, the eyes in another); pooling over the
     owned patches lets each patch carry a part and the tokens together carry all of it, which is how the
-    language model reads them too. Every patch also names its owner's category (or background).
+    language model reads them too. Every patch also names its owner's category (or background). `traits` are
+    columns of `LABEL_TRAITS` (the version-3 tower adds action and held object); with `setting`, the mean of the
+    background patches names the scene's setting.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, traits: tuple[str, ...] = PATCH_TRAITS, setting: bool = False):
         super().__init__()
-        self.classes = trait_classes()
+        self.traits, self.classes = tuple(traits), trait_classes(tuple(traits))
+        if self.traits[0] != "category":
+            raise McLlavaError(f"the vision heads' first trait must be category (per-patch), got {self.traits}")
         self.head = torch.nn.Linear(hidden, sum(self.classes))
+        self.setting = torch.nn.Linear(hidden, len(SETTINGS)) if setting else None
+
+    def labels(self, pool: dict, idx=slice(None)) -> torch.Tensor:
+        """The pool's per-actor labels of `self.traits` ([n, MAX_ACTORS, len(traits)])."""
+        full = full_labels(pool)
+        if any(LABEL_TRAITS.index(t) >= full.shape[-1] for t in self.traits):
+            raise McLlavaError("the scene pool was rendered without action / held labels: delete pool.pt to render it")
+        return full[idx][..., [LABEL_TRAITS.index(t) for t in self.traits]]
 
     def pooled(self, patches: torch.Tensor, owner: torch.Tensor, n_actors: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean patch token per actor [B, A, H] and whether the actor owns any patch [B, A]."""
@@ -36,26 +59,37 @@ class CharacterHeads(torch.nn.Module):
         count = onehot.sum(-1, keepdim=True)
         return onehot @ patches / count.clamp_min(1), count.squeeze(-1) > 0
 
+    def background(self, patches: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Setting logits from the mean background patch [B, len(SETTINGS)], and whether any patch is background."""
+        bg = (owner < 0).float().unsqueeze(-1)
+        mean = (bg * patches).sum(1) / bg.sum(1).clamp_min(1)
+        return self.setting(mean), bg.sum((1, 2)) > 0
+
     def forward(
-        self, patches: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor
+        self, patches: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, setting: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over (character, trait) pairs and (patch, category) pairs, and per-pair correctness."""
+        """Mean cross-entropy over (character, trait) pairs, (patch, category) pairs and, with a setting head,
+        the scenes' settings; and per-pair correctness."""
         pooled, owns = self.pooled(patches, owner, labels.shape[1])
         out_c, out_p = self.head(pooled), self.head(patches)
         y_c = labels.masked_fill(~owns.unsqueeze(-1), -100)
         y_p = patch_labels(labels, owner)[..., 0]
-        losses, correct = [], []
+        pairs = []
         start = 0
         for j, n in enumerate(self.classes):
-            pairs = [(out_c[..., start : start + n], y_c[..., j])]
+            pairs.append((out_c[..., start : start + n], y_c[..., j]))
             if j == 0:
                 pairs.append((out_p[..., :n], y_p))
-            for logits, y in pairs:
-                keep = y != -100
-                if keep.any():
-                    losses.append(F.cross_entropy(logits[keep], y[keep]))
-                    correct.append((logits[keep].argmax(-1) == y[keep]).float())
             start += n
+        if self.setting is not None and setting is not None:
+            logits, any_bg = self.background(patches, owner)
+            pairs.append((logits, setting.masked_fill(~any_bg, -100)))
+        losses, correct = [], []
+        for logits, y in pairs:
+            keep = y != -100
+            if keep.any():
+                losses.append(F.cross_entropy(logits[keep], y[keep]))
+                correct.append((logits[keep].argmax(-1) == y[keep]).float())
         return torch.stack(losses).mean(), torch.cat(correct)
 
 
@@ -89,6 +123,11 @@ class SlotHeads(torch.nn.Module):
         return torch.stack(losses).mean(), correct
 
 
+def character_heads(cfg: BuildConfig) -> CharacterHeads:
+    """The vision stage's heads as the build configures them (`VisionStage.traits`, `VisionStage.setting`)."""
+    return CharacterHeads(cfg.vision.hidden, cfg.vision_stage.traits, cfg.vision_stage.setting)
+
+
 def stage_vision(cfg: BuildConfig) -> dict:
     st, work = cfg.vision_stage, cfg.work / "vision"
     if (info := _done(cfg.work, "vision")) is not None:
@@ -109,11 +148,16 @@ def stage_vision(cfg: BuildConfig) -> dict:
             cfg.vision.image_size // cfg.vision.patch_size,
             progress=cfg.progress,
             workers=max(2, (os.cpu_count() or 2) - 1),
+            held="held" in st.traits,  # a character's patches then include what it holds
         )
         _save_ckpt(pool_path, pool.__dict__)
         pool = pool.__dict__
     n_val = max(64, st.scenes // 20)
-    tower, heads = vision_model(cfg.vision).to(dev), CharacterHeads(cfg.vision.hidden).to(dev)
+    tower, heads = vision_model(cfg.vision).to(dev), character_heads(cfg).to(dev)
+    labels = heads.labels(pool)
+    setting = pool.get("setting") if heads.setting is not None else None
+    if heads.setting is not None and setting is None:
+        raise McLlavaError(f"{pool_path} was rendered without setting labels: delete it to render it again")
     slot_heads = SlotHeads(cfg.vision.hidden, cfg.align.words).to(dev) if cfg.layout == "slots" else None
     if slot_heads is not None and pool.get("slots") is None:
         raise McLlavaError(f"{pool_path} was rendered without slot labels: delete it to render it again")
@@ -144,7 +188,12 @@ def stage_vision(cfg: BuildConfig) -> dict:
             hidden = tower(pixel_values=normalise(pixels.to(dev)), output_hidden_states=True).hidden_states
         # "slots": the per-character heads read the layer below the last, whose tokens stay where their patches are
         patches = hidden[-2 if slot_heads is not None else -1][:, 1:].float()
-        loss, correct = heads(patches, pool["labels"][idx].to(dev), owner.reshape(len(idx), -1).to(dev))
+        loss, correct = heads(
+            patches,
+            labels[idx].to(dev),
+            owner.reshape(len(idx), -1).to(dev),
+            None if setting is None else setting[idx].to(dev),
+        )
         if slot_heads is not None:
             slots = pool["slots"][idx]
             slots[flip] = slots[flip][:, MIRROR_SLOTS]
@@ -215,14 +264,18 @@ def _vision_val(tower, heads, pool, n_val: int, slot_heads: SlotHeads | None = N
     if slot_heads is not None:
         _, correct = slot_heads(torch.cat([h[-1][:, 1:] for h in hidden]).float(), pool["slots"][:n_val].to(dev))
         slot_res = {f"val_slot_{w}": c.mean().item() for w, c in correct.items()}
-    labels, owner = pool["labels"][:n_val].to(dev), pool["owner"][:n_val].to(dev)
+    labels, owner = heads.labels(pool, slice(0, n_val)).to(dev), pool["owner"][:n_val].to(dev)
     pooled, owns = heads.pooled(feats, owner, labels.shape[1])
     out, res, start = heads.head(pooled), {}, 0
     for j, n in enumerate(heads.classes):
         y = labels[..., j]
         keep = (y != -100) & owns
-        res[f"val_{PATCH_TRAITS[j]}"] = (out[..., start : start + n][keep].argmax(-1) == y[keep]).float().mean().item()
+        res[f"val_{heads.traits[j]}"] = (out[..., start : start + n][keep].argmax(-1) == y[keep]).float().mean().item()
         start += n
+    if heads.setting is not None:
+        logits, any_bg = heads.background(feats, owner)
+        y = pool["setting"][:n_val].to(dev)
+        res["val_setting"] = (logits.argmax(-1) == y)[any_bg].float().mean().item()
     y_p = patch_labels(labels, owner)[..., 0]
     res["val_patch_category"] = (heads.head(feats)[..., : heads.classes[0]].argmax(-1) == y_p).float().mean().item()
     res["val_mean"] = float(np.mean(list(res.values())))
