@@ -239,8 +239,10 @@ class BuildConfig:
 
 
 def v3_lm_phases() -> tuple[Phase, ...]:
-    """The LM curriculum of the version-3 preset: the one place to switch to the version-3 curriculum."""
-    return default_phases()
+    """The LM curriculum of the version-3 preset: read, describe and compare with word definitions
+    (`default_phases`), then recognition and captions with visual definitions (`visual_phases`), then every task
+    of the evaluation (`v3_phases`)."""
+    return (*default_phases(), *visual_phases(300, both=0.1), *v3_phases())
 
 
 def v3_config(gpu: bool = False, **kw) -> BuildConfig:
