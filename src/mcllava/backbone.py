@@ -28,6 +28,7 @@ from .bases import CUSTOM_BASES, is_custom_base, register_base  # noqa: F401  (t
 from .errors import McLlavaError
 from .generation import PromptCache, SuppressIds, cache_kwarg
 from .layout import layout_for
+from .training_data import collate
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 MAX_ASPECT = 4.0  # longer side / shorter side handed to the image processor (see `Backbone.pixel_values`)
@@ -400,15 +401,8 @@ class Backbone:
         encoded = [self.encode(prompt, a) for a in answers]
         if encoded[0].has_image and image_features is None:
             raise McLlavaError("prompt has an image placeholder but no image was given")
-        width = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-            mask[row, : len(e.input_ids)] = 1
-        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        batch = collate(encoded, [None] * len(encoded), self.tokenizer.pad_token_id or 0)
+        ids, labels, mask = (t.to(self.device) for t in (batch.input_ids, batch.labels, batch.attention_mask))
         feats = image_features[None].expand(len(encoded), -1, -1) if encoded[0].has_image else None
         hidden = self.hidden_states(self.embed(ids, feats), mask, self.shared_prefix_length(ids, mask))
         targets = labels[:, 1:]
