@@ -117,15 +117,44 @@ class World:
 
 
 def build_world(
-    kind: str, root: Path, n: int, seed: int, train_images: int, test_images: int, multi: float = 0.5
+    kind: str,
+    root: Path,
+    n: int,
+    seed: int,
+    train_images: int,
+    test_images: int,
+    multi: float = 0.5,
+    reuse: bool = False,
 ) -> World:
-    """A fresh world with `n` concepts: concept folder, generic negatives and a test set of `test_images` scenes."""
+    """A fresh world with `n` concepts: concept folder, generic negatives and a test set of `test_images` scenes.
+
+    With `reuse`, a world this function finished earlier in `root` with the same settings is read back instead (a
+    resumed benchmark must train on the very photos its checkpoints were made from)."""
+    settings = {"kind": kind, "n": n, "seed": seed, "train_images": train_images, "test_images": test_images}
+    settings["multi"] = multi
+    marker = root / "world-settings.json"
+    if reuse and marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved["settings"] == settings:
+            w = saved["world"]
+            negatives = root / w["negatives"] if w["negatives"] else None
+            return World(root / w["concepts"], root / w["tests"], negatives, w["ids"], w["distinct_looks"])
     shutil.rmtree(root, ignore_errors=True)
     if kind == "characters":
         make_world(root, seed=seed, concepts=n, train_images=train_images, test_scenes=test_images, progress=False)
         ids = sorted(p.name for p in (root / "concepts").iterdir() if not p.name.startswith("_"))
-        return World(root / "concepts", root / "tests.jsonl", root / "negatives", ids, n)
-    return shapes_world(root, n, seed, train_images, test_images, multi)
+        world = World(root / "concepts", root / "tests.jsonl", root / "negatives", ids, n)
+    else:
+        world = shapes_world(root, n, seed, train_images, test_images, multi)
+    relative = {
+        "concepts": world.concepts.name,
+        "tests": world.tests.name,
+        "negatives": world.negatives.name if world.negatives else None,
+        "ids": world.ids,
+        "distinct_looks": world.distinct_looks,
+    }
+    marker.write_text(json.dumps({"settings": settings, "world": relative}))  # last: only a finished world is reused
+    return world
 
 
 def shapes_world(root: Path, n: int, seed: int, train_images: int, test_images: int, multi: float) -> World:
@@ -204,9 +233,18 @@ def test_records(world: World, tasks: tuple[str, ...] = ("recognition",)) -> lis
 
 # ------------------------------------------------------------------------------------------- train / evaluate
 def train(
-    world: World, base: str, out: Path, config: TrainConfig, only: list[str] | None = None, on_epoch=None
+    world: World,
+    base: str,
+    out: Path,
+    config: TrainConfig,
+    only: list[str] | None = None,
+    on_epoch=None,
+    resume: bool = False,
 ) -> tuple[TrainResult, float]:
-    """Personalise a fresh copy of the base on the world's concepts (or `only` these); returns (result, seconds)."""
+    """Personalise a fresh copy of the base on the world's concepts (or `only` these); returns (result, seconds).
+
+    With `resume`, an interrupted run in `out` continues from its last epoch checkpoint (the seconds are then this
+    call's alone; the result's history has every epoch's)."""
     backbone = Backbone.load(base)
     concepts = ConceptSet.load(world.concepts, tokenizer=backbone.tokenizer)
     if only is not None:
@@ -224,6 +262,7 @@ def train(
         progress=False,
         log=lambda *_: None,
         on_epoch=on_epoch,
+        resume=resume,
     )
     return result, time.perf_counter() - t0
 

@@ -23,23 +23,28 @@ and scaling.png.
     python benchmarks/scaling.py --concepts 2,4,8 --epochs 20    # a quick run
     python benchmarks/scaling.py --base proving-ground --epochs 3 --train-images 4 --test-per-concept 1 --min-test-scenes 12
 
-An interrupted sweep resumes: counts already finished with the same settings are read back from the scratch
-folder (`--fresh` redoes them).
+An interrupted sweep resumes: counts and arms already finished with the same settings are read back from the
+scratch folder, and a bank interrupted mid-training continues from its last epoch checkpoint (`--fresh` redoes
+them). `--arms remedy` (or `plain`) runs one arm; a later run with both adds the other to the same rows. Training
+seconds are the sum of the bank's epochs, so a resumed bank reports what an uninterrupted one would.
+
+    python benchmarks/scaling.py --base proving-ground --epochs 10 --train-images 10 --concepts 4,50 --arms remedy
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 from _common import (
     BankEvaluator,
+    Setup,
     build_world,
     header,
     parser,
     peak_rss_mb,
     reset_peak_rss,
-    rss_mb,
     setup,
     test_records,
     train,
@@ -47,18 +52,20 @@ from _common import (
     write_results,
 )
 
-from mcllava.bank import ConceptBank
 from mcllava.training_data import PROBE_QUESTION
 
 
 def plot_panels(rows: list[dict]) -> list[dict]:
-    """The plot: each measure against the concept count, for the plain method and the remedy."""
+    """The plot: each measure against the concept count, for the plain method and the remedy (the arms that ran)."""
+
+    def points(get, arm: str | None) -> list[tuple[int, float]]:
+        return [(r["concepts"], get(r[arm] if arm else r)) for r in rows if (arm or "recognition") in r]
 
     def both(get_all, get_relevant) -> dict:
         return {
-            "all concepts": [(r["concepts"], get_all(r)) for r in rows],
-            "relevant, inference only": [(r["concepts"], get_relevant(r["relevant"])) for r in rows],
-            "relevant, trained so (remedy)": [(r["concepts"], get_relevant(r["remedy"])) for r in rows],
+            "all concepts": points(get_all, None),
+            "relevant, inference only": points(get_relevant, "relevant"),
+            "relevant, trained so (remedy)": points(get_relevant, "remedy"),
         }
 
     return [
@@ -74,14 +81,18 @@ def plot_panels(rows: list[dict]) -> list[dict]:
             "title": "training time (s)",
             "x": "concepts",
             "series": {
-                "all concepts": [(r["concepts"], r["train_s"]) for r in rows],
-                "remedy": [(r["concepts"], r["remedy"]["train_s"]) for r in rows],
+                "all concepts": points(lambda r: r["train_s"], None),
+                "remedy": points(lambda r: r["train_s"], "remedy"),
             },
         },
         {
             "title": "system text (tokens)",
             "x": "concepts",
-            "series": both(lambda r: r["system_tokens"], lambda r: r["system_tokens_mean"]),
+            "series": {
+                "all concepts": [(r["concepts"], r["system_tokens"]) for r in rows],
+                "relevant, inference only": points(lambda r: r["system_tokens_mean"], "relevant"),
+                "relevant, trained so (remedy)": points(lambda r: r["system_tokens_mean"], "remedy"),
+            },
         },
         {
             "title": "peak RSS (MB)",
@@ -93,7 +104,7 @@ def plot_panels(rows: list[dict]) -> list[dict]:
             "x": "concepts",
             "series": {
                 **both(lambda r: r["answer_latency_s"], lambda r: r["answer_latency_s"]),
-                "all concepts, prompt cache": [(r["concepts"], r["prompt_cache"]["answer_latency_s"]) for r in rows],
+                "all concepts, prompt cache": points(lambda r: r["answer_latency_s"], "prompt_cache"),
             },
         },
     ]
@@ -106,6 +117,49 @@ def with_prompt_cache(evaluator: BankEvaluator, bank) -> dict:
     return {"recognition": report["recognition"], "answer_latency_s": report["latency_s"]["recognition"]}
 
 
+def training(result, seconds: float) -> dict:
+    """What a row says of one bank's training: seconds (every epoch's, also across an interrupted run) and steps."""
+    return {
+        "train_s": sum(h["seconds"] for h in result.history) or seconds,
+        "epoch_s": statistics.mean(h["seconds"] for h in result.history),
+        "steps_per_epoch": result.history[0]["steps"],
+    }
+
+
+def plain_arm(world, s: Setup, args, evaluator: BankEvaluator, resume: bool) -> dict:
+    """Every concept introduced in every prompt: trained so, answering so, with only the relevant ones, and with the
+    prompt cache."""
+    result, seconds = train(
+        world, s.base, s.work / f"bank-{len(world.ids)}", train_config(s, args.epochs, args.train_seed), resume=resume
+    )
+    # the plain method and the two remedies answer without the prompt cache; the cache is measured on its own
+    modes = {mode: evaluator(result.bank, introduce=mode, prompt_cache=False) for mode in ("all", "relevant")}
+    return {
+        "recognition": modes["all"]["recognition"],
+        **training(result, seconds),
+        "answer_latency_s": modes["all"]["latency_s"]["recognition"],
+        "relevant": {  # the plain bank, answering with introduce="relevant" (never trained that way)
+            "recognition": modes["relevant"]["recognition"],
+            "system_tokens_mean": modes["relevant"]["system_tokens_mean"],
+            "answer_latency_s": modes["relevant"]["latency_s"]["recognition"],
+        },
+        "prompt_cache": with_prompt_cache(evaluator, result.bank),
+    }
+
+
+def remedy_arm(world, s: Setup, args, evaluator: BankEvaluator, resume: bool) -> dict:
+    """A bank trained and answering with only the relevant concepts introduced (`--introduce relevant`)."""
+    config = train_config(s, args.epochs, args.train_seed, introduce="relevant")
+    result, seconds = train(world, s.base, s.work / f"bank-{len(world.ids)}-relevant", config, resume=resume)
+    report = evaluator(result.bank, prompt_cache=False)  # answers as it was trained: introduce="relevant"
+    return {
+        "recognition": report["recognition"],
+        **training(result, seconds),
+        "system_tokens_mean": report["system_tokens_mean"],
+        "answer_latency_s": report["latency_s"]["recognition"],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, epochs=20, test_images=None)
     ap.add_argument("--concepts", default="2,4,8,16,32,50", help="comma-separated concept counts")
@@ -113,88 +167,83 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-test-scenes", type=int, default=0, help="at least this many test scenes at every count")
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument(
+        "--arms",
+        default="plain,remedy",
+        help="plain: every concept introduced (also answering with only the relevant ones, and with the prompt "
+        "cache); remedy: trained and answering with only the relevant ones. A later run adds a missing arm.",
+    )
+    ap.add_argument(
         "--fresh", action="store_true", help="redo every count (default: reuse counts finished with these settings)"
     )
     args = ap.parse_args(argv)
     counts = [int(n) for n in args.concepts.split(",")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - {"plain", "remedy"}:
+        ap.error(f"--arms takes plain and/or remedy, not {args.arms!r}")
     s = setup(args, "scaling")
-    # Each finished count is kept in the scratch folder with the settings it ran with, so that an interrupted
-    # sweep (an hour and more on a CPU with the proving ground) resumes at the first count it had not finished.
-    settings = {
-        k: v for k, v in header("scaling", s, args)["settings"].items() if k not in ("concepts", "fresh", "out", "work")
-    }
+    # Each count is kept in the scratch folder with the settings it runs with, its row filled arm by arm, so that an
+    # interrupted sweep (hours on a CPU with the proving ground) resumes: finished arms are read back, an unfinished
+    # training continues from its last epoch checkpoint, on the same world.
+    excluded = ("concepts", "arms", "fresh", "out", "work")
+    settings = {k: v for k, v in header("scaling", s, args)["settings"].items() if k not in excluded}
     rows = []
     for n in counts:
         done = s.work / f"row-{n}.json"
         scenes = max(args.test_per_concept * n, args.min_test_scenes)
-        saved = json.loads(done.read_text()) if not args.fresh and done.exists() else None
-        if saved is not None and saved["settings"] == settings:
-            rows.append(saved["row"])
+        saved = json.loads(done.read_text()) if done.exists() else None
+        resume = not args.fresh and saved is not None and saved["settings"] == settings
+        row = saved["row"] if resume else {}
+        missing = [a for a in arms if (a == "plain" and "recognition" not in row) or (a == "remedy" and a not in row)]
+        if not missing:
+            rows.append(row)
             print(f"{n} concepts: reused from {done}")
-            if "prompt_cache" not in rows[-1]:  # finished before the prompt cache was measured: add it
-                world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi)
-                rows[-1]["prompt_cache"] = with_prompt_cache(
-                    BankEvaluator(s.base, test_records(world)), ConceptBank.load(s.work / f"bank-{n}")
-                )
-                done.write_text(json.dumps({"settings": settings, "row": rows[-1]}, default=str))
             continue
-        reset_peak_rss()
-        rss_before = rss_mb()
-        world = build_world(s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi)
-        result, train_s = train(world, s.base, s.work / f"bank-{n}", train_config(s, args.epochs, args.train_seed))
-        remedy, remedy_s = train(
-            world,
-            s.base,
-            s.work / f"bank-{n}-relevant",
-            train_config(s, args.epochs, args.train_seed, introduce="relevant"),
+        if not resume:  # another run's banks and checkpoints must not be continued
+            for bank in (s.work / f"bank-{n}", s.work / f"bank-{n}-relevant"):
+                shutil.rmtree(bank, ignore_errors=True)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"settings": settings, "row": {}}))
+        world = build_world(
+            s.world, s.work / f"world-{n}", n, args.seed, args.train_images, scenes, args.multi, reuse=resume
         )
         evaluator = BankEvaluator(s.base, test_records(world))
-        # the plain method and the two remedies answer without the prompt cache; the cache is measured on its own
-        modes = {mode: evaluator(result.bank, introduce=mode, prompt_cache=False) for mode in ("all", "relevant")}
-        modes["remedy"] = evaluator(remedy.bank, prompt_cache=False)  # trained and answering with introduce="relevant"
-        cached = with_prompt_cache(evaluator, result.bank)
+        for arm in missing:
+            reset_peak_rss()
+            measured = (plain_arm if arm == "plain" else remedy_arm)(world, s, args, evaluator, resume)
+            peak = max(peak_rss_mb(), row.get("peak_rss_mb", 0))
+            row = {**row, **measured} if arm == "plain" else {**row, "remedy": measured}
+            row.update(concepts=n, distinct_looks=world.distinct_looks, peak_rss_mb=peak)
+            done.write_text(json.dumps({"settings": settings, "row": row}, default=str))
         tokens, backbone = evaluator.assistant.tokens, evaluator.assistant.backbone
         system = tokens.system_text()
         question = backbone.format_prompt(PROBE_QUESTION.format(c=tokens.token(world.ids[0])), system=system)
-        rows.append(
-            {
-                "concepts": n,
-                "distinct_looks": world.distinct_looks,
-                "recognition": modes["all"]["recognition"],
-                "train_s": train_s,
-                "epoch_s": statistics.mean(h["seconds"] for h in result.history),
-                "steps_per_epoch": result.history[0]["steps"],
-                "prompt_tokens": len(backbone.encode(question).input_ids),
-                "system_tokens": len(backbone.tokenizer(system, add_special_tokens=False)["input_ids"]),
-                "peak_rss_mb": peak_rss_mb(),
-                "rss_before_mb": rss_before,
-                "answer_latency_s": modes["all"]["latency_s"]["recognition"],
-                "relevant": {  # the plain bank, answering with introduce="relevant" (never trained that way)
-                    "recognition": modes["relevant"]["recognition"],
-                    "system_tokens_mean": modes["relevant"]["system_tokens_mean"],
-                    "answer_latency_s": modes["relevant"]["latency_s"]["recognition"],
-                },
-                "prompt_cache": cached,
-                "remedy": {  # trained and answering with introduce="relevant"
-                    "recognition": modes["remedy"]["recognition"],
-                    "train_s": remedy_s,
-                    "system_tokens_mean": modes["remedy"]["system_tokens_mean"],
-                    "answer_latency_s": modes["remedy"]["latency_s"]["recognition"],
-                },
-            }
-        )
-        r = rows[-1]
-        done.write_text(json.dumps({"settings": settings, "row": r}, default=str))
-        print(
-            f"{n} concepts: recognition {r['recognition']['weighted_accuracy']:.3f} (relevant at inference only: "
-            f"{r['relevant']['recognition']['weighted_accuracy']:.3f}, remedy: {r['remedy']['recognition']['weighted_accuracy']:.3f}), "
-            f"train {train_s:.1f}s, prompt {r['prompt_tokens']} tokens, peak {r['peak_rss_mb']:.0f} MB, "
-            f"{r['answer_latency_s'] * 1000:.1f} ms/answer ({r['remedy']['answer_latency_s'] * 1000:.1f} remedy)"
-        )
+        row["prompt_tokens"] = len(backbone.encode(question).input_ids)  # every concept introduced, image included
+        row["system_tokens"] = len(backbone.tokenizer(system, add_special_tokens=False)["input_ids"])
+        done.write_text(json.dumps({"settings": settings, "row": row}, default=str))
+        rows.append(json.loads(json.dumps(row, default=str)))
+        print(f"{n} concepts: " + summary(row))
 
     results = {**header("scaling", s, args), "concept_counts": counts, "rows": rows}
     write_results(args.out, "scaling", results, plot_panels(rows))
     return results
+
+
+def summary(r: dict) -> str:
+    """One line of a count's figures, for the arms that ran."""
+    parts = []
+    if "recognition" in r:
+        parts.append(
+            f"recognition {r['recognition']['weighted_accuracy']:.3f} (relevant at inference only: "
+            f"{r['relevant']['recognition']['weighted_accuracy']:.3f}), train {r['train_s']:.1f}s, "
+            f"{r['answer_latency_s'] * 1000:.1f} ms/answer ({r['prompt_cache']['answer_latency_s'] * 1000:.1f} cached)"
+        )
+    if "remedy" in r:
+        m = r["remedy"]
+        parts.append(
+            f"remedy {m['recognition']['weighted_accuracy']:.3f}, train {m['train_s']:.1f}s, "
+            f"{m['answer_latency_s'] * 1000:.1f} ms/answer"
+        )
+    return "; ".join(parts) + f"; prompt {r['prompt_tokens']} tokens, peak {r['peak_rss_mb']:.0f} MB"
 
 
 if __name__ == "__main__":

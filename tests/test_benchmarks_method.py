@@ -122,8 +122,12 @@ def test_visual_prompt_three_modes(run):
 
 @pytest.mark.slow  # runs the benchmark end to end
 def test_scaling_grows_prompt_with_concepts(run):
+    _, first = run("scaling", "--concepts", "2,3", "--epochs", "1", "--test-per-concept", "1", "--arms", "remedy")
+    assert all("remedy" in r and "recognition" not in r and "prompt_cache" not in r for r in first["rows"])
+    # the same command with both arms reads the remedy back and adds the plain bank to the same rows
     _, saved = run("scaling", "--concepts", "2,3", "--epochs", "1", "--test-per-concept", "1")
     rows = saved["rows"]
+    assert [r["remedy"] for r in rows] == [r["remedy"] for r in first["rows"]]
     assert saved["concept_counts"] == [2, 3] and [r["concepts"] for r in rows] == [2, 3]
     assert rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"] and rows[0]["system_tokens"] < rows[1]["system_tokens"]
     assert rows[0]["steps_per_epoch"] <= rows[1]["steps_per_epoch"]
