@@ -8,7 +8,8 @@ renders `--scenes` pool scenes (base half) at the design's grid, draws the gate'
 `make_lookalike`), and reports the median patches per character, the share that own a patch, the share of
 look-alikes whose change the tokens show, and the weighted-accuracy ceiling of the gate's definition check (half
 of the negatives look-alikes) with every shown word read perfectly, and how many of its words a character
-shows on average. The version-3 designs cycle all eleven words (`data.LABEL_TRAITS`: nine traits, action, held
+shows on average. Superposed designs (two or three words a token) trade the reading, which the align stage learns
+later for sums than for single words, against words shown. The version-3 designs cycle all eleven words (`data.LABEL_TRAITS`: nine traits, action, held
 object) with stride 2 (`AlignStage.v3`) at 8x8 (its 64 tokens), 12x12 and 16x16. The "slots" design (36 tokens, row r the
 character at scene slot r, one word of `SLOT_WORDS` per token) gives every character its own row whatever its
 size. Written to benchmarks/out/token_capacity.json.
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mcllava.proving_base.build import SLOT_WORDS
+from mcllava.proving_base.build import SLOT_WORDS, V3_WORDS
 from mcllava.proving_base.build.align import patch_word_trait
 from mcllava.proving_base.data import LABEL_TRAITS
 from mcllava.proving_base.data import PATCH_TRAITS as ALL
 
 GROUPS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color")
+# the eleven words of the version-3 tower superposed two or three to a token: fewer patches spell a whole character
+PAIRS = V3_WORDS  # ("category+color", "pattern+ears", ..., "held"): the version-3 tokens
+QUADS = ("category+color+pattern", "ears+head+eyes", "build+accessory+accessory_color", "action+held")
 DESIGNS = [  # (grid at 192 px, words, stride): 6 = patches of 32 px (36 tokens), 8 = 24 px (v3), 12 = 16 px (144)
     (6, ("category", "color"), 1),
     (6, ("category", "color", "pattern"), 1),
@@ -43,6 +47,9 @@ DESIGNS = [  # (grid at 192 px, words, stride): 6 = patches of 32 px (36 tokens)
     (8, LABEL_TRAITS, 2),
     (12, LABEL_TRAITS, 2),
     (16, LABEL_TRAITS, 2),
+    (8, PAIRS, 2),
+    (8, QUADS, 1),
+    (12, PAIRS, 2),
 ]
 
 

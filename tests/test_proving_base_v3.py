@@ -16,7 +16,7 @@ from mcllava.backbone import Backbone
 from mcllava.cli import app
 from mcllava.layout import GridLayout
 from mcllava.proving_base import load
-from mcllava.proving_base.build import BACKGROUND_NORM, build, check_layout, tokenizer_for, v3_config
+from mcllava.proving_base.build import BACKGROUND_NORM, V3_WORDS, build, check_layout, tokenizer_for, v3_config
 from mcllava.proving_base.build.align import (
     patch_word_targets,
     patch_word_trait,
@@ -31,6 +31,7 @@ from mcllava.proving_base.data import (
     LABEL_TRAITS,
     LABEL_VALUES,
     MAX_ACTORS,
+    OPTIONAL_TRAITS,
     _identities,
     held_masks,
     patch_coverage,
@@ -70,11 +71,12 @@ def v3_build(tmp_path_factory, tokenizer_dir):
 def test_the_preset_picks_the_v3_tower_heads_and_words():
     cfg = v3_config()
     check_layout(cfg)
-    assert cfg.layout == "grid" and cfg.vision.image_size // cfg.vision.patch_size == 8 and cfg.vision.tokens == 64
+    assert cfg.layout == "grid" and cfg.vision.image_size // cfg.vision.patch_size == 12 and cfg.vision.tokens == 144
     assert cfg.vision_stage.traits == LABEL_TRAITS and cfg.vision_stage.setting and cfg.vision_stage.device == "cpu"
-    assert cfg.align.words == LABEL_TRAITS and cfg.align.background_word == "setting"
+    assert cfg.align.words == V3_WORDS and cfg.align.background_word == "setting" and cfg.align.stride == 2
+    assert sorted(t for w in V3_WORDS for t in w.split("+")) == sorted(LABEL_TRAITS)  # each word once
     gpu = v3_config(gpu=True)
-    assert gpu.vision_stage.device == "cuda" and gpu.vision.patch_size == 24 and gpu.vision.hidden > cfg.vision.hidden
+    assert gpu.vision_stage.device == "cuda" and gpu.vision.patch_size == 16 and gpu.vision.hidden > cfg.vision.hidden
     assert gpu.vision_stage.traits == LABEL_TRAITS
 
 
@@ -156,6 +158,30 @@ def test_v3_align_targets_spell_every_trait_on_owned_patches_and_the_setting_aro
     assert read == {**{t: 1.0 for t in words}, "setting": 1.0}
     shuffled = tgt[:, torch.randperm(64, generator=torch.Generator().manual_seed(1))]
     assert min(word_readout(model, tok, shuffled, labels, owner, words, stride, setting).values()) < 1.0
+
+
+def test_v3_word_pairs_read_back_every_trait_from_a_character_six_patches_wide(tokenizer):
+    """The version-3 tokens superpose two words: exact targets still read back as the right word of each trait,
+    and a character owning a 2 x 3 block of the 12 x 12 grid shows all eleven."""
+    tok, model, words, stride = tokenizer, tiny_text_model(tokenizer), V3_WORDS, 2
+    which = patch_word_trait(12, len(words), stride).view(12, 12)
+    assert {t for i in which[4:7, 5:7].reshape(-1).tolist() for t in words[i].split("+")} == set(LABEL_TRAITS)
+    rng = np.random.default_rng(0)
+    labels = torch.full((1, MAX_ACTORS, len(LABEL_TRAITS)), -100)
+    labels[0, :2] = torch.tensor(
+        [[int(rng.integers(len(LABEL_VALUES[t]) + (t in OPTIONAL_TRAITS))) for t in LABEL_TRAITS] for _ in range(2)]
+    )
+    owner = torch.full((12, 12), -1)
+    owner[4:7, 5:7], owner[1:9, 9:11] = 0, 1
+    owner = owner.view(1, 144)
+    setting = torch.tensor([SETTINGS.index("beach")])
+    tgt = patch_word_targets(model, tok, labels, owner, words, "setting", setting, stride)
+    assert word_readout(model, tok, tgt, labels, owner, words, stride, setting) == {
+        **{t: 1.0 for t in LABEL_TRAITS},
+        "setting": 1.0,
+    }
+    swapped = labels[:, [1, 0, 2, 3]]  # each character's tokens read against the other's traits
+    assert min(word_readout(model, tok, tgt, swapped, owner, words, stride, setting).values()) < 1.0
 
 
 def test_a_v3_build_reports_every_trait_and_word_kind(v3_build):

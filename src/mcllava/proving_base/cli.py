@@ -44,7 +44,7 @@ def build_cmd(
     ),
     preset: Optional[str] = typer.Option(
         None,
-        help="v3: the version-3 base (8x8 patch grid, heads and align words for every trait, action, held "
+        help="v3: the version-3 base (12x12 patch grid, heads and align words for every trait, action, held "
         "object and setting; layout grid); --gpu-vision picks its GPU recipe",
     ),
     layout: str = typer.Option(

@@ -14,9 +14,9 @@
 4. export  - vision tower + projector + the LoRA factors (the language-model delta) as fp16 safetensors, and
              the processor, into a folder that `proving_base.load()` reads.
 
-`v3_config()` (`mcllava base build --preset v3`) builds the version-3 base: an 8x8 patch grid whose heads read
+`v3_config()` (`mcllava base build --preset v3`) builds the version-3 base: a 12x12 patch grid whose heads read
 every trait, the action and held object of each character and the scene's setting, with each owned patch aligned
-to one of its owner's eleven words and the background to the setting word.
+to two of its owner's eleven words and the background to the setting word.
 
 Each stage checkpoints into `work/<stage>/` and is skipped once its `done.json` exists; an interrupted stage
 resumes from its last checkpoint.
@@ -33,6 +33,7 @@ from .config import (
     DEFAULT_WORK,
     LAYOUTS,
     SLOT_WORDS,
+    V3_WORDS,
     AlignStage,
     BuildConfig,
     LMStage,
@@ -58,6 +59,7 @@ __all__ = [
     "DEFAULT_WORK",
     "LAYOUTS",
     "SLOT_WORDS",
+    "V3_WORDS",
     "AlignStage",
     "BuildConfig",
     "EncodedPool",

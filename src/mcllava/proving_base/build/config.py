@@ -50,6 +50,9 @@ class VisionStage:
 # then reads as six adjacent words ("cat red striped slim hat round"), which a 135M language model compares as
 # quickly as text (docs/proving_base.md, "Token layout"). The traits left out change the fewest pixels.
 SLOT_WORDS = ("category", "color", "pattern", "build", "accessory", "eyes")
+# The version-3 tokens: the eleven words of `LABEL_TRAITS` superposed two to a token (the held object alone), so
+# that six patches spell a whole character (benchmarks/token_capacity.py).
+V3_WORDS = ("category+color", "pattern+ears", "head+eyes", "build+accessory", "accessory_color+action", "held")
 LAYOUTS = ("grid", "slots")
 
 
@@ -77,9 +80,10 @@ class AlignStage:
 
     @classmethod
     def v3(cls) -> AlignStage:
-        """Every trait the vision heads read, cycled over the grid (stride 2), background patches as the setting
-        word: each character's owned patches spell its traits, action and held object as exact single words."""
-        return cls(words=LABEL_TRAITS, background_word="setting", stride=2)
+        """Every trait the vision heads read, two words to a token (`V3_WORDS`) cycled over the grid with stride 2,
+        background patches as the setting word: the eight patches a character owns at 12x12 spell its traits,
+        action and held object."""
+        return cls(words=V3_WORDS, background_word="setting", stride=2)
 
 
 @dataclass
@@ -246,9 +250,10 @@ def v3_lm_phases() -> tuple[Phase, ...]:
 
 
 def v3_config(gpu: bool = False, **kw) -> BuildConfig:
-    """The version-3 build: an 8x8 patch grid (`VisionSpec.v3`), heads for every trait, action, held object and
-    setting (`VisionStage.v3`), every trait's word cycled over a character's patches and the setting word on the
-    background (`AlignStage.v3`), `layout="grid"`. `gpu`: the vision stage's larger recipe, on CUDA."""
+    """The version-3 build: a 12x12 patch grid (`VisionSpec.v3`), heads for every trait, action, held object and
+    setting (`VisionStage.v3`), every trait's word, two to a token, cycled over a character's patches and the
+    setting word on the background (`AlignStage.v3`), `layout="grid"`. `gpu`: the vision stage's larger recipe,
+    on CUDA."""
     return BuildConfig(
         vision=VisionSpec.v3(gpu),
         vision_stage=VisionStage.v3(gpu),
