@@ -172,6 +172,26 @@ def test_short_answers_take_the_bases_own_form():
     assert [s.kind for s in bare] == [s.kind for s in default]
 
 
+def test_text_per_concept_draws_that_many_distinct_text_samples():
+    facts = [{"question": f"Fact {i} of <bo>?", "answer": f"answer {i}"} for i in range(5)]
+    concepts = [ConceptFacts("bo", "a dog", facts), ConceptFacts("ana", None, facts[:1]), ConceptFacts("kiki")]
+    every = [s for s in build_epoch(_catalog(), concepts, random.Random(0)) if s.kind == "text"]
+    assert [s.concepts for s in every] == [("bo",)] * 6 + [("ana",)]  # description and five facts; one fact
+    seen = set()
+    for seed in range(30):
+        options = DataOptions(text_per_concept=2)
+        text = [s for s in build_epoch(_catalog(), concepts, random.Random(seed), options) if s.kind == "text"]
+        bo = [(s.question, s.answer) for s in text if s.concepts == ("bo",)]
+        assert len(bo) == len(set(bo)) == 2 and [s.concepts for s in text].count(("ana",)) == 1
+        seen.update(a for _, a in bo)
+    assert "<bo> is a dog" in seen and {f"answer {i}" for i in range(5)} <= seen  # every one is drawn in time
+    assert not [
+        s
+        for s in build_epoch(_catalog(), concepts, random.Random(0), DataOptions(text_per_concept=0))
+        if s.kind == "text"
+    ]
+
+
 def test_hard_negatives_make_half_of_a_concepts_negatives():
     cat = _catalog() + [CatalogEntry(f"_neg/{i}", f"n{i}.png", None, frozenset()) for i in range(2, 40)]
     hard = ("_neg/7", "_neg/8", "_neg/9")

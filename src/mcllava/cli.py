@@ -138,6 +138,12 @@ def personalize(
         min=0,
         help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1.",
     ),
+    text: Optional[int] = typer.Option(
+        None,
+        "--text",
+        min=0,
+        help="Per concept and epoch, this many text-only questions from its description and facts (concept.yaml). Default: all (none on proving-ground).",
+    ),
     captions: Optional[int] = typer.Option(
         None,
         "--captions",
@@ -185,6 +191,8 @@ def personalize(
         config.data = replace(config.data, group_pairs=group_pairs)
     if captions is not None:
         config.data = replace(config.data, captions=captions)
+    if text is not None:
+        config.data = replace(config.data, text=text > 0, text_per_concept=text)
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)

@@ -130,6 +130,9 @@ class DataOptions:
     flip: bool = True  # horizontal-flip augmentation
     balance: bool = True  # as many No as Yes for every concept, every epoch
     text: bool = True  # text-only questions from descriptions and facts
+    # per concept and epoch, this many of those (drawn without repeats from its description and facts); None = all.
+    # A few keep a bank's facts without their long answers outweighing the one-token recognition answers.
+    text_per_concept: int | None = None
     group: bool = True  # "are A and B both here?" on group photos
     # (Yes, No) pairs of such questions per group photo and epoch: the first No pairs a shown concept with an
     # absent one on the group photo, later ones ask about two of its concepts on a photo of only one of them
@@ -191,18 +194,12 @@ def build_epoch(
                     )
                 )
         if options.text:
+            text = [(fact["question"], fact["answer"]) for fact in concept.facts]
             if concept.description:
-                samples.append(
-                    Sample(
-                        rng.choice(DESCRIBE_QUESTIONS).format(c=tok),
-                        f"{tok} is {concept.description}",
-                        None,
-                        "text",
-                        (cid,),
-                    )
-                )
-            for fact in concept.facts:
-                samples.append(Sample(fact["question"], fact["answer"], None, "text", (cid,)))
+                text.insert(0, (rng.choice(DESCRIBE_QUESTIONS).format(c=tok), f"{tok} is {concept.description}"))
+            if options.text_per_concept is not None:
+                text = rng.sample(text, min(options.text_per_concept, len(text)))
+            samples += [Sample(q, a, None, "text", (cid,)) for q, a in text]
         if options.captions and captions:
             captioned = [e for e in catalog if cid in e.present and e.key in captions]
             for e in rng.sample(captioned, min(options.captions, len(captioned))):
