@@ -397,7 +397,10 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
         "mcllava.backbone.Backbone.load", classmethod(lambda cls, base, **kw: SimpleNamespace(tokenizer=None))
     )
     monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
-    for args, k, lr, captions in (([], 6, 1e-2, 1), (["--k", "3", "--lr", "0.5", "--captions", "0"], 3, 0.5, 0)):
+    for args, k, lr, captions, text in (
+        ([], 6, 1e-2, 1, (False, None)),
+        (["--k", "3", "--lr", "0.5", "--captions", "0", "--text", "2"], 3, 0.5, 0, (True, 2)),
+    ):
         res = CliRunner().invoke(
             app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args]
         )
@@ -410,4 +413,5 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
             True,
             captions,
         )
+        assert (cfg.data.text, cfg.data.text_per_concept) == text
     assert proving_ground().data.text is False
