@@ -8,6 +8,27 @@ import torch
 torch.set_num_threads(2)
 
 
+class ScriptedBase:
+    """Stands in for a backbone that writes answers: records the prompts and replies with the first scripted answer
+    whose key is in the prompt."""
+
+    def __init__(self, replies: dict[str, str]):
+        self.replies, self.prompts = replies, []
+
+    def format_prompt(self, question: str, system=None, image: bool = True) -> str:
+        return question
+
+    def generate(self, prompt, image_features, max_new_tokens: int = 64, suppress=()) -> str:
+        self.prompts.append(prompt)
+        return next(a for key, a in self.replies.items() if key in prompt)
+
+
+@pytest.fixture()
+def scripted_base():
+    """`ScriptedBase`, for the tests of what personalisation asks the base to write before training."""
+    return ScriptedBase
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer + <image>, saved once as a plain folder (parsing the GGUF takes seconds)."""

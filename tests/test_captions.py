@@ -25,20 +25,6 @@ def _catalog():
     return cat
 
 
-class ScriptedBase:
-    """Stands in for a backbone: records the prompts and answers with a caption chosen per prompt."""
-
-    def __init__(self, captions: dict[str, str]):
-        self.captions, self.prompts = captions, []
-
-    def format_prompt(self, question: str, system=None, image: bool = True) -> str:
-        return question
-
-    def generate(self, prompt, image_features, max_new_tokens: int = 64, suppress=()) -> str:
-        self.prompts.append(prompt)
-        return next(c for key, c in self.captions.items() if key in prompt)
-
-
 def named_ids(text: str, known: list[str]) -> set[str]:
     """What the caption filter reads as named: evaluation's `named_concepts`, with `<id>` as the only name."""
     return set(named_concepts(text, known, {c: f"<{c}>" for c in known}))
@@ -57,9 +43,9 @@ def test_a_caption_cut_off_by_the_token_limit_keeps_its_whole_sentences():
     assert whole_sentences("<bo> sitting on a") == ""  # nothing whole: no caption
 
 
-def test_distil_keeps_captions_that_name_exactly_the_concepts_shown():
+def test_distil_keeps_captions_that_name_exactly_the_concepts_shown(scripted_base):
     entries = _catalog()[:2] + _catalog()[4:]  # bo/0, bo/1, ana/0..2, _multi/0, _neg/0
-    base = ScriptedBase(
+    base = scripted_base(
         {
             "<ana> is a blue square. <bo> is": "<bo> and <ana> in a park.",  # the group photo: both named
             "<bo> is": "<bo> in a kitchen. <bo> is sitting",  # cut off by the token limit: the whole sentence is kept
@@ -114,8 +100,8 @@ def test_caption_samples_per_concept_and_epoch():
 @pytest.mark.slow  # personalises the pretrained tiny base
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path, tiny_base_dir, monkeypatch, interrupt):
-    """The captions are written once, before concept tokens exist, and a resumed run reads them from the
-    checkpoint instead of asking the base again."""
+    """The captions and open answers are written once, before concept tokens exist, and a resumed run reads them
+    from the checkpoint instead of asking the base again."""
     import mcllava.train as train_mod
 
     concepts_dir, _ = make_shape_concepts(
@@ -131,13 +117,24 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
 
     def spy(*args, **kwargs):
         samples = real_build(*args, **kwargs)
-        seen.extend(s for s in samples if s.kind == "caption")
+        seen.extend(s for s in samples if s.kind in ("caption", "open"))
         return samples
 
+    answer_calls = []
+
+    def fake_answers(backbone, entries, descriptions, features, questions, progress=True):
+        answer_calls.append(len(backbone.tokenizer))
+        return {e.key: [[c, questions[0], f"<{c}> is sitting."] for c in sorted(e.present)] for e in entries}
+
     monkeypatch.setattr(train_mod, "distil_captions", fake_distil)
+    monkeypatch.setattr(train_mod, "distil_answers", fake_answers)
     monkeypatch.setattr(train_mod, "build_epoch", spy)
     cfg = TrainConfig(
-        k=2, epochs=2, lr=1e-2, batch_size=8, data=DataOptions(short_answers=True, text=False, captions=1)
+        k=2,
+        epochs=2,
+        lr=1e-2,
+        batch_size=8,
+        data=DataOptions(short_answers=True, text=False, captions=1, open_answers=1),
     )
 
     def run(resume=False):
@@ -165,6 +162,13 @@ def test_personalize_trains_on_captions_and_resumes_with_the_same_ones(tmp_path,
     assert len(calls) == 1  # written once, also across the interruption
     backbone = Backbone.load(tiny_base_dir)
     assert calls[0] == len(backbone.tokenizer)  # before the concept tokens were added
-    assert len(seen) == 2 * (3 if interrupt else 2)  # one per concept in each epoch built (the cut one too)
-    assert {s.answer for s in seen} == {"<bo> in a park.", "<ana> in a park."}
+    assert len(answer_calls) == 1 and answer_calls[0] == calls[0]  # open answers too: once, before the tokens
+    captioned = [s for s in seen if s.kind == "caption"]
+    assert len(captioned) == 2 * (3 if interrupt else 2)  # one per concept in each epoch built (the cut one too)
+    assert {s.answer for s in captioned} == {"<bo> in a park.", "<ana> in a park."}
+    opened = [s for s in seen if s.kind == "open"]
+    assert len(opened) == len(captioned) and {(s.question, s.answer) for s in opened} == {
+        ("What is <bo> doing?", "<bo> is sitting."),
+        ("What is <ana> doing?", "<ana> is sitting."),
+    }
     assert len(result.history) == 2

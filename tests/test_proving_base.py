@@ -399,7 +399,7 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
     monkeypatch.setattr("mcllava.concepts.ConceptSet.load", classmethod(lambda cls, d, **kw: []))
     for args, k, lr, captions, text in (
         ([], 6, 1e-2, 1, (False, None)),
-        (["--k", "3", "--lr", "0.5", "--captions", "0", "--text", "2"], 3, 0.5, 0, (True, 2)),
+        (["--k", "3", "--lr", "0.5", "--captions", "0", "--text", "2", "--open-answers", "3"], 3, 0.5, 0, (True, 2)),
     ):
         res = CliRunner().invoke(
             app, ["personalize", str(tmp_path), "--base", "proving-ground", "--out", str(tmp_path / "b"), *args]
@@ -414,4 +414,5 @@ def test_proving_ground_recipe_is_what_personalize_uses(tmp_path, monkeypatch):
             captions,
         )
         assert (cfg.data.text, cfg.data.text_per_concept) == text
+        assert cfg.data.open_answers == (3 if args else 0)
     assert proving_ground().data.text is False

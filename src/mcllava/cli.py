@@ -138,6 +138,12 @@ def personalize(
         min=0,
         help="Per group photo and epoch, this many 'are A and B both here?' Yes/No pairs (the later No's on photos of one of them alone). Default: 1.",
     ),
+    open_answers: Optional[int] = typer.Option(
+        None,
+        "--open-answers",
+        min=0,
+        help="Per concept and epoch, this many answers to open questions about its photos ('What is <c> doing?'), written by the base from the concepts' descriptions before training. Default: 0.",
+    ),
     text: Optional[int] = typer.Option(
         None,
         "--text",
@@ -193,6 +199,8 @@ def personalize(
         config.data = replace(config.data, captions=captions)
     if text is not None:
         config.data = replace(config.data, text=text > 0, text_per_concept=text)
+    if open_answers is not None:
+        config.data = replace(config.data, open_answers=open_answers)
     try:
         backbone = Backbone.load(base)
         concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)

@@ -36,6 +36,7 @@ from .concepts import ConceptSet, ImageLimits, load_image, load_mask, validate_c
 from .errors import McLlavaError
 from .extend import check_extension, extended_bank, old_catalog
 from .kmeans_init import kmeans_rows, masked_tokens, random_rows
+from .open_answers import distil_answers
 from .tokens import (
     ConceptTokens,
     add_concept_tokens,
@@ -207,7 +208,7 @@ def probe_accuracy(
 
 
 # ------------------------------------------------------------------------------------------------ main loop
-def _captions(
+def _written_by_the_base(
     backbone: Backbone,
     concepts: ConceptSet,
     store: ImageStore,
@@ -216,23 +217,35 @@ def _captions(
     found: Path | None,
     progress: bool,
     log,
-) -> dict[str, str]:
-    """Caption answers for `DataOptions.captions` (written by the base before concept tokens exist); they are saved
-    in every checkpoint, so a run resumed from `found` trains on the same ones without writing them again."""
-    if not config.data.captions:
-        return {}
-    if found is not None and "captions" in (saved := json.loads((found / "state.json").read_text())):
-        return saved["captions"]
-    captions = distil_captions(
-        backbone,
-        entries,
-        {c.id: c.description for c in concepts},
-        lambda chosen: store.features([ImageRef(e.key) for e in chosen], cached=False),
-        progress,
-    )
-    n_photos = sum(1 for e in entries if e.present)
-    log(f"captions: the base described {len(captions)} of {n_photos} concept photos naming exactly the concepts shown")
-    return captions
+) -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+    """Caption answers for `DataOptions.captions` and open answers for `DataOptions.open_answers`, written by the
+    base from the concepts' descriptions before concept tokens exist. Both are saved in every checkpoint, so a run
+    resumed from `found` trains on the same ones without writing them again."""
+    saved = json.loads((found / "state.json").read_text()) if found is not None else {}
+    descriptions = {c.id: c.description for c in concepts}
+
+    def features(chosen: list[CatalogEntry]) -> torch.Tensor:
+        return store.features([ImageRef(e.key) for e in chosen], cached=False)
+
+    captions, answers = {}, {}
+    if config.data.captions:
+        captions = saved.get("captions")
+        if captions is None:
+            captions = distil_captions(backbone, entries, descriptions, features, progress)
+            n_photos = sum(1 for e in entries if e.present)
+            log(
+                f"captions: the base described {len(captions)} of {n_photos} concept photos naming exactly the concepts shown"
+            )
+    if config.data.open_answers:
+        answers = saved.get("answers")
+        if answers is None:
+            questions = config.data.open_questions
+            answers = distil_answers(backbone, entries, descriptions, features, questions, progress)
+            asked = sum(len(e.present) for e in entries if e.present) * len(questions)
+            log(
+                f"open answers: the base answered {sum(map(len, answers.values()))} of {asked} questions about the photos"
+            )
+    return captions, answers
 
 
 def personalize(
@@ -276,7 +289,7 @@ def personalize(
     ckpt = checkpoint_dir(out)
     found = latest_checkpoint(ckpt) if resume else None
     new_entries = [e for e in train_entries if not e.present & set(frozen)]  # the bank's photos need no captions
-    captions = _captions(backbone, concepts, store, new_entries, config, found, progress, log)
+    captions, answers = _written_by_the_base(backbone, concepts, store, new_entries, config, found, progress, log)
     tokens = add_concept_tokens(model, tokenizer, frozen + concepts.ids, config.k)  # the bank's order, then the new
     trained = tokens.subset(concepts.ids)  # the rows that train
     if extend is not None:
@@ -362,7 +375,7 @@ def personalize(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         rng = random.Random(config.seed * 100_003 + epoch)
-        samples = build_epoch(train_entries, facts, rng, config.data, captions, frozen)
+        samples = build_epoch(train_entries, facts, rng, config.data, captions, frozen, answers)
         if config.recipe == "fast":
             store.fill_cache([s.image for s in samples if s.image is not None], progress)
         bs = config.batch_size
@@ -413,7 +426,10 @@ def personalize(
             + (f", held-out recognition {acc['weighted_accuracy']:.3f}" if acc else "")
         )
         save_checkpoint(
-            ckpt, params, optimizer, {**meta_key, "epoch": epoch + 1, "history": history, "captions": captions}
+            ckpt,
+            params,
+            optimizer,
+            {**meta_key, "epoch": epoch + 1, "history": history, "captions": captions, "answers": answers},
         )
         if on_epoch is not None:
             on_epoch(entry, current_bank())

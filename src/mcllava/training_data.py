@@ -90,6 +90,8 @@ GROUP_QUESTIONS = [
     "Are {cs} both here?",
 ]
 CAPTION_QUESTION = "Describe this photo."  # the question the proving-ground base learnt captions with
+# Open questions whose answers the base writes about the user's photos before training (`open_answers.py`).
+OPEN_QUESTIONS = ("What is {c} doing?", "What is {c} holding?", "Where is {c} in this photo?")
 DESCRIBE_QUESTIONS = ["Who is {c}?", "What is {c}?", "Tell me about {c}.", "Describe {c}."]
 
 # The fixed check question of the per-epoch recognition probe and of evaluation's yes/no scoring.
@@ -121,7 +123,7 @@ class Sample:
     question: str
     answer: str
     image: ImageRef | None
-    kind: str  # "positive" | "negative" | "group" | "text" | "caption"
+    kind: str  # "positive" | "negative" | "group" | "text" | "caption" | "open"
     concepts: tuple[str, ...] = ()
 
 
@@ -145,6 +147,10 @@ class DataOptions:
     # caption answers per concept and epoch, from its photos that have one (`captions.distil_captions`: the base's
     # own caption, written from word definitions, naming the concepts shown); 0 = no captions
     captions: int = 0
+    # open answers per concept and epoch (`open_answers.distil_answers`: the base's answers to `open_questions` about
+    # the concept's photos, written from its description); 0 = none
+    open_answers: int = 0
+    open_questions: tuple[str, ...] = OPEN_QUESTIONS
 
 
 @dataclass
@@ -162,9 +168,11 @@ def build_epoch(
     options: DataOptions = DataOptions(),
     captions: dict[str, str] | None = None,
     frozen: list[str] = (),
+    answers: dict[str, list[list[str]]] | None = None,
 ) -> list[Sample]:
     """All samples of one epoch, shuffled. Deterministic for the state of `rng`. `captions` maps catalogue keys to
-    caption answers (used when `options.captions` > 0). `frozen` names concepts of the catalogue whose rows do not
+    caption answers (used when `options.captions` > 0), `answers` to [concept id, question, answer] triples about
+    the photo's concepts (`options.open_answers` > 0). `frozen` names concepts of the catalogue whose rows do not
     train (a bank being extended): their photos are the trained concepts' negatives, and `_frozen_samples` asks
     about them too, as many times as the trained concepts have photos."""
     samples: list[Sample] = []
@@ -182,12 +190,12 @@ def build_epoch(
         if rest and n_rest:
             neg += rng.sample(rest, n_rest) if n_rest <= len(rest) else rng.choices(rest, k=n_rest)
         yes, no = ([options.yes_no[0]], [options.yes_no[1]]) if options.short_answers else (YES_ANSWERS, NO_ANSWERS)
-        for entries, answers, kind in ((pos, yes, "positive"), (neg, no, "negative")):
+        for entries, replies, kind in ((pos, yes, "positive"), (neg, no, "negative")):
             for e in entries:
                 samples.append(
                     Sample(
                         question=rng.choice(RECOGNITION_QUESTIONS).format(c=tok),
-                        answer=rng.choice(answers).format(c=tok),
+                        answer=rng.choice(replies).format(c=tok),
                         image=ImageRef(e.key, options.flip and rng.random() < 0.5),
                         kind=kind,
                         concepts=(cid,),
@@ -207,6 +215,13 @@ def build_epoch(
                 samples.append(
                     Sample(CAPTION_QUESTION, captions[e.key], ImageRef(e.key), "caption", tuple(sorted(e.present)))
                 )
+        if options.open_answers and answers:
+            mine = [
+                (e.key, q, a) for e in catalog if cid in e.present for c, q, a in answers.get(e.key, []) if c == cid
+            ]
+            for key, q, a in rng.sample(mine, min(options.open_answers, len(mine))):
+                # never mirrored either: an answer may say where in the photo the concept is
+                samples.append(Sample(q.format(c=tok), a, ImageRef(key), "open", (cid,)))
     if options.group:
         samples += _group_samples(catalog, [c.cid for c in concepts], rng, options)
     if frozen:
