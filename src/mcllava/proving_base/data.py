@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..datasets.records import recognition_question
 from ..errors import McLlavaError
-from ..world.corpus import nonce_name
+from ..world.corpus import nonce_name, nonce_names
 from ..world.questions import join_words
 from ..world.render import ACTIONS, HELD_OBJECTS
 from ..world.scenes import PROP, SETTING_PHRASES, SETTINGS, RenderedScene, sample_visible_scene
@@ -352,11 +352,7 @@ def recognition_case(
     both = positive is None and cur.both > 0 and rng.random() < cur.both
     n_def = 2 if both else int(rng.integers(1, cur.max_definitions + 1))
     defined = _identities(rng, n_def, half)
-    names: list[str] = []
-    while len(names) < n_def:
-        nm = nonce_name(rng)
-        if nm not in names:
-            names.append(nm)
+    names = nonce_names(rng, n_def)
     target = int(rng.integers(n_def))
     positive = bool(rng.random() < 0.5) if positive is None else positive
     actors: list[Any] = []

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..evaluate import format_question
 from ..scoring_official import PROMPTS
-from ..world.corpus import nonce_name
+from ..world.corpus import nonce_names
 from ..world.questions import (
     SceneFacts,
     caption,
@@ -65,15 +65,6 @@ POSITIONS = [
 ]
 
 
-def _names(rng: np.random.Generator, n: int) -> list[str]:
-    out: list[str] = []
-    while len(out) < n:
-        nm = nonce_name(rng)
-        if nm not in out:
-            out.append(nm)
-    return out
-
-
 @dataclass
 class DefinedScene:
     """A photo with 1-3 defined names (some absent, look-alikes about) and the system text that defines them."""
@@ -109,7 +100,7 @@ def defined_scene(rng: np.random.Generator, size: int, half: str = "base", min_p
     an absent one's look-alike stands in half of the time, a present one's twin stands beside it a fifth of the
     time, and strangers fill up to four characters."""
     n_def = int(rng.integers(1, 4))
-    defined, names = _identities(rng, n_def, half), _names(rng, n_def)
+    defined, names = _identities(rng, n_def, half), nonce_names(rng, n_def)
     present = [j for j in range(n_def) if rng.random() < PRESENT]
     while len(present) < min_present:
         present.append(int(rng.choice([j for j in range(n_def) if j not in present])))
@@ -236,7 +227,7 @@ def facts_sample(rng: np.random.Generator, half: str = "base") -> dict[str, Any]
     answer) and the question asks one fact, open (the bare answer) or as a lettered choice, which of two is
     older (a letter), or what kind of character one is."""
     n = int(rng.integers(1, 3))
-    idents, names = _identities(rng, n, half), _names(rng, n)
+    idents, names = _identities(rng, n, half), nonce_names(rng, n)
     profiles = {nm: make_facts(rng, nm) for nm in names}
     system = " ".join(
         f"{tok(nm)} is {describe(ident)}. " + " ".join(f"{f['question']} {f['answer']}." for f in profiles[nm])

@@ -32,6 +32,16 @@ def nonce_name(rng: np.random.Generator) -> str:
     return "".join(SYLLABLES[j] for j in rng.integers(len(SYLLABLES), size=int(rng.integers(2, 4))))
 
 
+def nonce_names(rng: np.random.Generator, n: int) -> list[str]:
+    """`n` different made-up names (`nonce_name`), drawn until there are that many."""
+    names: list[str] = []
+    while len(names) < n:
+        nm = nonce_name(rng)
+        if nm not in names:
+            names.append(nm)
+    return names
+
+
 def _base_identities(rng: np.random.Generator, k: int) -> list[Identity]:
     out: list[Identity] = []
     while len(out) < k:
@@ -114,11 +124,7 @@ def corpus_sample(seed: int, index: int, size: int = 192) -> dict[str, Any]:
     else:
         n_def = int(rng.integers(1, 5))
         defined = _base_identities(rng, n_def)
-        names: list[str] = []
-        while len(names) < n_def:
-            nm = nonce_name(rng)
-            if nm not in names:
-                names.append(nm)
+        names = nonce_names(rng, n_def)
         definitions = {nm: describe(ident) for nm, ident in zip(names, defined)}
         target = int(rng.integers(n_def))
         positive = rng.random() < 0.5
