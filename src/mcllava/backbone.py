@@ -444,9 +444,16 @@ class Backbone:
         feats = image_features[None] if enc.has_image else None
         embeds = self.embed(ids, feats)
         cache = self.prompt_cache.lookup(self.model.model.language_model, embeds[0])
+        return (prefix + self.generate_from_embeds(embeds, max_new_tokens, suppress, cache)).strip()
+
+    def generate_from_embeds(
+        self, embeds: torch.Tensor, max_new_tokens: int = 64, suppress: Sequence[int] = (), cache=None
+    ) -> str:
+        """Greedy answer to one prompt already embedded ([1, T, D]: image rows, or rows of visual definitions, in
+        place), decoded; `cache` is a key-value cache of the prompt's start (`PromptCache.lookup`)."""
         out = self.model.generate(
             inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             **({cache_kwarg(self.model): cache} if cache is not None else {}),
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -454,4 +461,4 @@ class Backbone:
             eos_token_id=self.tokenizer.eos_token_id,
             logits_processor=LogitsProcessorList([SuppressIds(suppress, self.device)]) if suppress else None,
         )
-        return (prefix + self.tokenizer.decode(out[0], skip_special_tokens=True)).strip()
+        return self.tokenizer.decode(out[0], skip_special_tokens=True)

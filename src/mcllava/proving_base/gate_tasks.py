@@ -44,21 +44,12 @@ def task_samples(kind: str, n: int, seed: int, size: int) -> list[dict]:
 def generate_pool(backbone, pool: EncodedPool, max_new_tokens: int, progress: Callable | None = None) -> list[str]:
     """Greedy answers to every prompt of a pre-encoded pool, visual definitions and image rows in place."""
     norm = word_embedding_norm(backbone.model, len(backbone.tokenizer))
-    tok = backbone.tokenizer
     outs = []
     for i in range(len(pool.kinds)):
         n = int(((pool.labels[i] == -100) & (pool.attention_mask[i] == 1)).sum())
         ids = pool.input_ids[i : i + 1, :n].to(backbone.device)
         embeds = backbone.embed(ids, sample_features(backbone, pool, torch.tensor([i]), norm))
-        out = backbone.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id or tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        outs.append(tok.decode(out[0], skip_special_tokens=True).strip())
+        outs.append(backbone.generate_from_embeds(embeds, max_new_tokens).strip())
         if progress is not None:
             progress()
     return outs
