@@ -8,7 +8,7 @@ which makes "compare a description with the image" much easier for a 135M langua
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ class VisionSpec:
         show"). 144 tokens are a quarter of LLaVA-1.5's 576. Width 192 and 4 layers keep a CPU step affordable;
         with `gpu` the wider, deeper recipe of `gpu()` (5.5 M parameters), cheap on a GPU.
         """
-        return cls(patch_size=16, **({"hidden": 256, "layers": 6} if gpu else {}))
+        return replace(cls.gpu() if gpu else cls(), patch_size=16)
 
     @property
     def tokens(self) -> int:
