@@ -23,6 +23,12 @@ class ScriptedBase:
         return next(a for key, a in self.replies.items() if key in prompt)
 
 
+@pytest.fixture(scope="session")
+def toy_lm_sizes() -> dict:
+    """The smallest LM-stage pools, batch and LoRA with which a toy base build runs end to end."""
+    return dict(pool=8, val_pool=8, val_read=4, batch_size=4, lora_rank=4, lora_alpha=4)
+
+
 @pytest.fixture()
 def scripted_base():
     """`ScriptedBase`, for the tests of what personalisation asks the base to write before training."""

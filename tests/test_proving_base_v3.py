@@ -47,23 +47,13 @@ TOY = VisionSpec(image_size=64, patch_size=8, hidden=32, layers=1, heads=2)  # a
 
 
 @pytest.fixture(scope="module")
-def v3_build(tmp_path_factory, tokenizer_dir):
+def v3_build(tmp_path_factory, tokenizer_dir, toy_lm_sizes):
     work = tmp_path_factory.mktemp("v3")
     cfg = v3_config(work=work, progress=False, text_model=lambda tok: tiny_text_model(tok))
     cfg.vision = TOY
     cfg.vision_stage = replace(cfg.vision_stage, scenes=72, steps=2, batch_size=4)
     cfg.align = replace(cfg.align, steps=2, batch_size=4, tower_steps=2, tower_batch_size=4)
-    cfg.lm = replace(
-        cfg.lm,
-        phases=tuple(replace(p, steps=1) for p in cfg.lm.phases),
-        pool=8,
-        val_pool=8,
-        val_read=4,
-        batch_size=4,
-        lora_rank=4,
-        lora_alpha=4,
-        eval_every=3,
-    )
+    cfg.lm = replace(cfg.lm, phases=tuple(replace(p, steps=1) for p in cfg.lm.phases), **toy_lm_sizes, eval_every=3)
     shutil.copytree(tokenizer_dir, work / "tokenizer")  # parsing the GGUF again would take seconds
     return cfg, build(cfg)
 

@@ -43,7 +43,7 @@ TOY_VISION = VisionSpec(image_size=96, patch_size=16, hidden=32, layers=2, heads
 
 
 @pytest.fixture(scope="module")
-def slots_toy(tmp_path_factory):
+def slots_toy(tmp_path_factory, toy_lm_sizes):
     work = tmp_path_factory.mktemp("slots")
     phases = (
         Phase("read", 1, Curriculum(mix=(0, 1, 0, 0, 0, 0)), oracle=True),
@@ -55,17 +55,7 @@ def slots_toy(tmp_path_factory):
         layout="slots",
         vision_stage=VisionStage(scenes=72, steps=2, batch_size=4),
         align=AlignStage(steps=2, batch_size=4, words=SLOT_WORDS, tower_steps=2),
-        lm=LMStage(
-            phases=phases,
-            pool=8,
-            val_pool=8,
-            val_read=4,
-            batch_size=4,
-            lora_rank=4,
-            lora_alpha=4,
-            eval_every=1,
-            checkpoint_every=1,
-        ),
+        lm=LMStage(phases=phases, **toy_lm_sizes, eval_every=1, checkpoint_every=1),
         progress=False,
         text_model=lambda tok: tiny_text_model(tok),
     )
