@@ -130,8 +130,14 @@ def build_world(
 
     With `reuse`, a world this function finished earlier in `root` with the same settings is read back instead (a
     resumed benchmark must train on the very photos its checkpoints were made from)."""
-    settings = {"kind": kind, "n": n, "seed": seed, "train_images": train_images, "test_images": test_images}
-    settings["multi"] = multi
+    settings = {
+        "kind": kind,
+        "n": n,
+        "seed": seed,
+        "train_images": train_images,
+        "test_images": test_images,
+        "multi": multi,
+    }
     marker = root / "world-settings.json"
     if reuse and marker.exists():
         saved = json.loads(marker.read_text())
