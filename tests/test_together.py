@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from PIL import Image
 
 from mcllava.assistant import asked_together, together_answer
 from mcllava.testing import make_assistant, red_photo
@@ -74,6 +75,28 @@ def test_each_concept_is_asked_about_on_the_same_visual_tokens(assistant, script
     scripted.clear()
     a = assistant.respond(red_photo(), "Are <bo>, <kit> and <ana> all in this photo?", visual_prompt=False)
     assert a.text == "No, <kit> is not in this photo." and set(a.parts) == {"bo", "kit", "ana"} and len(scripted) == 3
+
+
+def test_with_a_cache_the_model_is_asked_each_distinct_input_once(assistant, scripted):
+    blue = Image.new("RGB", (64, 64), (0, 0, 200))
+    ask = lambda image, q: assistant.respond(image, q, visual_prompt=False).text  # noqa: E731
+    assistant.cache_size = 1024
+    try:
+        assert ask(red_photo(), "Is <kit> in this photo?") == ask(red_photo(), "Is <kit> in this photo?") == "No"
+        assert len(scripted) == 1 and assistant.cache_hits >= 1
+        ask(blue, "Is <kit> in this photo?")  # another photo, other visual tokens
+        ask(red_photo(), "What is <kit> doing?")  # another question
+        ask(red_photo(), "Are <kit> and <bo> both in this photo?")  # <kit> is remembered, <bo> is new
+        assert len(scripted) == 4
+        assistant.cache_size = 1  # the least recently used output is forgotten first
+        ask(blue, "Is <bo> in this photo?")
+        ask(red_photo(), "Is <kit> in this photo?")
+        assert len(scripted) == 6 and len(assistant._outputs) == 1
+    finally:
+        assistant.cache_size = 0  # the default: every answer from the model
+        assistant.clear_cache()
+    ask(blue, "Is <bo> in this photo?"), ask(blue, "Is <bo> in this photo?")
+    assert len(scripted) == 8 and not assistant._outputs
 
 
 def test_joint_mode_and_questions_without_a_photo_ask_as_is(assistant, scripted):

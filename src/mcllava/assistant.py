@@ -13,11 +13,19 @@ A question that offers lettered options is answered by ranking them (unless `gen
 is scored as the answer to the question (`Backbone.answer_scores`) and the reply is the best one's letter. An
 answer-format instruction ("Answer ... using a single word Yes or No.") is taken off the question and obeyed: a
 yes/no answer is then the bare word (`question_forms`).
+
+Decoding is greedy, so the same prompt on the same visual tokens always gives the same text: with `cache_size`
+the assistant keeps that many recent model outputs and answers a repeated input from memory. An evaluation gains
+most: a caption or a "both" question asks each concept the recognition question its photo was asked already, and
+the same questions come back in other wordings' passes. Off by default, since a server streams and counts the
+tokens of every answer from the model's own generation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +45,7 @@ from .training_data import join_names
 
 CAPTION_QUESTION = "Describe this photo. Name everyone you recognise."
 MAX_QUESTION_CHARS = 4000
+EVAL_CACHE_SIZE = 4096  # model outputs an evaluation keeps: a test set's repeated (photo, question) pairs
 
 
 @dataclass
@@ -60,6 +69,13 @@ def together_answer(parts: dict[str, str], token=lambda c: f"<{c}>") -> str:
     return f"No, {join_names(missing)} {'is' if len(missing) == 1 else 'are'} not in this photo."
 
 
+def digest(features: torch.Tensor | None) -> str | None:
+    """A short fingerprint of a photo's visual tokens, exact to the bit (None without a photo)."""
+    if features is None:
+        return None
+    return hashlib.blake2b(features.contiguous().view(torch.uint8).cpu().numpy(), digest_size=16).hexdigest()
+
+
 class PersonalAssistant:
     """Answers questions that name personal concepts as `<id>`, with or without a photo."""
 
@@ -75,10 +91,12 @@ class PersonalAssistant:
         generate_choices: bool = False,
         tokens: ConceptTokens | None = None,
         never_say: Iterable[int] = (),
+        cache_size: int = 0,
     ):
         """`tokens` and `never_say` serve several banks on one base (`multibank.SharedBase`): the bank's tokens are
         already in the tokenizer, its rows are written before each use, and `never_say` (the other banks' token ids)
-        is never generated. By default the bank's tokens are added and its rows written here."""
+        is never generated. By default the bank's tokens are added and its rows written here. `cache_size`: how
+        many model outputs (generated texts, option scores) are kept to answer repeated inputs (0: none)."""
         self.backbone = backbone
         self.bank = bank
         n = bank.tokenizer_len_before
@@ -101,6 +119,9 @@ class PersonalAssistant:
         self.introduce = introduce or bank.recipe.get("introduce", "all")  # default: as the bank was trained
         self.locate_config = locate_config or LocateConfig(reduce=backbone.layout.reference_reduce)
         self.names = {cid: (bank.display.get(cid) or {}).get("name") or cid for cid in bank.concept_ids}
+        self.cache_size = cache_size
+        self._outputs: OrderedDict[Hashable, object] = OrderedDict()
+        self.cache_hits = 0
 
     @classmethod
     def load(cls, bank: str | Path | ConceptBank, base: str | Backbone | None = None, **kwargs) -> PersonalAssistant:
@@ -135,6 +156,23 @@ class PersonalAssistant:
         return {loc.concept_id: (loc.peak if loc.present else None) for loc in self.locations(image)}
 
     # ------------------------------------------------------------------ answering
+    def clear_cache(self) -> None:
+        """Forget the remembered model outputs (after the model or the bank's rows were changed in place)."""
+        self._outputs.clear()
+
+    def _remembered(self, key: Hashable, compute: Callable[[], object]) -> object:
+        """The model's output for these exact inputs, from the cache when it was computed before (LRU)."""
+        if key in self._outputs:
+            self._outputs.move_to_end(key)
+            self.cache_hits += 1
+            return self._outputs[key]
+        value = compute()
+        if self.cache_size > 0:
+            self._outputs[key] = value
+            while len(self._outputs) > self.cache_size:
+                self._outputs.popitem(last=False)
+        return value
+
     def introduced(self, question: str, locations: list[Location]) -> list[str]:
         """The concepts the system text introduces: all of them, or with `introduce="relevant"` only those the
         question names as `<id>` or the locator finds in the photo, so that the prompt stays short however many
@@ -180,9 +218,13 @@ class PersonalAssistant:
         def prompt(q: str, system: str) -> str:
             return self.backbone.format_prompt(q, system, image=features is not None)
 
+        seen = digest(features)
+
         def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
-            return self.backbone.generate(
-                prompt(q, system), features, max_new_tokens, suppress=[*self.never_say, *suppress], prefix=prefix
+            asked, avoid = prompt(q, system), [*self.never_say, *suppress]
+            return self._remembered(
+                ("generate", asked, seen, max_new_tokens, tuple(avoid), prefix),
+                lambda: self.backbone.generate(asked, features, max_new_tokens, suppress=avoid, prefix=prefix),
             )
 
         def recognise(cids: list[str]) -> dict[str, str]:  # each concept asked about on its own, same visual tokens
@@ -194,7 +236,10 @@ class PersonalAssistant:
         if choice:  # the options ranked by the model, the reply the best one's letter
             stem, options = choice
             system = system_for(stem)
-            scores = self.backbone.answer_scores(prompt(stem, system), list(options.values()), features)
+            asked, answers = prompt(stem, system), list(options.values())
+            scores = self._remembered(
+                ("scores", asked, seen, tuple(answers)), lambda: self.backbone.answer_scores(asked, answers, features)
+            )
             parts = {letter: f"{score:.4f}" for letter, score in zip(options, scores)}
             text = max(zip(scores, options))[1]
         elif together:  # Yes only if all are there

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from . import presets, proving_base
-from .assistant import AssistantAnswerer, PersonalAssistant
+from .assistant import EVAL_CACHE_SIZE, AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
 from .bank import ConceptBank
 from .concepts import ConceptSet, load_image
@@ -304,6 +304,7 @@ def _answerer(target: Path, method: str, base: str | None, negatives: Path | Non
         joint=opts["joint"],
         free_captions=opts["free_captions"],
         generate_choices=opts["generate_choices"],
+        cache_size=EVAL_CACHE_SIZE,
     )
     return AssistantAnswerer(assistant, visual_prompt=not opts["no_visual_prompt"], keep_marks=opts["html"])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import presets, proving_base
-from .assistant import AssistantAnswerer, PersonalAssistant
+from .assistant import EVAL_CACHE_SIZE, AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
 from .cli import quiet_libraries
 from .concepts import ConceptSet
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     records = read_tests_jsonl(tests)
     # neither demo base saw Set-of-Mark marks in training: it answers from the plain photo, and the marks are
     # computed for the report, to show where each concept was located
-    assistant = PersonalAssistant.load(args.out / "bank", Backbone.load(base))
+    assistant = PersonalAssistant.load(args.out / "bank", Backbone.load(base), cache_size=EVAL_CACHE_SIZE)
     answerer = AssistantAnswerer(assistant, visual_prompt=False, max_new_tokens=max_new_tokens, keep_marks=True)
     report = evaluate(records, answerer)
     print_table(report, console)
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     report["official_prompts"] = official_prompts(assistant, records, max_new_tokens)
     report["retrieval_arm"] = retrieval_arm(assistant.backbone, concepts_dir, negatives, records)
     report["training"] = result.history
+    console.print(f"{assistant.cache_hits} model calls answered from memory (the same photo and prompt asked before)")
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     page = write_html(report, args.report, marked_images=answerer.marked)
     console.print(f"report: {page}  (JSON: {args.out / 'report.json'})  total {time.perf_counter() - t0:.0f}s")
