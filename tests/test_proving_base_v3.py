@@ -28,12 +28,14 @@ from mcllava.proving_base.build.common import normalise, vision_model
 from mcllava.proving_base.build.vision import CharacterHeads
 from mcllava.proving_base.data import (
     ACT_TRAITS,
+    HELD_PATCH_MIN,
     LABEL_TRAITS,
     LABEL_VALUES,
     MAX_ACTORS,
     OPTIONAL_TRAITS,
     _identities,
     held_masks,
+    held_patch_labels,
     patch_coverage,
     rng_for,
     scene_labels,
@@ -98,23 +100,64 @@ def test_scene_pool_labels_action_held_and_setting_of_each_scene():
     assert labels.shape == (6, MAX_ACTORS, len(LABEL_TRAITS)) and torch.equal(labels[..., -2:], pool.acts)
 
 
-def test_the_v3_heads_learn_traits_action_held_and_setting_on_a_few_scenes():
+def train_heads(pool: dict, steps: int, held_patch: bool = False):
+    """A toy tower and the v3 heads trained together on `pool`; per step the loss and the per-patch held-object
+    accuracy (before the step); the last patches and per-pair correctness."""
     torch.manual_seed(0)
-    pool = scene_pool(0, 6, size=64, grid=8, workers=1).__dict__
     tower, heads = vision_model(TOY), CharacterHeads(TOY.hidden, LABEL_TRAITS, setting=True)
     labels, pixels = heads.labels(pool), normalise(pool["pixels"])
     opt = torch.optim.Adam(list(tower.parameters()) + list(heads.parameters()), lr=3e-3)
-    losses = []
-    for _ in range(25):
+    losses, held = [], []
+    for _ in range(steps):
         patches = tower(pixel_values=pixels).last_hidden_state[:, 1:]
-        loss, correct = heads(patches, labels, pool["owner"], pool["setting"])
+        extra = (pool["held_patch"],) if held_patch else ()
+        loss, correct = heads(patches, labels, pool["owner"], pool["setting"], *extra)
+        if held_patch:
+            held.append(heads.held_patch_loss(patches, pool["held_patch"])[1].mean().item())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return heads, labels, patches, correct, losses, held
+
+
+def test_the_v3_heads_learn_traits_action_held_and_setting_on_a_few_scenes():
+    pool = scene_pool(0, 6, size=64, grid=8, workers=1).__dict__
+    heads, labels, patches, correct, losses, _ = train_heads(pool, 25)
     assert losses[-1] < 0.6 * losses[0], losses
     # the setting is one more read-out per scene: without it, exactly 6 fewer pairs are scored
     assert len(correct) - len(heads(patches, labels, pool["owner"])[1]) == 6
+
+
+def test_the_held_object_head_learns_the_patches_that_show_an_object():
+    pool = scene_pool(0, 24, size=64, grid=8, workers=1, held=True).__dict__
+    shown = (pool["held_patch"] >= 0) & (pool["held_patch"] < len(HELD_OBJECTS))
+    assert shown.sum() >= 4
+    heads, labels, patches, correct, _, accuracy = train_heads(pool, 40, held_patch=True)
+    assert accuracy[-1] >= 0.9 > accuracy[0], accuracy  # chance among the objects and "none" is 1/6
+    # each patch that shows an object is one more scored pair
+    assert len(correct) - len(heads(patches, labels, pool["owner"], pool["setting"])[1]) == shown.sum()
+
+
+def test_each_patch_is_labelled_with_the_held_object_it_shows():
+    labelled = 0
+    for i in range(16):
+        rng = rng_for(7, "scenes", i)
+        scene = sample_visible_scene(rng, _identities(rng, int(rng.integers(1, MAX_ACTORS + 1)), "base"), 192)
+        owner = scene_labels(scene, 12, held=True)[1]
+        y = held_patch_labels(scene, owner, 12)
+        objects = held_masks(scene)
+        anything = patch_coverage(scene.labels == PROP, 12)
+        for j, thing in enumerate(HELD_OBJECTS):  # two characters may hold the same kind of object
+            cover = [patch_coverage(objects[k], 12) for k, a in enumerate(scene.spec.actors) if a.held == thing]
+            shown = np.max(cover, axis=0) if cover else np.zeros(144)
+            assert (shown[y == j] >= HELD_PATCH_MIN).all()  # a labelled patch shows such an object...
+            assert all((y[c >= HELD_PATCH_MIN] == j).any() for c in cover if (c >= HELD_PATCH_MIN).any())  # ...each one
+            labelled += int((y == j).sum())
+        none = y == len(HELD_OBJECTS)
+        assert (owner[none] >= 0).all() and (anything[none] == 0).all()  # "none": owned, no object pixel
+        assert ((y == -100) == ~none & ~((y >= 0) & (y < len(HELD_OBJECTS)))).all()
+    assert labelled > 0
 
 
 def test_v3_align_targets_spell_every_trait_on_owned_patches_and_the_setting_around(tokenizer):

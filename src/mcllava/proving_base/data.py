@@ -117,6 +117,27 @@ def scene_labels(scene: RenderedScene, grid: int, held: bool = False) -> tuple[n
     return labels, cover.argmax(0) - 1
 
 
+HELD_PATCH_MIN = 0.06  # a patch shows a held object when the object covers at least this share of it
+
+
+def held_patch_labels(scene: RenderedScene, owner: np.ndarray, grid: int) -> np.ndarray:
+    """Per patch [grid*grid]: the index in HELD_OBJECTS of the object that covers most of it (at least
+    `HELD_PATCH_MIN`), "none" (the last class) for a patch a character owns with no object pixel in it, and -100
+    elsewhere (background, or an object's edge). The version-3 tower learns from these where objects are: a held
+    object is a few pixels, and read from its holder's pooled patches alone it was not learned at all."""
+    out = np.where(owner >= 0, len(HELD_OBJECTS), -100).astype(np.int64)
+    best = np.zeros(grid * grid, dtype=np.float32)
+    for k, mask in enumerate(held_masks(scene)):
+        held = scene.spec.actors[k].held
+        if held is None or not mask.any():
+            continue
+        cover = patch_coverage(mask, grid)
+        out[(cover > 0) & (out == len(HELD_OBJECTS))] = -100  # an edge of the object: neither it nor none
+        shown = (cover >= HELD_PATCH_MIN) & (cover > best)
+        out[shown], best[shown] = HELD_OBJECTS.index(held), cover[shown]
+    return out
+
+
 def trait_labels(identity: Identity) -> np.ndarray:
     """[len(PATCH_TRAITS)] class index of each trait (a missing accessory colour is its own last class)."""
     return np.array(
@@ -171,6 +192,7 @@ class ScenePool:
     slots: torch.Tensor | None = None  # [n, N_SLOTS, len(PATCH_TRAITS)]: who stands where (`slot_labels`)
     acts: torch.Tensor | None = None  # [n, MAX_ACTORS, len(ACT_TRAITS)]: what each character does (`act_labels`)
     setting: torch.Tensor | None = None  # [n]: index of the scene's setting in SETTINGS
+    held_patch: torch.Tensor | None = None  # [n, grid*grid]: the held object each patch shows (`held_patch_labels`)
 
 
 def full_labels(pool: dict) -> torch.Tensor:
@@ -189,6 +211,7 @@ def _render_chunk(args: tuple[int, int, int, int, int, str, bool]) -> tuple:
     slots = np.zeros((n, N_SLOTS, len(PATCH_TRAITS)), dtype=np.int64)
     acts = np.zeros((n, MAX_ACTORS, len(ACT_TRAITS)), dtype=np.int64)
     setting = np.zeros(n, dtype=np.int64)
+    held_patch = np.full((n, grid * grid), -100, dtype=np.int64)
     descs = []
     for j, i in enumerate(range(start, stop)):
         rng = rng_for(seed, "scenes", i)
@@ -197,8 +220,10 @@ def _render_chunk(args: tuple[int, int, int, int, int, str, bool]) -> tuple:
         labels[j], owner[j] = scene_labels(scene, grid, held)
         slots[j], acts[j] = slot_labels(scene), act_labels(scene)
         setting[j] = SETTINGS.index(scene.spec.setting)
+        if held:
+            held_patch[j] = held_patch_labels(scene, owner[j], grid)
         descs.append([describe(a.identity, "short") for a in scene.spec.actors])
-    return pixels, labels, owner, descs, slots, acts, setting
+    return pixels, labels, owner, descs, slots, acts, setting, held_patch
 
 
 def scene_pool(
@@ -212,7 +237,8 @@ def scene_pool(
     held: bool = False,
 ) -> ScenePool:
     """`n` rendered scenes of 1-4 characters from `half`, with labels for vision pretraining and alignment
-    (`held`: held objects count towards their holders' patches, `scene_labels`).
+    (`held`: held objects count towards their holders' patches, `scene_labels`, and each patch is labelled with
+    the object it shows, `held_patch_labels`).
 
     Scene i depends only on (seed, i), so the pool is the same however many processes render it.
     """
@@ -237,6 +263,7 @@ def scene_pool(
         torch.from_numpy(np.concatenate([p[2] for p in parts])),
         [d for p in parts for d in p[3]],
         *(torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in (4, 5, 6)),
+        torch.from_numpy(np.concatenate([p[7] for p in parts])) if held else None,
     )
 
 

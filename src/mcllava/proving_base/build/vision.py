@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ...errors import McLlavaError
+from ...world.render import HELD_OBJECTS
 from ...world.scenes import SETTINGS
 from ..data import (
     LABEL_TRAITS,
@@ -35,7 +36,8 @@ class CharacterHeads(torch.nn.Module):
     owned patches lets each patch carry a part and the tokens together carry all of it, which is how the
     language model reads them too. Every patch also names its owner's category (or background). `traits` are
     columns of `LABEL_TRAITS` (the version-3 tower adds action and held object); with `setting`, the mean of the
-    background patches names the scene's setting.
+    background patches names the scene's setting. With the held object among the traits, a second per-patch head
+    names the object each patch shows (`held_patch_labels`), so that the few patches of a small object learn it.
     """
 
     def __init__(self, hidden: int, traits: tuple[str, ...] = PATCH_TRAITS, setting: bool = False):
@@ -45,6 +47,7 @@ class CharacterHeads(torch.nn.Module):
             raise McLlavaError(f"the vision heads' first trait must be category (per-patch), got {self.traits}")
         self.head = torch.nn.Linear(hidden, sum(self.classes))
         self.setting = torch.nn.Linear(hidden, len(SETTINGS)) if setting else None
+        self.held_patch = torch.nn.Linear(hidden, len(HELD_OBJECTS) + 1) if "held" in self.traits else None
 
     def labels(self, pool: dict, idx=slice(None)) -> torch.Tensor:
         """The pool's per-actor labels of `self.traits` ([n, MAX_ACTORS, len(traits)])."""
@@ -65,11 +68,26 @@ class CharacterHeads(torch.nn.Module):
         mean = (bg * patches).sum(1) / bg.sum(1).clamp_min(1)
         return self.setting(mean), bg.sum((1, 2)) > 0
 
+    def held_patch_loss(self, patches: torch.Tensor, held_patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch held-object loss, balanced: the mean over patches that show an object and the mean over
+        owned patches that show none count the same (an object is one or two patches of a character's dozens);
+        and the correctness on patches that show an object."""
+        logits, none = self.held_patch(patches), len(HELD_OBJECTS)
+        shown, empty = (held_patch >= 0) & (held_patch < none), held_patch == none
+        parts = [F.cross_entropy(logits[m], held_patch[m]) for m in (shown, empty) if m.any()]
+        return torch.stack(parts).mean(), (logits[shown].argmax(-1) == held_patch[shown]).float()
+
     def forward(
-        self, patches: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor, setting: torch.Tensor | None = None
+        self,
+        patches: torch.Tensor,
+        labels: torch.Tensor,
+        owner: torch.Tensor,
+        setting: torch.Tensor | None = None,
+        held_patch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over (character, trait) pairs, (patch, category) pairs and, with a setting head,
-        the scenes' settings; and per-pair correctness."""
+        the scenes' settings, plus the per-patch held-object loss where `held_patch` labels are given; and
+        per-pair correctness."""
         pooled, owns = self.pooled(patches, owner, labels.shape[1])
         out_c, out_p = self.head(pooled), self.head(patches)
         y_c = labels.masked_fill(~owns.unsqueeze(-1), -100)
@@ -90,6 +108,9 @@ class CharacterHeads(torch.nn.Module):
             if keep.any():
                 losses.append(F.cross_entropy(logits[keep], y[keep]))
                 correct.append((logits[keep].argmax(-1) == y[keep]).float())
+        if self.held_patch is not None and held_patch is not None and (held_patch != -100).any():
+            loss, right = self.held_patch_loss(patches, held_patch)
+            losses.append(loss), correct.append(right)
         return torch.stack(losses).mean(), torch.cat(correct)
 
 
@@ -158,6 +179,9 @@ def stage_vision(cfg: BuildConfig) -> dict:
     setting = pool.get("setting") if heads.setting is not None else None
     if heads.setting is not None and setting is None:
         raise McLlavaError(f"{pool_path} was rendered without setting labels: delete it to render it again")
+    held_patch = pool.get("held_patch") if heads.held_patch is not None else None
+    if heads.held_patch is not None and held_patch is None:
+        raise McLlavaError(f"{pool_path} was rendered without per-patch held objects: delete it to render it again")
     slot_heads = SlotHeads(cfg.vision.hidden, cfg.align.words).to(dev) if cfg.layout == "slots" else None
     if slot_heads is not None and pool.get("slots") is None:
         raise McLlavaError(f"{pool_path} was rendered without slot labels: delete it to render it again")
@@ -184,6 +208,9 @@ def stage_vision(cfg: BuildConfig) -> dict:
         grid = cfg.vision.image_size // cfg.vision.patch_size
         owner = pool["owner"][idx].view(-1, grid, grid)
         owner[flip] = owner[flip].flip(2)
+        shows = None if held_patch is None else held_patch[idx].view(-1, grid, grid)
+        if shows is not None:
+            shows[flip] = shows[flip].flip(2)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             hidden = tower(pixel_values=normalise(pixels.to(dev)), output_hidden_states=True).hidden_states
         # "slots": the per-character heads read the layer below the last, whose tokens stay where their patches are
@@ -193,6 +220,7 @@ def stage_vision(cfg: BuildConfig) -> dict:
             labels[idx].to(dev),
             owner.reshape(len(idx), -1).to(dev),
             None if setting is None else setting[idx].to(dev),
+            None if shows is None else shows.reshape(len(idx), -1).to(dev),
         )
         if slot_heads is not None:
             slots = pool["slots"][idx]
@@ -276,6 +304,8 @@ def _vision_val(tower, heads, pool, n_val: int, slot_heads: SlotHeads | None = N
         logits, any_bg = heads.background(feats, owner)
         y = pool["setting"][:n_val].to(dev)
         res["val_setting"] = (logits.argmax(-1) == y)[any_bg].float().mean().item()
+    if heads.held_patch is not None and pool.get("held_patch") is not None:
+        res["val_patch_held"] = heads.held_patch_loss(feats, pool["held_patch"][:n_val].to(dev))[1].mean().item()
     y_p = patch_labels(labels, owner)[..., 0]
     res["val_patch_category"] = (heads.head(feats)[..., : heads.classes[0]].argmax(-1) == y_p).float().mean().item()
     res["val_mean"] = float(np.mean(list(res.values())))
