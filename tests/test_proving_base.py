@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,39 @@ def test_build_stages_and_resume(toy):
     assert again["lm"]["steps"] == 2
     log = [json.loads(x) for x in (cfg.work / "lm" / "log.jsonl").read_text().splitlines()]
     assert "val" in log[-1] and "exists" in log[-1]["val"]  # the held-out reading check is always scored
+
+
+def test_an_interrupted_align_stage_continues_to_the_same_weights(toy, tmp_path, monkeypatch):
+    from mcllava.proving_base.build import align
+
+    cfg, _ = toy
+    runs = {}
+    for run in ("whole", "interrupted"):
+        work = tmp_path / run
+        shutil.copytree(cfg.work / "vision", work / "vision")
+        shutil.copytree(cfg.work / "tokenizer", work / "tokenizer")
+        runs[run] = replace(cfg, work=work, align=replace(cfg.align, tower_steps=4))
+    monkeypatch.setattr(align, "CHECKPOINT_EVERY", 1)
+    build(runs["whole"], stages=("align",))
+    calls, loss = [], align._align_loss
+
+    def failing(pred, target):  # two calls a step of the tower part: the 7th is its third step
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return loss(pred, target)
+
+    monkeypatch.setattr(align, "_align_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build(runs["interrupted"], stages=("align",))
+    assert torch.load(runs["interrupted"].work / "align" / "part2.pt", weights_only=False)["step"] == 2
+    resumed_calls = []
+    monkeypatch.setattr(align, "_align_loss", lambda pred, target: resumed_calls.append(1) or loss(pred, target))
+    build(runs["interrupted"], stages=("align",))
+    assert len(resumed_calls) == 2 * 2 + 1  # the tower part's last two steps and the final score, no more
+    for name in ("projector", "tower"):
+        whole, resumed = (load_file(runs[r].work / "align" / f"{name}.safetensors") for r in runs)
+        assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole), name
 
 
 def test_a_pool_drawn_for_other_phases_is_drawn_again(toy):

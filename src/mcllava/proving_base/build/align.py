@@ -15,7 +15,7 @@ from ...errors import McLlavaError
 from ...tokens import word_embedding_norm
 from ...world.scenes import SETTINGS
 from ..data import LABEL_TRAITS, LABEL_VALUES, N_SLOTS, OPTIONAL_TRAITS, PATCH_TRAITS, full_labels, patch_labels
-from .common import _done, _finish, _log, _start, normalise, tower_features
+from .common import _done, _finish, _log, _save_ckpt, _start, normalise, tower_features
 from .config import SLOT_WORDS, BuildConfig
 from .vision import SlotHeads, character_heads
 
@@ -162,7 +162,7 @@ def stage_align(cfg: BuildConfig) -> dict:
     )
     proj = model.model.multi_modal_projector
     n_val = max(64, len(owner) // 20)
-    gen, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
+    t0 = time.time()
 
     def held_out(n: int = min(n_val, 256)) -> float:  # fresh tower features only while the tower is training
         tuning = next(tower.parameters()).requires_grad
@@ -170,10 +170,21 @@ def stage_align(cfg: BuildConfig) -> dict:
             x = tower_features(model, pool["pixels"][:n]) if tuning else feats[:n]
             return _align_loss(proj(x), tgt[:n]).item()
 
-    def fit(params: list, steps: int, lr: float, batch: int, loss_fn: Callable, desc: str) -> None:
+    def fit(modules: dict, steps: int, lr: float, batch: int, loss_fn: Callable, desc: str, part: int) -> None:
+        """Train `modules` together; every `CHECKPOINT_EVERY` steps their states go to `align/part<part>.pt`,
+        from which an interrupted build continues (a finished part is only loaded back)."""
+        params = [q for m in modules.values() for q in m.parameters()]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-        for step in tqdm(range(steps), desc=desc, disable=not cfg.progress):
+        ckpt, start = work / f"part{part}.pt", 0
+        if ckpt.exists():
+            saved = torch.load(ckpt, weights_only=False)
+            for name, m in modules.items():
+                m.load_state_dict(saved["modules"][name])
+            opt.load_state_dict(saved["opt"]), sched.load_state_dict(saved["sched"])
+            start = saved["step"]
+        for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not cfg.progress):
+            gen = torch.Generator().manual_seed(cfg.seed + 100_000 * part + step)  # a step's batch: the same if resumed
             loss = loss_fn(torch.randint(n_val, len(owner), (batch,), generator=gen))
             opt.zero_grad()
             loss.backward()
@@ -182,6 +193,11 @@ def stage_align(cfg: BuildConfig) -> dict:
             sched.step()
             if (step + 1) % 100 == 0:
                 _log(cfg.work, "align", {"part": desc, "step": step + 1, "loss": loss.item(), "val_loss": held_out()})
+            if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
+                states = {name: m.state_dict() for name, m in modules.items()}
+                _save_ckpt(
+                    ckpt, {"modules": states, "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1}
+                )
 
     # what each token shows: an owned patch, or a token of an occupied slot; the rest shows the background word
     shown = (pool["slots"][..., 0] != -100).repeat_interleave(len(st.words), dim=1) if slots else owner >= 0
@@ -193,7 +209,7 @@ def stage_align(cfg: BuildConfig) -> dict:
     # (1) the projector alone, on cached tower features
     proj.requires_grad_(True)
     fit(
-        list(proj.parameters()),
+        {"projector": proj},
         st.steps,
         st.lr,
         st.batch_size,
@@ -201,6 +217,7 @@ def stage_align(cfg: BuildConfig) -> dict:
         if slots
         else (lambda i: _align_loss(proj(feats[i]), tgt[i])),
         "2/4 projector alignment",
+        1,
     )
     # (2) optionally the tower too, end to end from pixels: a frozen tower's patch features hardly tell a patch's
     # grid position, so a projector alone blends the words cycled over the grid (docs/proving_base.md), and a
@@ -210,12 +227,12 @@ def stage_align(cfg: BuildConfig) -> dict:
         vis = torch.load(cfg.work / "vision" / "ckpt.pt", weights_only=False)
         heads = character_heads(cfg)
         heads.load_state_dict(vis["heads"])
-        head_labels = heads.labels(pool)
-        extra = [heads]
+        head_labels, held_patch = heads.labels(pool), pool.get("held_patch")
+        modules = {"projector": proj, "tower": tower, "heads": heads}
         if slots:
             slot_heads = SlotHeads(cfg.vision.hidden, st.words)
             slot_heads.load_state_dict(vis["slot_heads"])
-            extra.append(slot_heads)
+            modules["slot_heads"] = slot_heads
         tower.requires_grad_(True)
 
         def joint_loss(i: torch.Tensor) -> torch.Tensor:
@@ -227,16 +244,10 @@ def stage_align(cfg: BuildConfig) -> dict:
                     heads(hidden[-2][:, 1:], head_labels[i], owner[i])[0] + slot_heads(tokens, pool["slots"][i])[0]
                 )
             scene = None if heads.setting is None else setting[i]
-            return align + st.heads_weight * heads(tokens, head_labels[i], owner[i], scene)[0]
+            shows = None if held_patch is None else held_patch[i]
+            return align + st.heads_weight * heads(tokens, head_labels[i], owner[i], scene, shows)[0]
 
-        fit(
-            list(proj.parameters()) + list(tower.parameters()) + [p for m in extra for p in m.parameters()],
-            st.tower_steps,
-            st.tower_lr,
-            st.tower_batch_size,
-            joint_loss,
-            "2/4 tower + projector alignment",
-        )
+        fit(modules, st.tower_steps, st.tower_lr, st.tower_batch_size, joint_loss, "2/4 tower + projector alignment", 2)
         tower.requires_grad_(False)
         save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, work / "tower.safetensors")
         feats = tower_features(model, pool["pixels"][:n_val])
@@ -268,6 +279,9 @@ def stage_align(cfg: BuildConfig) -> dict:
             "seconds": time.time() - t0,
         },
     )
+
+
+CHECKPOINT_EVERY = 50  # align steps between checkpoints
 
 
 def _align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
