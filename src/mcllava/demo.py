@@ -18,6 +18,7 @@ from rich.console import Console
 from . import presets, proving_base
 from .assistant import EVAL_CACHE_SIZE, AssistantAnswerer, PersonalAssistant
 from .backbone import Backbone
+from .bank import ConceptBank
 from .cli import quiet_libraries
 from .concepts import ConceptSet
 from .datasets import read_tests_jsonl
@@ -25,7 +26,7 @@ from .evaluate import evaluate, fmt, format_question, print_table, recognition_m
 from .report import write_html
 from .retrieval import RetrievalArm
 from .tiny import make_shape_concepts, make_tiny_base
-from .train import personalize
+from .train import TrainConfig, personalize
 from .world.make import make_world
 
 console = Console()
@@ -59,6 +60,16 @@ def prepare_proving_ground(args: argparse.Namespace):
     console.print("concepts: " + "; ".join(f"<{c['id']}> ({c['description']})" for c in spec["concepts"]))
     config = presets.proving_ground(epochs=args.epochs or 10, seed=args.seed)
     return proving_base.NAME, world / "concepts", world / "tests.jsonl", world / "negatives", config, 24
+
+
+def finished_bank(path: Path, config: TrainConfig, concept_ids: list[str]) -> ConceptBank | None:
+    """The bank an earlier run left at `path` when it was trained with this recipe on these concepts (a second
+    `make demo` then evaluates it again instead of training the same bank for minutes), else None."""
+    if not (path / "manifest.json").is_file():
+        return None
+    bank = ConceptBank.load(path)
+    same_recipe = bank.recipe == json.loads(json.dumps(config.to_dict()))
+    return bank if same_recipe and list(bank.concept_ids) == list(concept_ids) else None
 
 
 def joint_recognition(
@@ -165,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("2. personalise (all concepts jointly, --recipe fast)")
     backbone = Backbone.load(base)
     concept_set = ConceptSet.load(concepts_dir, tokenizer=backbone.tokenizer)
-    result = personalize(
-        concept_set, backbone, args.out / "bank", config, negatives=negatives, resume=True, log=console.print
-    )
-    console.print(
-        f"bank: {args.out / 'bank'} ({sum(p.stat().st_size for p in (args.out / 'bank').iterdir()) / 1024:.1f} KiB)"
-    )
+    bank_dir = args.out / "bank"
+    if (done := finished_bank(bank_dir, config, concept_set.ids)) is not None:
+        history = done.metrics.get("history", [])
+        console.print(f"bank: {bank_dir} was trained with this recipe on these concepts already (remove it to retrain)")
+    else:
+        history = personalize(
+            concept_set, backbone, bank_dir, config, negatives=negatives, resume=True, log=console.print
+        ).history
+    console.print(f"bank: {bank_dir} ({sum(p.stat().st_size for p in bank_dir.iterdir()) / 1024:.1f} KiB)")
 
     console.rule("3. evaluate")
     records = read_tests_jsonl(tests)
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     report["caption_free"] = free_captions(assistant, records, max_new_tokens)
     report["official_prompts"] = official_prompts(assistant, records, max_new_tokens)
     report["retrieval_arm"] = retrieval_arm(assistant.backbone, concepts_dir, negatives, records)
-    report["training"] = result.history
+    report["training"] = history
     console.print(f"{assistant.cache_hits} model calls answered from memory (the same photo and prompt asked before)")
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     page = write_html(report, args.report, marked_images=answerer.marked)
