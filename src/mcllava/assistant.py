@@ -162,15 +162,15 @@ class PersonalAssistant:
 
     def _remembered(self, key: Hashable, compute: Callable[[], object]) -> object:
         """The model's output for these exact inputs, from the cache when it was computed before (LRU)."""
+        if self.cache_size <= 0:
+            return compute()
         if key in self._outputs:
             self._outputs.move_to_end(key)
             self.cache_hits += 1
             return self._outputs[key]
-        value = compute()
-        if self.cache_size > 0:
-            self._outputs[key] = value
-            while len(self._outputs) > self.cache_size:
-                self._outputs.popitem(last=False)
+        value = self._outputs[key] = compute()
+        while len(self._outputs) > self.cache_size:
+            self._outputs.popitem(last=False)
         return value
 
     def introduced(self, question: str, locations: list[Location]) -> list[str]:
@@ -218,7 +218,7 @@ class PersonalAssistant:
         def prompt(q: str, system: str) -> str:
             return self.backbone.format_prompt(q, system, image=features is not None)
 
-        seen = digest(features)
+        seen = digest(features) if self.cache_size > 0 else None  # hashing large visual tokens costs when unused
 
         def reply(q: str, system: str, prefix: str = "", suppress: list[int] = ()) -> str:
             asked, avoid = prompt(q, system), [*self.never_say, *suppress]
