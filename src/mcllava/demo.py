@@ -184,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         history = personalize(
             concept_set, backbone, bank_dir, config, negatives=negatives, resume=True, log=console.print
         ).history
+        backbone = Backbone.load(base)  # personalising added the concepts' tokens to the first one
     console.print(f"bank: {bank_dir} ({sum(p.stat().st_size for p in bank_dir.iterdir()) / 1024:.1f} KiB)")
 
     console.rule("3. evaluate")
     records = read_tests_jsonl(tests)
     # neither demo base saw Set-of-Mark marks in training: it answers from the plain photo, and the marks are
     # computed for the report, to show where each concept was located
-    assistant = PersonalAssistant.load(args.out / "bank", Backbone.load(base), cache_size=EVAL_CACHE_SIZE)
+    assistant = PersonalAssistant.load(bank_dir if done is None else done, backbone, cache_size=EVAL_CACHE_SIZE)
     answerer = AssistantAnswerer(assistant, visual_prompt=False, max_new_tokens=max_new_tokens, keep_marks=True)
     report = evaluate(records, answerer)
     print_table(report, console)
